@@ -1,0 +1,69 @@
+#pragma once
+// Helpers shared by the test suites: a coroutine test case runner, io_uring availability as a
+// Boost.Test precondition (a blocked io_uring reports the test skipped, never passed), and fd
+// accounting through /proc/self/fd.
+
+#include <steward/io_uring_check.hpp>
+
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+#include <asio/io_context.hpp>
+#include <asio/awaitable.hpp>
+#include <boost/test/unit_test.hpp>
+
+#include <dirent.h>
+
+#include <chrono>
+#include <exception>
+#include <string>
+
+namespace steward::test {
+
+/// Boost.Test precondition: io_uring usable in this process (always true in an epoll build).
+inline boost::test_tools::assertion_result io_uring_available(boost::unit_test::test_unit_id) {
+    std::error_code ec;
+    std::string why;
+    steward::check_io_uring(ec, &why);
+    boost::test_tools::assertion_result result(!ec);
+    if (ec) result.message() << "io_uring unavailable, test skipped: " << why;
+    return result;
+}
+
+/// Number of open descriptors of this process (entries of /proc/self/fd, minus the one the
+/// listing itself uses).
+inline int open_fd_count() {
+    DIR* dir = ::opendir("/proc/self/fd");
+    if (!dir) return -1;
+    int n = 0;
+    while (auto* entry = ::readdir(dir))
+        if (entry->d_name[0] != '.') ++n;
+    ::closedir(dir);
+    return n - 1;
+}
+
+/// Runs @p body to completion on a fresh io_context; rethrows what it threw. Fails the test if it
+/// does not finish within @p limit (a hang is a failure, not a CI timeout).
+template <typename Factory>
+void run_coroutine(Factory&& body, std::chrono::seconds limit = std::chrono::seconds(60)) {
+    asio::io_context ctx;
+    std::exception_ptr failure;
+    bool finished = false;
+    asio::co_spawn(ctx, body(ctx), [&](std::exception_ptr e) {
+        failure = e;
+        finished = true;
+    });
+    ctx.run_for(limit);
+    BOOST_REQUIRE_MESSAGE(finished, "coroutine test did not finish within its time limit");
+    if (failure) std::rethrow_exception(failure);
+}
+
+}  // namespace steward::test
+
+/// Defines a Boost.Test case whose body is a coroutine: `co_await` works inside and `ctx` names the
+/// io_context it runs on. Skipped (not passed) when io_uring is blocked.
+#define STEWARD_CORO_TEST(name)                                                                    \
+    static asio::awaitable<void> name##_body(asio::io_context& ctx);                                \
+    BOOST_AUTO_TEST_CASE(name, *boost::unit_test::precondition(steward::test::io_uring_available)) { \
+        steward::test::run_coroutine([](asio::io_context& c) { return name##_body(c); });           \
+    }                                                                                              \
+    static asio::awaitable<void> name##_body([[maybe_unused]] asio::io_context& ctx)
