@@ -44,6 +44,12 @@ public:
             return "timed out";
         case errc::tracker_not_running:
             return "the tracker daemon is not running and could not be started";
+        case errc::batch_too_large:
+            return "batch of messages larger than PIPE_BUF (4096 bytes), so one write could not be atomic; "
+                   "nothing was written (split it into smaller batches)";
+        case errc::not_a_pipe:
+            return "atomic message writes need a pipe or FIFO (only pipe writes of <= PIPE_BUF bytes are "
+                   "never split or interleaved); nothing was written";
         }
         return "unknown steward error " + std::to_string(value);
     }

@@ -26,6 +26,8 @@ enum class errc {
     limit_exceeded,            ///< a configured limit (frame size, connections, ...) was exceeded
     timed_out,                 ///< a deadline passed
     tracker_not_running,       ///< the tracker daemon is not running and could not be started
+    batch_too_large,           ///< a batch of messages is larger than PIPE_BUF (4096); nothing was written
+    not_a_pipe,                ///< an atomic message write was aimed at something that is not a pipe or FIFO
 };
 
 /// The category of steward::errc.
