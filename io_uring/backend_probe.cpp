@@ -13,6 +13,7 @@
 
 namespace steward {
 namespace {
+#if STEWARD_IO_URING_BACKEND  // an epoll build never probes, so it has nothing to explain
 
 constexpr const char* epoll_fix =
     " To run without io_uring, rebuild steward with -DSTEWARD_IO_BACKEND=epoll.";
@@ -47,6 +48,7 @@ std::string explain(errc e, int raw) {
     }
 }
 
+#endif
 }  // namespace
 
 void check_io_uring(std::error_code& ec, std::string* explanation) noexcept {

@@ -28,6 +28,12 @@
 
 extern char** environ;
 
+#if defined(__GNUC__) && !defined(__clang__)
+// g++ 12 pairs the coroutine frame's sized operator delete in Asio's awaitable_frame_base with
+// the global operator new once it inlines across the frame allocation, and warns falsely.
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+
 // Proves which kernel interface asio::io_context really uses: the test binary re-runs itself under
 // `strace -f -c` with only the hidden workload test case selected, and the parent reads strace's
 // per-system-call counts. The workload is a disabled test case, so a normal run never executes it
@@ -229,6 +235,7 @@ BOOST_AUTO_TEST_CASE(io_context_uses_the_configured_kernel_interface,
     BOOST_TEST(epoll_ctls == 0, summary);
 #else
     BOOST_TEST(epoll_creates >= 1, summary);
+    BOOST_TEST(epoll_ctls > 0, summary);
     BOOST_TEST(epoll_waits > 0, summary);
     BOOST_TEST(uring_setup == 0, summary);
     BOOST_TEST(uring_enter == 0, summary);

@@ -195,7 +195,7 @@ boost::test_tools::assertion_result seccomp_available(boost::unit_test::test_uni
     return ok;
 }
 
-std::string sysctl_value() {
+[[maybe_unused]] std::string sysctl_value() {
     std::ifstream in("/proc/sys/kernel/io_uring_disabled");
     std::string value;
     if (!(in >> value)) return "absent";
@@ -208,7 +208,7 @@ bool contains(const std::string& haystack, const std::string& needle) {
 
 /// The assertions every failure outcome shares: both overloads and the cached probe agree on the
 /// code, and the throwing overload carries the same explanation.
-void check_failure(const probe_outcome& r, steward::errc expected) {
+[[maybe_unused]] void check_failure(const probe_outcome& r, steward::errc expected) {
     const std::error_code want = expected;
     BOOST_TEST(r.category == std::string(want.category().name()));
     BOOST_TEST(r.value == want.value());
