@@ -1,0 +1,286 @@
+#include "tracker/daemon.hpp"
+
+#include "tracker/cleanup.hpp"
+
+#include <steward/error.hpp>
+#include <steward/io_uring_check.hpp>
+
+#include <asio/buffer.hpp>
+#include <asio/io_context.hpp>
+#include <asio/posix/stream_descriptor.hpp>
+
+#include <unistd.h>
+
+#include <array>
+#include <cerrno>
+#include <cstring>
+#include <memory>
+
+namespace steward::tracker {
+namespace {
+
+constexpr std::string_view prefix = "steward-tracker: ";
+constexpr std::size_t read_chunk = 64 * 1024;
+constexpr std::size_t flush_threshold = 64 * 1024;
+
+void write_all(int fd, std::string_view bytes) noexcept {
+    while (!bytes.empty()) {
+        const ssize_t n = ::write(fd, bytes.data(), bytes.size());
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return;  // nowhere left to complain to (stderr closed or a broken pipe)
+        }
+        bytes.remove_prefix(static_cast<std::size_t>(n));
+    }
+}
+
+void append_errno(std::string& out, const std::error_code& ec) {
+    // CPython's OSError text: "[Errno 2] No such file or directory".
+    out += "[Errno ";
+    out += std::to_string(ec.value());
+    out += "] ";
+    out += ec.message();
+}
+
+bool valid_utf8_at(std::string_view s, std::size_t i, std::size_t& len) noexcept {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c >= 0xc2 && c <= 0xdf) len = 2;
+    else if (c >= 0xe0 && c <= 0xef) len = 3;
+    else if (c >= 0xf0 && c <= 0xf4) len = 4;
+    else return false;
+    if (i + len > s.size()) return false;
+    for (std::size_t k = 1; k < len; ++k)
+        if ((static_cast<unsigned char>(s[i + k]) & 0xc0) != 0x80) return false;
+    return true;
+}
+
+}  // namespace
+
+void append_quoted(std::string& out, std::string_view bytes) {
+    static constexpr char hex[] = "0123456789abcdef";
+    out += '\'';
+    for (std::size_t i = 0; i < bytes.size(); ++i) {
+        const auto c = static_cast<unsigned char>(bytes[i]);
+        std::size_t len = 0;
+        if (c == '\\' || c == '\'') {
+            out += '\\';
+            out += static_cast<char>(c);
+        } else if (c == '\n') {
+            out += "\\n";
+        } else if (c == '\r') {
+            out += "\\r";
+        } else if (c == '\t') {
+            out += "\\t";
+        } else if (c >= 0x20 && c < 0x7f) {
+            out += static_cast<char>(c);
+        } else if (c >= 0x80 && valid_utf8_at(bytes, i, len)) {
+            out.append(bytes.substr(i, len));
+            i += len - 1;
+        } else {
+            out += "\\x";
+            out += hex[c >> 4];
+            out += hex[c & 15];
+        }
+    }
+    out += '\'';
+}
+
+daemon_core::daemon_core(int report_fd) : report_fd_(report_fd) {}
+
+void daemon_core::ingest(std::string_view chunk) {
+    splitter_.feed(
+        chunk, [this](std::string_view line) { on_line(line); },
+        [this](decode_error error) { on_bad_line(error, {}); });
+}
+
+void daemon_core::on_line(std::string_view line) {
+    ++messages_;
+    decoded_message msg;
+    if (const auto error = decode_line(line, msg, scratch_); error != decode_error::none) {
+        on_bad_line(error, line);
+        return;
+    }
+    switch (msg.cmd) {
+    case command::register_resource: {
+        const auto [handle, fresh] = registry_.insert(msg.type, msg.name);
+        if (fresh) pending_identity_.push_back(handle);
+        break;
+    }
+    case command::unregister_resource:
+        if (!registry_.erase(msg.type, msg.name)) {
+            ++malformed_;
+            output_ += prefix;
+            output_ += "ignoring UNREGISTER of a ";
+            output_ += to_string(msg.type);
+            output_ += " name that is not registered: ";
+            append_quoted(output_, msg.name);
+            output_ += '\n';
+        }
+        break;
+    case command::probe: break;
+    }
+}
+
+void daemon_core::on_bad_line(decode_error error, std::string_view line) {
+    ++malformed_;
+    output_ += prefix;
+    output_ += "ignoring malformed message (";
+    output_ += describe(error);
+    output_ += ')';
+    if (!line.empty()) {
+        if (line.back() == '\n') line.remove_suffix(1);
+        output_ += ": ";
+        append_quoted(output_, line.substr(0, 120));
+        if (line.size() > 120) output_ += "...";
+    }
+    output_ += '\n';
+    if (output_.size() > flush_threshold) flush();
+}
+
+void daemon_core::end_of_batch() {
+    for (const auto handle : pending_identity_) {
+        if (!registry_.live(handle) || !registry_.identity_pending(handle)) continue;
+        std::error_code ec;
+        const auto id = lookup_identity(registry_.type(handle), registry_.name(handle), ec);
+        registry_.set_identity(handle, id ? &*id : nullptr);
+    }
+    pending_identity_.clear();
+    if (pending_identity_.capacity() > 65536) pending_identity_.shrink_to_fit();
+    registry_.compact();
+    flush();
+}
+
+void daemon_core::flush() {
+    write_all(report_fd_, output_);
+    output_.clear();
+}
+
+int daemon_core::finish() {
+    splitter_.finish([this](decode_error error) { on_bad_line(error, {}); });
+    end_of_batch();
+    bool leaked = false;
+    bool failed = false;
+    const auto on_failure = [&](std::string_view what, std::error_code ec) {
+        failed = true;
+        output_ += prefix;
+        append_quoted(output_, what);
+        output_ += ": ";
+        append_errno(output_, ec);
+        output_ += '\n';
+    };
+    for (const auto type : {resource_type::shared_memory, resource_type::semaphore, resource_type::file,
+                            resource_type::directory}) {
+        const std::size_t count = registry_.size(type);
+        if (count == 0) continue;
+        leaked = true;
+        // CPython's wording, so log searches written for resource_tracker keep matching.
+        output_ += prefix;
+        output_ += "There appear to be ";
+        output_ += std::to_string(count);
+        output_ += " leaked ";
+        output_ += to_string(type);
+        output_ += " objects to clean up at shutdown: {";
+        bool first = true;
+        registry_.for_each([&](registry::handle h) {
+            if (registry_.type(h) != type) return;
+            if (!first) output_ += ", ";
+            first = false;
+            append_quoted(output_, registry_.name(h));
+        });
+        output_ += "}\n";
+        flush();
+        registry_.for_each([&](registry::handle h) {
+            if (registry_.type(h) != type) return;
+            const auto name = registry_.name(h);
+            if (remove_resource(type, name, registry_.identity(h), on_failure) == cleanup_result::replaced) {
+                output_ += prefix;
+                append_quoted(output_, name);
+                output_ += ": left alone: the name now refers to a different object than the one registered\n";
+            }
+            if (output_.size() > flush_threshold) flush();
+        });
+        flush();
+    }
+    if (failed) return exit_cleanup_failed;
+    if (malformed_ != 0) return exit_malformed_input;
+    return leaked ? exit_leaks_cleaned : exit_clean;
+}
+
+namespace {
+
+// One read outstanding at a time: the next read is only submitted once the previous chunk is fully
+// processed, so everything the daemon has consumed from the pipe has also been acted on.
+class pipe_reader {
+public:
+    pipe_reader(asio::io_context& ctx, unique_fd fd, daemon_core& core)
+        : descriptor_(ctx, fd.release()), core_(core), buffer_(std::make_unique<char[]>(read_chunk)) {}
+
+    void start() {
+        descriptor_.async_read_some(asio::buffer(buffer_.get(), read_chunk),
+                                    [this](const std::error_code& ec, std::size_t n) { on_read(ec, n); });
+    }
+
+private:
+    void on_read(const std::error_code& ec, std::size_t n) {
+        if (n != 0) core_.ingest({buffer_.get(), n});
+        core_.end_of_batch();
+        if (!ec) {
+            start();
+        } else if (ec == asio::error::interrupted || ec == asio::error::try_again) {
+            start();
+        } else if (ec != asio::error::eof) {
+            // Any other read error ends the input like EOF does: cleaning up is the safe choice,
+            // exactly what CPython's tracker does when its read loop raises.
+            std::string msg(prefix);
+            msg += "reading the pipe failed (" + ec.message() + "); treating it as end of input\n";
+            write_all(STDERR_FILENO, msg);
+        }
+    }
+
+    asio::posix::stream_descriptor descriptor_;
+    daemon_core& core_;
+    std::unique_ptr<char[]> buffer_;
+};
+
+void blocking_loop(int fd, daemon_core& core) {
+    const auto buffer = std::make_unique<char[]>(read_chunk);
+    for (;;) {
+        const ssize_t n = ::read(fd, buffer.get(), read_chunk);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+            if (n < 0) {
+                std::string msg(prefix);
+                msg += "reading the pipe failed (" + errno_code(errno).message() + "); treating it as end of input\n";
+                write_all(STDERR_FILENO, msg);
+            }
+            return;
+        }
+        core.ingest({buffer.get(), static_cast<std::size_t>(n)});
+        core.end_of_batch();
+    }
+}
+
+}  // namespace
+
+int run_daemon(unique_fd fd, bool allow_io_uring) {
+    daemon_core core(STDERR_FILENO);
+    std::error_code probe;
+    std::string why;
+    if (allow_io_uring) check_io_uring(probe, &why);
+    if (allow_io_uring && !probe) {
+        asio::io_context ctx(1);
+        pipe_reader reader(ctx, std::move(fd), core);
+        reader.start();
+        ctx.run();
+    } else {
+        if (allow_io_uring) {
+            std::string msg(prefix);
+            msg += "io_uring unavailable (" + why + "); reading with blocking read() instead\n";
+            write_all(STDERR_FILENO, msg);
+        }
+        blocking_loop(fd.get(), core);
+    }
+    return core.finish();
+}
+
+}  // namespace steward::tracker
