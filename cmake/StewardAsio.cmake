@@ -26,19 +26,21 @@ if(_steward_asio_version LESS 102800)
 endif()
 
 find_package(PkgConfig REQUIRED)
-pkg_check_modules(STEWARD_LIBURING REQUIRED IMPORTED_TARGET liburing>=2.1)
+pkg_check_modules(STEWARD_LIBURING REQUIRED IMPORTED_TARGET GLOBAL liburing>=2.1)
 find_package(Threads REQUIRED)
 
-add_library(steward_asio INTERFACE IMPORTED GLOBAL)
-add_library(steward::asio ALIAS steward_asio)
-target_include_directories(steward_asio SYSTEM INTERFACE "${STEWARD_ASIO_INCLUDE_DIR}")
-target_compile_definitions(steward_asio INTERFACE ASIO_STANDALONE ASIO_NO_DEPRECATED)
+# Named with the namespace itself (no alias): the exported link interface of steward::steward then
+# reads `steward::asio`, which CMake insists is a target, instead of a bare name it would turn
+# into -lsteward_asio if this file were not loaded first.
+add_library(steward::asio INTERFACE IMPORTED GLOBAL)
+target_include_directories(steward::asio SYSTEM INTERFACE "${STEWARD_ASIO_INCLUDE_DIR}")
+target_compile_definitions(steward::asio INTERFACE ASIO_STANDALONE ASIO_NO_DEPRECATED)
 if(STEWARD_IO_BACKEND STREQUAL "io_uring")
-    target_compile_definitions(steward_asio INTERFACE ASIO_HAS_IO_URING ASIO_DISABLE_EPOLL STEWARD_IO_URING_BACKEND=1)
+    target_compile_definitions(steward::asio INTERFACE ASIO_HAS_IO_URING ASIO_DISABLE_EPOLL STEWARD_IO_URING_BACKEND=1)
 elseif(STEWARD_IO_BACKEND STREQUAL "epoll")
-    target_compile_definitions(steward_asio INTERFACE STEWARD_IO_URING_BACKEND=0)
+    target_compile_definitions(steward::asio INTERFACE STEWARD_IO_URING_BACKEND=0)
 else()
     message(FATAL_ERROR "steward: STEWARD_IO_BACKEND must be io_uring or epoll, not '${STEWARD_IO_BACKEND}'")
 endif()
 # liburing is linked in both builds: the start-up probe uses it to explain a blocked io_uring.
-target_link_libraries(steward_asio INTERFACE PkgConfig::STEWARD_LIBURING Threads::Threads)
+target_link_libraries(steward::asio INTERFACE PkgConfig::STEWARD_LIBURING Threads::Threads)
