@@ -1,0 +1,540 @@
+#define BOOST_TEST_MODULE sharer_codec_test
+#include "support/test_support.hpp"
+#include "support/python3.hpp"
+
+#include <steward/error.hpp>
+#include <steward/share_id.hpp>
+
+#include "sharer/framing.hpp"
+#include "sharer/native_protocol.hpp"
+#include "sharer/pickle.hpp"
+
+#include <random>
+#include <sstream>
+
+using steward::test::bytes_of;
+using steward::test::from_hex;
+using steward::test::to_hex;
+namespace framing = steward::detail::framing;
+namespace pickle = steward::detail::pickle;
+namespace native = steward::detail::native;
+
+namespace {
+
+std::vector<std::byte> header_bytes(std::uint64_t n) {
+    std::array<std::byte, framing::max_header_size> h{};
+    const std::size_t len = framing::encode_header(n, h);
+    return {h.begin(), h.begin() + static_cast<std::ptrdiff_t>(len)};
+}
+
+}  // namespace
+
+// ---- multiprocessing.connection framing -------------------------------------------------------
+
+BOOST_AUTO_TEST_CASE(frame_header_known_bytes) {
+    BOOST_TEST(to_hex(header_bytes(0)) == "00000000");
+    BOOST_TEST(to_hex(header_bytes(19)) == "00000013");
+    BOOST_TEST(to_hex(header_bytes(0x7fffffff)) == "7fffffff");
+    BOOST_TEST(to_hex(header_bytes(0x80000000ULL)) == "ffffffff0000000080000000");
+    BOOST_TEST(to_hex(header_bytes(0x123456789aULL)) == "ffffffff000000123456789a");
+}
+
+BOOST_AUTO_TEST_CASE(frame_probe_need_more_then_frame) {
+    const auto frame = framing::make_frame(bytes_of("hello"));
+    BOOST_TEST(to_hex(frame) == "0000000568656c6c6f");
+    for (std::size_t n = 0; n < frame.size(); ++n) {
+        const auto p = framing::probe_frame(std::span(frame).first(n), 256);
+        BOOST_TEST((p.status == framing::frame_status::need_more));
+        BOOST_TEST(p.missing == (n < 4 ? 4 - n : frame.size() - n));
+        BOOST_TEST(p.header_size == (n < 4 ? 0u : 4u));
+    }
+    auto with_more = frame;
+    with_more.push_back(std::byte{0});  // the next frame's first byte does not disturb this one
+    const auto p = framing::probe_frame(with_more, 256);
+    BOOST_TEST((p.status == framing::frame_status::frame));
+    BOOST_TEST(p.header_size == 4u);
+    BOOST_TEST(p.payload_size == 5u);
+    BOOST_TEST(p.total_size() == 9u);
+}
+
+BOOST_AUTO_TEST_CASE(frame_probe_limits_without_allocating) {
+    // 257 > 256 is refused from the 4 header bytes alone; 256 is fine.
+    BOOST_TEST((framing::probe_frame(header_bytes(257), 256).status == framing::frame_status::too_large));
+    const auto ok = framing::probe_frame(header_bytes(256), 256);
+    BOOST_TEST((ok.status == framing::frame_status::need_more));
+    BOOST_TEST(ok.missing == 256u);
+    // A 2^62-byte frame announced with the -1 form: too large, decided from 12 bytes.
+    const auto huge = header_bytes(1ULL << 62);
+    BOOST_TEST(huge.size() == 12u);
+    BOOST_TEST((framing::probe_frame(std::span(huge).first(11), 1 << 20).status == framing::frame_status::need_more));
+    BOOST_TEST(framing::probe_frame(std::span(huge).first(11), 1 << 20).missing == 1u);
+    BOOST_TEST((framing::probe_frame(huge, 1 << 20).status == framing::frame_status::too_large));
+    // The -1 form with a small length is what CPython would accept too.
+    const auto small_long_form = from_hex("ffffffff0000000000000002abcd");
+    const auto p = framing::probe_frame(small_long_form, 256);
+    BOOST_TEST((p.status == framing::frame_status::frame));
+    BOOST_TEST(p.header_size == 12u);
+    BOOST_TEST(p.payload_size == 2u);
+    // Negative lengths other than -1.
+    BOOST_TEST((framing::probe_frame(from_hex("80000000"), 256).status == framing::frame_status::malformed));
+    BOOST_TEST((framing::probe_frame(from_hex("fffffffe"), 256).status == framing::frame_status::malformed));
+}
+
+BOOST_AUTO_TEST_CASE(frame_round_trip_random, *boost::unit_test::timeout(30)) {
+    std::mt19937_64 rng(42);
+    std::vector<std::byte> stream;
+    std::vector<std::vector<std::byte>> sent;
+    for (int i = 0; i < 200; ++i) {
+        std::vector<std::byte> payload(rng() % 300);
+        for (auto& b : payload) b = static_cast<std::byte>(rng());
+        framing::append_frame(stream, payload);
+        sent.push_back(std::move(payload));
+    }
+    std::size_t pos = 0;
+    for (const auto& expected : sent) {
+        const auto p = framing::probe_frame(std::span(stream).subspan(pos), 1000);
+        BOOST_REQUIRE((p.status == framing::frame_status::frame));
+        const auto got = std::span(stream).subspan(pos + p.header_size, p.payload_size);
+        BOOST_TEST(std::equal(got.begin(), got.end(), expected.begin(), expected.end()));
+        pos += p.total_size();
+    }
+    BOOST_TEST(pos == stream.size());
+}
+
+// ---- pickle subset ---------------------------------------------------------------------------
+
+BOOST_AUTO_TEST_CASE(pickle_encode_matches_documented_bytes) {
+    // Bytes from cpython-protocols.md and from CPython 3.11's pickle.dumps.
+    auto hex = [](std::string_view spaced) { return to_hex(from_hex(spaced)); };
+    BOOST_TEST(to_hex(pickle::encode_request({0, 7}, 7917)) ==
+               hex("80 04 95 08 00 00 00 00 00 00 00 4b 07 4d ed 1e 86 94 2e"));
+    BOOST_TEST(to_hex(pickle::encode_request({0, 1}, 123456)) ==
+               hex("80 04 95 0a 00 00 00 00 00 00 00 4b 01 4a 40 e2 01 00 86 94 2e"));
+    BOOST_TEST(to_hex(pickle::encode_none()) == hex("80 04 4e 2e"));
+    // Protocol 2/3 (no FRAME, BINPUT instead of MEMOIZE) and 5.
+    BOOST_TEST(to_hex(pickle::encode_request({0, 7}, 7917, 2)) == hex("80 02 4b 07 4d ed 1e 86 71 00 2e"));
+    BOOST_TEST(to_hex(pickle::encode_request({0, 7}, 7917, 5)) ==
+               hex("80 05 95 08 00 00 00 00 00 00 00 4b 07 4d ed 1e 86 94 2e"));
+    // 2^31 needs LONG1 with a 0x00 sign byte; 2^128-1 needs 17 bytes (Python ints are signed).
+    BOOST_TEST(to_hex(pickle::encode_request({0, 0x80000000ULL}, 5)) ==
+               hex("80 04 95 0c 00 00 00 00 00 00 00 8a 05 00 00 00 80 00 4b 05 86 94 2e"));
+    BOOST_TEST(to_hex(pickle::encode_request({~0ULL, ~0ULL}, 1)) ==
+               hex("80 04 95 18 00 00 00 00 00 00 00 8a 11 ff ff ff ff ff ff ff ff ff ff ff ff ff ff ff ff 00 "
+                   "4b 01 86 94 2e"));
+    BOOST_TEST(to_hex(pickle::encode_request({0x8000000000000000ULL, 0}, 1)) ==
+               hex("80 04 95 18 00 00 00 00 00 00 00 8a 11 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 80 00 "
+                   "4b 01 86 94 2e"));
+    BOOST_TEST(to_hex(pickle::encode_request({1, 0}, 70000)) ==
+               hex("80 04 95 13 00 00 00 00 00 00 00 8a 09 00 00 00 00 00 00 00 00 01 4a 70 11 01 00 86 94 2e"));
+}
+
+BOOST_AUTO_TEST_CASE(pickle_decode_documented_bytes) {
+    std::error_code ec;
+    auto d = pickle::decode(from_hex("80 04 95 08 00 00 00 00 00 00 00 4b 07 4d ed 1e 86 94 2e"), ec);
+    BOOST_REQUIRE(!ec);
+    BOOST_TEST((d.kind == pickle::value_kind::request));
+    BOOST_TEST(d.request.key.low == 7u);
+    BOOST_TEST(d.request.key.high == 0u);
+    BOOST_TEST(d.request.pid == 7917);
+    d = pickle::decode(from_hex("80 04 95 0a 00 00 00 00 00 00 00 4b 01 4a 40 e2 01 00 86 94 2e"), ec);
+    BOOST_REQUIRE(!ec);
+    BOOST_TEST(d.request.key.low == 1u);
+    BOOST_TEST(d.request.pid == 123456);
+    d = pickle::decode(from_hex("80 04 4e 2e"), ec);
+    BOOST_REQUIRE(!ec);
+    BOOST_TEST((d.kind == pickle::value_kind::none));
+    d = pickle::decode(from_hex("80 02 4b 07 4d ed 1e 86 71 00 2e"), ec);  // protocol 2
+    BOOST_REQUIRE(!ec);
+    BOOST_TEST(d.request.pid == 7917);
+}
+
+BOOST_AUTO_TEST_CASE(pickle_round_trip_edge_values) {
+    const std::vector<steward::share_key> keys = {
+        {0, 0}, {0, 255}, {0, 256}, {0, 65535}, {0, 65536}, {0, 0x7fffffff}, {0, 0x80000000ULL},
+        {0, 0xffffffffULL}, {0, ~0ULL}, {1, 0}, {0x7fffffffffffffffULL, ~0ULL}, {0x8000000000000000ULL, 0},
+        {~0ULL, ~0ULL}, steward::share_key::generate()};
+    const std::vector<std::int64_t> pids = {0, 1, 255, 4194304, -1, -129, INT32_MIN, INT32_MAX,
+                                            std::int64_t{1} << 40, INT64_MIN, INT64_MAX};
+    for (int protocol = 2; protocol <= 5; ++protocol) {
+        for (const auto& key : keys) {
+            for (const auto pid : pids) {
+                std::error_code ec;
+                const auto d = pickle::decode(pickle::encode_request(key, pid, protocol), ec);
+                BOOST_REQUIRE_MESSAGE(!ec, "protocol " << protocol << " key " << key.to_decimal() << " pid " << pid);
+                BOOST_TEST((d.kind == pickle::value_kind::request));
+                BOOST_TEST((d.request.key == key));
+                BOOST_TEST(d.request.pid == pid);
+            }
+        }
+    }
+}
+
+BOOST_AUTO_TEST_CASE(pickle_matches_cpython, *boost::unit_test::precondition(steward::test::python3_available)) {
+    const std::vector<steward::share_key> keys = {{0, 7},           {0, 300},        {0, 70000},
+                                                  {0, 0x80000000ULL}, {1, 0},          {0x8000000000000000ULL, 1},
+                                                  {~0ULL, ~0ULL},     steward::share_key::generate()};
+    const std::vector<std::int64_t> pids = {7917, 123456, 1, -5, std::int64_t{1} << 33};
+    std::ostringstream script;
+    script << "import pickle\n";
+    std::vector<std::string> ours;
+    for (int protocol = 2; protocol <= 5; ++protocol)
+        for (const auto& key : keys)
+            for (const auto pid : pids) {
+                script << "print(pickle.dumps((" << key.to_decimal() << ", " << pid << "), protocol=" << protocol
+                       << ").hex())\n";
+                ours.push_back(to_hex(pickle::encode_request(key, pid, protocol)));
+            }
+    for (int protocol = 2; protocol <= 5; ++protocol) {
+        script << "print(pickle.dumps(None, protocol=" << protocol << ").hex())\n";
+        ours.push_back(to_hex(pickle::encode_none(protocol)));
+    }
+    // Default protocol of this python (what Connection.send uses).
+    script << "print(pickle.dumps((12345678901234567890, 42)).hex())\n";
+    ours.push_back(to_hex(pickle::encode_request(steward::share_key::from_decimal("12345678901234567890"), 42,
+                                                 steward::test::run_python("import pickle; print(pickle.DEFAULT_PROTOCOL)") == "5" ? 5 : 4)));
+    std::istringstream theirs(steward::test::run_python(script.str()));
+    std::string line;
+    for (const auto& expected : ours) {
+        BOOST_REQUIRE(std::getline(theirs, line));
+        BOOST_TEST(line == expected);
+        std::error_code ec;
+        (void)pickle::decode(from_hex(line), ec);  // and CPython's bytes decode
+        BOOST_TEST(!ec, "decoding " << line);
+    }
+}
+
+BOOST_AUTO_TEST_CASE(pickle_refuses_everything_else) {
+    const std::vector<std::pair<std::string, std::string>> bad = {
+        {"", "empty"},
+        {"80", "PROTO without version"},
+        {"8001 4e2e", "protocol 1"},
+        {"8006 4e2e", "protocol 6"},
+        {"4e2e", "no PROTO"},
+        {"8004 4e", "no STOP"},
+        {"8004 4e2e00", "bytes after STOP"},
+        {"8004 2e", "STOP on empty stack"},
+        {"8004 4e4e2e", "two values"},
+        {"8004 4b01 2e", "a bare int"},
+        {"8004 4b014b0186 4b01 2e", "three values"},
+        {"8004 4b01 4e 86942e", "(int, None)"},
+        {"8004 4e 4b01 86942e", "(None, int)"},
+        {"8004 4b014b01 85942e", "TUPLE1"},
+        {"8004 4b014b01 87942e", "TUPLE3"},
+        {"8004 4b01 4b01 4b01 86942e", "stack overflow"},
+        {"8004 4b", "truncated BININT1"},
+        {"8004 4d01", "truncated BININT2"},
+        {"8004 4a010203", "truncated BININT"},
+        {"8004 8a05 0000", "truncated LONG1"},
+        {"8004 8a12 000000000000000000000000000000000001 4b01 86942e", "18-byte LONG1"},
+        {"8004 8a11 0000000000000000000000000000000001 4b01 86942e", "key of 129 bits"},
+        {"8004 8a11 0000000000000000000000000000000080 4b01 86942e", "negative 17th byte"},
+        {"8004 8a01ff 4b01 86942e", "negative key -1"},
+        {"8004 4a ffffffff 4b01 86942e", "negative key BININT"},
+        {"8004 4b01 8a09 000000000000000080 86942e", "pid of 2^63 + ..."},
+        {"8004 63 6f730a73797374656d0a 2e", "GLOBAL os.system"},
+        {"8004 8c0161 942e", "SHORT_BINUNICODE"},
+        {"8004 4b01 4b01 86 68 00 2e", "BINGET"},
+        {"8004 4b01 4b01 86 52 2e", "REDUCE"},
+        {"8004 94 4e2e", "MEMOIZE on empty stack"},
+        {"8002 4b014b0186942e", "MEMOIZE in protocol 2"},
+        {"8003 95 0400000000000000 4e2e", "FRAME in protocol 3"},
+        {"8004 95 0900000000000000 4b074ded1e86942e", "FRAME longer than data"},
+        {"8004 95 0300000000000000 4b074ded1e86942e", "opcode crossing frame end"},
+        {"8004 95 0200000000000000 95 0200000000000000 4e2e", "FRAME inside frame"},
+        {"8004 95 ffffffffffffffff 4e2e", "FRAME of 2^64-1"},
+        {"8004 95 0100000000 4e2e", "truncated FRAME"},
+    };
+    for (const auto& [hex, what] : bad) {
+        std::error_code ec;
+        const char* why = nullptr;
+        (void)pickle::decode(from_hex(hex), ec, &why);
+        BOOST_TEST((ec == steward::errc::malformed_message), what);
+        BOOST_TEST(why != nullptr, what);
+    }
+    // Sanity: the valid neighbours of some of those decode.
+    std::error_code ec;
+    (void)pickle::decode(from_hex("8004 8a10 ffffffffffffffffffffffffffffff7f 4b01 86942e"), ec);
+    BOOST_TEST(!ec);  // 2^127 - 1 in 16 bytes
+    (void)pickle::decode(from_hex("8004 95 0200000000000000 4e2e"), ec);
+    BOOST_TEST(!ec);
+    (void)pickle::decode(from_hex("8004 95 0100000000000000 4e 2e"), ec);
+    BOOST_TEST(!ec);  // STOP after the frame, outside any frame: valid pickle
+}
+
+BOOST_AUTO_TEST_CASE(pickle_truncations_and_garbage_never_crash) {
+    const auto good = pickle::encode_request({~0ULL, 12345}, 999999);
+    for (std::size_t n = 0; n < good.size(); ++n) {
+        std::error_code ec;
+        (void)pickle::decode(std::span(good).first(n), ec);
+        BOOST_TEST((ec == steward::errc::malformed_message), "prefix of " << n);
+    }
+    std::mt19937_64 rng(7);
+    int accepted = 0;
+    for (int i = 0; i < 20000; ++i) {
+        std::vector<std::byte> junk(good.begin(), good.end());
+        junk[rng() % junk.size()] = static_cast<std::byte>(rng());
+        if (rng() % 3 == 0) junk.resize(rng() % (junk.size() + 1));
+        std::error_code ec;
+        (void)pickle::decode(junk, ec);
+        if (!ec) ++accepted;
+    }
+    BOOST_TEST(accepted < 20000);  // most mutations are refused; none crash (ASan run)
+}
+
+// ---- share_id --------------------------------------------------------------------------------
+
+BOOST_AUTO_TEST_CASE(share_key_text_forms) {
+    const steward::share_key k{0x0123456789abcdefULL, 0xfedcba9876543210ULL};
+    BOOST_TEST(k.to_hex() == "0123456789abcdeffedcba9876543210");
+    BOOST_TEST((steward::share_key::from_hex("0123456789ABCDEFfedcba9876543210") == k));
+    BOOST_TEST(steward::share_key{}.to_decimal() == "0");
+    BOOST_TEST((steward::share_key{~0ULL, ~0ULL}.to_decimal() == "340282366920938463463374607431768211455"));
+    BOOST_TEST((steward::share_key::from_decimal("340282366920938463463374607431768211455") ==
+                steward::share_key{~0ULL, ~0ULL}));
+    BOOST_TEST((steward::share_key::from_decimal("18446744073709551616") == steward::share_key{1, 0}));
+    BOOST_TEST((steward::share_key::from_decimal("007") == steward::share_key{0, 7}));
+    for (const char* bad : {"", "-1", "+1", " 1", "1 ", "1a", "340282366920938463463374607431768211456",
+                            "99999999999999999999999999999999999999999"}) {
+        std::error_code ec;
+        (void)steward::share_key::from_decimal(bad, ec);
+        BOOST_TEST((ec == steward::errc::malformed_message), bad);
+    }
+    BOOST_CHECK_THROW((void)steward::share_key::from_hex("0123"), std::system_error);
+    BOOST_CHECK_THROW((void)steward::share_key::from_hex("0123456789abcdeffedcba987654321g"), std::system_error);
+    for (int i = 0; i < 100; ++i) {
+        const auto r = steward::share_key::generate();
+        BOOST_TEST((steward::share_key::from_decimal(r.to_decimal()) == r));
+        BOOST_TEST((steward::share_key::from_hex(r.to_hex()) == r));
+    }
+    BOOST_TEST((steward::share_key::generate() != steward::share_key::generate()));
+}
+
+BOOST_AUTO_TEST_CASE(share_key_decimal_matches_python, *boost::unit_test::precondition(steward::test::python3_available)) {
+    std::ostringstream script;
+    std::vector<steward::share_key> keys;
+    for (int i = 0; i < 20; ++i) keys.push_back(steward::share_key::generate());
+    for (const auto& k : keys) script << "print(int('" << k.to_hex() << "', 16))\n";
+    std::istringstream out(steward::test::run_python(script.str()));
+    std::string line;
+    for (const auto& k : keys) {
+        BOOST_REQUIRE(std::getline(out, line));
+        BOOST_TEST(line == k.to_decimal());
+    }
+}
+
+BOOST_AUTO_TEST_CASE(share_id_format_and_parse) {
+    const steward::share_key k{0x0123456789abcdefULL, 0xfedcba9876543210ULL};
+    const steward::share_id id("/run/user/1000/steward-Ab1/s", k);
+    BOOST_TEST(id.format() == "steward1:0123456789abcdeffedcba9876543210@/run/user/1000/steward-Ab1/s");
+    BOOST_TEST((steward::share_id::parse(id.format()) == id));
+
+    // Every byte except NUL survives the round trip, and the text never holds white space or '@'.
+    std::string odd = "/tmp/";
+    for (int c = 1; c < 256 && odd.size() < 107; ++c)
+        if (c != '/') odd.push_back(static_cast<char>(c));
+    odd.resize(std::min<std::size_t>(odd.size(), 107));
+    const steward::share_id weird(odd, k);
+    const std::string text = weird.format();
+    BOOST_TEST(text.find_first_of(" \t\n\r\v\f'\"\\$`;|&<>()*?[]{}#!") == std::string::npos);
+    BOOST_TEST(text.find('@') == 41u);
+    BOOST_TEST(text.rfind('@') == 41u);
+    BOOST_TEST((steward::share_id::parse(text) == weird));
+    BOOST_TEST(steward::share_id("/a b%@c", k).format() == "steward1:0123456789abcdeffedcba9876543210@/a%20b%25%40c");
+    // Lower-case escapes and escaped literals parse too.
+    BOOST_TEST(steward::share_id::parse("steward1:0123456789abcdeffedcba9876543210@%2fa%2Fb").address() == "/a/b");
+    // The longest path is 107 bytes.
+    const std::string longest = "/" + std::string(106, 'x');
+    BOOST_TEST(steward::share_id::parse(steward::share_id(longest, k).format()).address() == longest);
+}
+
+BOOST_AUTO_TEST_CASE(share_id_rejects_malformed_text) {
+    const std::string key = "0123456789abcdeffedcba9876543210";
+    const std::vector<std::string> bad = {
+        "",
+        "steward1:",
+        "steward2:" + key + "@/x",
+        "Steward1:" + key + "@/x",
+        "steward1:" + key.substr(1) + "@/x",
+        "steward1:" + key + "0@/x",
+        "steward1:" + key + "/x",
+        "steward1:" + key + "@",
+        "steward1:" + key + "@x/relative",
+        "steward1:" + key + "@/a b",
+        "steward1:" + key + "@/a\nb",
+        "steward1:" + key + "@/a@b",
+        "steward1:" + key + "@/a%",
+        "steward1:" + key + "@/a%4",
+        "steward1:" + key + "@/a%zz",
+        "steward1:" + key + "@/a%00b",
+        "steward1:0123456789abcdeffedcba987654321g@/x",
+        "steward1:" + key + "@/" + std::string(107, 'x'),
+        "steward1:" + key + "@/" + std::string(50, 'x') + std::string(20, '%') ,
+    };
+    for (const auto& text : bad) {
+        std::error_code ec;
+        const auto id = steward::share_id::parse(text, ec);
+        BOOST_TEST((ec == steward::errc::malformed_message), text);
+        BOOST_TEST(id.empty());
+        BOOST_CHECK_THROW((void)steward::share_id::parse(text), std::system_error);
+    }
+    try {
+        (void)steward::share_id::parse("steward1:" + key + "@relative");
+        BOOST_FAIL("parse accepted a relative path");
+    } catch (const std::system_error& e) {
+        BOOST_TEST(std::string(e.what()).find("absolute") != std::string::npos, e.what());
+    }
+    BOOST_CHECK_THROW(steward::share_id("relative", {}), std::system_error);
+    BOOST_CHECK_THROW(steward::share_id("", {}), std::system_error);
+    BOOST_CHECK_THROW(steward::share_id("/" + std::string(107, 'x'), {}), std::system_error);
+    BOOST_CHECK_THROW(steward::share_id(std::string("/a\0b", 4), {}), std::system_error);
+    std::error_code ec;
+    (void)steward::share_id::make("/" + std::string(107, 'x'), {}, ec);
+    BOOST_TEST((ec == std::errc::filename_too_long));
+}
+
+BOOST_AUTO_TEST_CASE(share_id_cpython_ident) {
+    const steward::share_id id("/tmp/pymp-abc/listener-xyz", {~0ULL, ~0ULL});
+    const auto ident = id.to_cpython();
+    BOOST_TEST(ident.address == "/tmp/pymp-abc/listener-xyz");
+    BOOST_TEST(ident.key == "340282366920938463463374607431768211455");
+    BOOST_TEST((steward::share_id::from_cpython(ident) == id));
+    BOOST_TEST((steward::share_id::from_cpython({"/tmp/l", "1"}).key() == steward::share_key{0, 1}));
+    std::error_code ec;
+    (void)steward::share_id::from_cpython({"/tmp/l", "340282366920938463463374607431768211456"}, ec);
+    BOOST_TEST((ec == steward::errc::malformed_message));
+    (void)steward::share_id::from_cpython({"/tmp/l", "-3"}, ec);
+    BOOST_TEST((ec == steward::errc::malformed_message));
+    (void)steward::share_id::from_cpython({"rel", "3"}, ec);
+    BOOST_TEST((ec == std::errc::invalid_argument));
+}
+
+// ---- native protocol -------------------------------------------------------------------------
+
+BOOST_AUTO_TEST_CASE(native_known_bytes) {
+    BOOST_TEST(to_hex(native::encode(native::hello{1, 1, 0})) == "01" "53545744" "0001" "0001" "00000000");
+    BOOST_TEST(to_hex(native::encode(native::hello_ack{1, 64, 65536})) ==
+               "02" "53545744" "0001" "00000040" "00010000");
+    BOOST_TEST(to_hex(native::encode(native::fetch{7, {0x0123456789abcdefULL, 0xfedcba9876543210ULL}})) ==
+               "03" "0000000000000007" "0123456789abcdeffedcba9876543210");
+    BOOST_TEST(to_hex(native::encode(native::reply{9, native::reply_status::ok, 253, 1000, 0, 4})) ==
+               "04" "0000000000000009" "00" "00fd" "000003e8" "00000000" "00000004");
+    BOOST_TEST(to_hex(native::encode(native::confirm{5, {7, 9}})) ==
+               "05" "0000000000000005" "00000002" "0000000000000007" "0000000000000009");
+    BOOST_TEST(to_hex(native::encode(native::give_back{3, native::give_back_reason::control_truncated})) ==
+               "06" "0000000000000003" "00");
+    BOOST_TEST(to_hex(native::encode(native::error{native::error_code_value::limit_exceeded, "too big"})) ==
+               "07" "0003" "0007" "746f6f20626967");
+    std::vector<std::byte> framed;
+    native::append_frame(framed, native::give_back{3, native::give_back_reason::other});
+    BOOST_TEST(to_hex(framed) == "0000000a" "06" "0000000000000003" "01");
+    // No native payload can be taken for a pickle.
+    for (const native::message& m :
+         {native::message{native::hello{}}, native::message{native::fetch{1, {}}}, native::message{native::error{}}})
+        BOOST_TEST((native::encode(m).front() != pickle::proto_opcode));
+}
+
+BOOST_AUTO_TEST_CASE(native_round_trip) {
+    std::vector<native::message> msgs = {
+        native::hello{1, 3, 0},
+        native::hello_ack{2, 1000, 65536},
+        native::fetch{~0ULL, steward::share_key::generate()},
+        native::failure_reply(12, native::reply_status::not_available),
+        native::failure_reply(13, native::reply_status::busy),
+        native::confirm{0, {}},
+        native::confirm{99, std::vector<std::uint64_t>(native::max_confirm_ids, 123)},
+        native::give_back{4, native::give_back_reason::other},
+        native::error{native::error_code_value::shutting_down, std::string(native::max_error_text, 'e')},
+    };
+    for (const auto& part : native::split_reply(77, 1000)) msgs.emplace_back(std::in_place_type<native::reply>, part);
+    for (const auto& m : msgs) {
+        std::error_code ec;
+        const auto payload = native::encode(m);
+        BOOST_TEST(payload.size() <= native::max_payload);
+        const auto back = native::decode(payload, ec);
+        BOOST_REQUIRE_MESSAGE(!ec, "type " << static_cast<int>(payload[0]));
+        BOOST_TEST((back == m));
+    }
+    BOOST_CHECK_THROW((void)native::encode(native::error{native::error_code_value::malformed, std::string(257, 'e')}),
+                      std::length_error);
+    BOOST_CHECK_THROW(
+        (void)native::encode(native::confirm{1, std::vector<std::uint64_t>(native::max_confirm_ids + 1, 1)}),
+        std::length_error);
+}
+
+BOOST_AUTO_TEST_CASE(native_reply_split) {
+    BOOST_TEST(native::part_count_for(1) == 1u);
+    BOOST_TEST(native::part_count_for(253) == 1u);
+    BOOST_TEST(native::part_count_for(254) == 2u);
+    BOOST_TEST(native::part_count_for(1000) == 4u);
+    const auto parts = native::split_reply(5, 1000);
+    BOOST_REQUIRE(parts.size() == 4u);
+    std::uint32_t sum = 0;
+    for (std::uint32_t i = 0; i < parts.size(); ++i) {
+        BOOST_TEST(parts[i].part_index == i);
+        BOOST_TEST(parts[i].part_count == 4u);
+        BOOST_TEST(parts[i].total_fds == 1000u);
+        BOOST_TEST(parts[i].part_fds <= native::max_fds_per_part);
+        sum += parts[i].part_fds;
+    }
+    BOOST_TEST(sum == 1000u);
+    BOOST_TEST(parts[3].part_fds == 1000u - 3 * 253);
+    BOOST_CHECK_THROW((void)native::split_reply(5, 0), std::invalid_argument);
+}
+
+BOOST_AUTO_TEST_CASE(native_rejects_truncation_and_garbage) {
+    const std::vector<native::message> msgs = {
+        native::hello{}, native::hello_ack{1, 8, 4096}, native::fetch{1, {1, 2}}, native::split_reply(1, 300)[1],
+        native::confirm{3, {1, 2}}, native::give_back{1, {}}, native::error{native::error_code_value::malformed, "x"}};
+    for (const auto& m : msgs) {
+        const auto payload = native::encode(m);
+        for (std::size_t n = 0; n < payload.size(); ++n) {
+            std::error_code ec;
+            (void)native::decode(std::span(payload).first(n), ec);
+            BOOST_TEST((ec == steward::errc::malformed_message), "type " << int(payload[0]) << " cut at " << n);
+        }
+        auto longer = payload;
+        longer.push_back(std::byte{0});
+        std::error_code ec;
+        (void)native::decode(longer, ec);
+        BOOST_TEST((ec == steward::errc::malformed_message), "trailing byte, type " << int(payload[0]));
+    }
+    const std::vector<std::pair<std::string, std::string>> bad = {
+        {"00", "type 0"},
+        {"08", "type 8"},
+        {"80044e2e", "a pickle"},
+        {"01 53545745 0001 0001 00000000", "wrong magic"},
+        {"01 53545744 0000 0001 00000000", "version 0"},
+        {"01 53545744 0002 0001 00000000", "min > max"},
+        {"02 53545744 0001 00000000 00010000", "max_in_flight 0"},
+        {"03 0000000000000000 0123456789abcdeffedcba9876543210", "request id 0"},
+        {"04 0000000000000001 00 00fd 000003e8 00000000 00000003", "wrong part count"},
+        {"04 0000000000000001 00 00fc 000003e8 00000000 00000004", "wrong part fds"},
+        {"04 0000000000000001 00 00fd 000003e8 00000004 00000004", "index beyond count"},
+        {"04 0000000000000001 00 0000 00000000 00000000 00000001", "ok with no fds"},
+        {"04 0000000000000001 01 0001 00000001 00000000 00000001", "failure with fds"},
+        {"04 0000000000000001 09 0000 00000000 00000000 00000001", "unknown status"},
+        {"05 0000000000000001 00000002 0000000000000001", "confirm count too big"},
+        {"05 0000000000000001 ffffffff", "confirm count huge"},
+        {"05 0000000000000001 00000001 0000000000000000", "confirm id 0"},
+        {"06 0000000000000001 02", "unknown give-back reason"},
+        {"07 0001 0005 6869", "error text short"},
+        {"07 0001 0101" + std::string(2 * 257, 'a'), "error text too long"},
+    };
+    for (const auto& [hex, what] : bad) {
+        std::error_code ec;
+        const char* why = nullptr;
+        (void)native::decode(from_hex(hex), ec, &why);
+        BOOST_TEST((ec == steward::errc::malformed_message), what);
+        BOOST_TEST(why != nullptr, what);
+    }
+    std::vector<std::byte> oversize(native::max_payload + 1, std::byte{5});
+    std::error_code ec;
+    (void)native::decode(oversize, ec);
+    BOOST_TEST((ec == steward::errc::malformed_message));
+    std::mt19937_64 rng(11);
+    for (int i = 0; i < 20000; ++i) {
+        std::vector<std::byte> junk(rng() % 40);
+        for (auto& b : junk) b = static_cast<std::byte>(rng() % 9 == 0 ? rng() % 8 : rng());
+        (void)native::decode(junk, ec);  // must not crash or read out of bounds (ASan run)
+    }
+}
