@@ -3,6 +3,8 @@
 // the test is reported skipped, never passed), a helper to capture a snippet's stdout, and hex
 // conversions for comparing bytes with what CPython prints.
 
+#include "support/test_support.hpp"
+
 #include <boost/test/unit_test.hpp>
 
 #include <sys/wait.h>
@@ -115,3 +117,90 @@ inline std::vector<std::byte> bytes_of(std::string_view s) {
 }
 
 }  // namespace steward::test
+
+#include <steward/unique_fd.hpp>
+
+#include <fcntl.h>
+#include <signal.h>
+
+#include <cerrno>
+#include <spawn.h>
+
+#include <initializer_list>
+
+extern char** environ;
+
+namespace steward::test {
+
+/// A python3 child whose stdout is a pipe read by the test.
+class python_process {
+public:
+    /// Starts `python3 ARGS...` (argument 0 is usually a script path).
+    explicit python_process(std::initializer_list<std::string> args) {
+        int fds[2];
+        BOOST_REQUIRE(::pipe2(fds, O_CLOEXEC) == 0);
+        out_.reset(fds[0]);
+        steward::unique_fd write_end(fds[1]);
+        std::vector<std::string> argv_storage{find_python3()};
+        argv_storage.insert(argv_storage.end(), args.begin(), args.end());
+        std::vector<char*> argv;
+        for (auto& a : argv_storage) argv.push_back(a.data());
+        argv.push_back(nullptr);
+        posix_spawn_file_actions_t actions;
+        ::posix_spawn_file_actions_init(&actions);
+        ::posix_spawn_file_actions_adddup2(&actions, write_end.get(), 1);
+        const int rc = ::posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ);
+        ::posix_spawn_file_actions_destroy(&actions);
+        BOOST_REQUIRE_MESSAGE(rc == 0, "posix_spawn python3 failed: " << rc);
+    }
+    python_process(const python_process&) = delete;
+    python_process& operator=(const python_process&) = delete;
+    ~python_process() {
+        if (pid_ > 0) {
+            ::kill(pid_, SIGKILL);
+            (void)wait();
+        }
+    }
+
+    /// One line of the child's stdout without the newline; empty at EOF.
+    std::string read_line() {
+        std::string line;
+        char c;
+        while (::read(out_.get(), &c, 1) == 1) {
+            if (c == '\n') return line;
+            line.push_back(c);
+        }
+        return line;
+    }
+
+    /// Waits for the child; returns its exit status (or 128 + signal).
+    int wait() {
+        int status = 0;
+        while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+        }
+        pid_ = -1;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    }
+
+    [[nodiscard]] pid_t pid() const { return pid_; }
+
+private:
+    pid_t pid_ = -1;
+    steward::unique_fd out_;
+};
+
+/// Path of a script in tests/python/.
+inline std::string python_script(std::string_view name) {
+    return std::string(STEWARD_TESTS_SOURCE_DIR) + "/python/" + std::string(name);
+}
+
+}  // namespace steward::test
+
+/// As STEWARD_CORO_TEST, and skipped (not passed) when python3 is absent as well.
+#define STEWARD_CPYTHON_CORO_TEST(name)                                                            \
+    static asio::awaitable<void> name##_body(asio::io_context& ctx);                                \
+    BOOST_AUTO_TEST_CASE(name, *boost::unit_test::precondition(steward::test::io_uring_available) * \
+                                   boost::unit_test::precondition(steward::test::python3_available)) { \
+        steward::test::run_coroutine([](asio::io_context& c) { return name##_body(c); });           \
+    }                                                                                              \
+    static asio::awaitable<void> name##_body([[maybe_unused]] asio::io_context& ctx)
