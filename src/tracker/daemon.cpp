@@ -9,6 +9,7 @@
 #include <asio/io_context.hpp>
 #include <asio/posix/stream_descriptor.hpp>
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <array>
@@ -20,7 +21,11 @@ namespace steward::tracker {
 namespace {
 
 constexpr std::string_view prefix = "steward-tracker: ";
-constexpr std::size_t read_chunk = 64 * 1024;
+constexpr std::size_t read_chunk = 256 * 1024;
+// A deeper pipe lets writers run ahead while the daemon processes a chunk, so each read returns
+// more messages and the two sides switch less often. Raising it is best effort: the limit is
+// /proc/sys/fs/pipe-max-size (1 MiB by default) and the call fails on anything but a pipe.
+constexpr int wanted_pipe_size = 1024 * 1024;
 constexpr std::size_t flush_threshold = 64 * 1024;
 
 void write_all(int fd, std::string_view bytes) noexcept {
@@ -263,6 +268,7 @@ void blocking_loop(int fd, daemon_core& core) {
 }  // namespace
 
 int run_daemon(unique_fd fd, bool allow_io_uring) {
+    if (::fcntl(fd.get(), F_GETPIPE_SZ) < wanted_pipe_size) (void)::fcntl(fd.get(), F_SETPIPE_SZ, wanted_pipe_size);
     daemon_core core(STDERR_FILENO);
     std::error_code probe;
     std::string why;

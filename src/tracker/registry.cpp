@@ -6,41 +6,52 @@
 namespace steward::tracker {
 namespace {
 
+__extension__ using uint128 = unsigned __int128;  // GCC and Clang; silences -Wpedantic
+
 constexpr std::uint64_t empty_slot = 0;
 constexpr std::uint64_t tombstone = 1;
-
-constexpr std::uint64_t mix(std::uint64_t h) noexcept {
-    h ^= h >> 32;
-    h *= 0xd6e8feb86659fd93ULL;
-    h ^= h >> 32;
-    h *= 0xd6e8feb86659fd93ULL;
-    h ^= h >> 32;
-    return h;
-}
 
 }  // namespace
 
 registry::registry() { table_.assign(1024, empty_slot); }
 
 std::uint64_t registry::hash(resource_type type, std::string_view name) noexcept {
-    // Eight bytes per step: names are short and the daemon hashes every message's name.
-    std::uint64_t h = 0x9e3779b97f4a7c15ULL * (static_cast<std::uint64_t>(type) + 1) ^ name.size();
-    const char* p = name.data();
-    std::size_t n = name.size();
-    while (n >= 8) {
+    // Every message's name is hashed, and names are short: two overlapping 8-byte loads cover
+    // names up to 16 bytes, longer ones take 16 bytes per step, each step one 64x64->128 multiply
+    // folded to 64 bits.
+    const auto fold = [](std::uint64_t a, std::uint64_t b) noexcept {
+        const uint128 r = static_cast<uint128>(a) * b;
+        return static_cast<std::uint64_t>(r) ^ static_cast<std::uint64_t>(r >> 64);
+    };
+    const auto load = [](const char* p) noexcept {
         std::uint64_t w;
         std::memcpy(&w, p, 8);
-        h = (h ^ w) * 0xbf58476d1ce4e5b9ULL;
-        h ^= h >> 31;
-        p += 8;
-        n -= 8;
+        return w;
+    };
+    constexpr std::uint64_t k0 = 0xa0761d6478bd642fULL, k1 = 0xe7037ed1a0b428dbULL, k2 = 0x8ebc6af09c88c6e3ULL;
+    const char* p = name.data();
+    std::size_t n = name.size();
+    std::uint64_t seed = k0 ^ (static_cast<std::uint64_t>(type) * k2) ^ n;
+    std::uint64_t a = 0, b = 0;
+    if (n >= 8) {
+        while (n > 16) {
+            seed = fold(load(p) ^ k1, load(p + 8) ^ seed);
+            p += 16;
+            n -= 16;
+        }
+        a = load(p);
+        b = load(p + n - 8);
+    } else if (n >= 4) {
+        std::uint32_t x, y;
+        std::memcpy(&x, p, 4);
+        std::memcpy(&y, p + n - 4, 4);
+        a = x;
+        b = y;
+    } else if (n > 0) {
+        a = (std::uint64_t{static_cast<unsigned char>(p[0])} << 16) |
+            (std::uint64_t{static_cast<unsigned char>(p[n >> 1])} << 8) | static_cast<unsigned char>(p[n - 1]);
     }
-    if (n) {
-        std::uint64_t w = 0;
-        std::memcpy(&w, p, n);
-        h = (h ^ w) * 0x94d049bb133111ebULL;
-    }
-    return mix(h);
+    return fold(a ^ k1, b ^ seed) ^ fold(seed, k2);
 }
 
 std::string_view registry::name(handle h) const noexcept {
