@@ -13,14 +13,20 @@
 #include <asio/use_awaitable.hpp>
 
 #include <fcntl.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
@@ -439,6 +445,73 @@ BOOST_AUTO_TEST_CASE(destructor_reaps_an_exited_child_and_leaves_a_running_one,
     int status = 0;
     BOOST_TEST(::waitpid(running_pid, &status, 0) == running_pid);
     BOOST_TEST(WIFSIGNALED(status));
+}
+
+namespace {
+
+#if defined(__x86_64__)
+constexpr std::uint32_t native_audit_arch = AUDIT_ARCH_X86_64;
+#elif defined(__aarch64__)
+constexpr std::uint32_t native_audit_arch = AUDIT_ARCH_AARCH64;
+#else
+#error "io_spawn_test: add the AUDIT_ARCH_* value of this architecture"
+#endif
+
+// Makes pidfd_open fail with ENOSYS (as on Linux < 5.3) for the calling process and its children.
+bool install_pidfd_open_enosys_filter() {
+    sock_filter program[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, arch)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, native_audit_arch, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_pidfd_open, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (ENOSYS & SECCOMP_RET_DATA)),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    sock_fprog fprog{static_cast<unsigned short>(std::size(program)), program};
+    return ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 && ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &fprog) == 0;
+}
+
+// Precondition: a forked child can install the filter (some sandboxes refuse seccomp).
+boost::test_tools::assertion_result seccomp_available(boost::unit_test::test_unit_id) {
+    const pid_t pid = ::fork();
+    if (pid == 0) ::_exit(install_pidfd_open_enosys_filter() ? 0 : 1);
+    int status = 0;
+    const bool ok = pid > 0 && ::waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    boost::test_tools::assertion_result result(ok);
+    if (!ok) result.message() << "seccomp filters cannot be installed here, test skipped";
+    return result;
+}
+
+}  // namespace
+
+// Without pidfd_open the spawn fails clearly, and the child it had started is killed and reaped.
+// Run in a forked child: a seccomp filter cannot be removed.
+BOOST_AUTO_TEST_CASE(kernel_without_pidfd_open_fails_clearly_and_leaves_no_child,
+                     *boost::unit_test::precondition(seccomp_available)) {
+    const pid_t pid = ::fork();
+    BOOST_REQUIRE(pid >= 0);
+    if (pid == 0) {
+        if (!install_pidfd_open_enosys_filter()) ::_exit(10);
+        const int fds_before = steward::test::open_fd_count();
+        int result = 0;
+        {
+            asio::io_context child_ctx;
+            std::error_code ec;
+            sio::child_process child = sio::spawn(child_ctx.get_executor(), argv({"/bin/sleep", "30"}), {}, ec);
+            if (ec != std::errc::function_not_supported) result |= 1;
+            if (child.valid()) result |= 2;
+        }
+        siginfo_t info{};
+        if (!(::waitid(P_ALL, 0, &info, WEXITED | WNOHANG) == -1 && errno == ECHILD)) result |= 4;
+        if (steward::test::open_fd_count() != fds_before) result |= 8;
+        ::_exit(result);
+    }
+    int status = 0;
+    BOOST_REQUIRE(::waitpid(pid, &status, 0) == pid);
+    BOOST_REQUIRE(WIFEXITED(status));
+    BOOST_TEST(WEXITSTATUS(status) == 0, "failure bits " << WEXITSTATUS(status)
+                                          << " (1 wrong error, 2 handle returned, 4 child left, 8 fd leaked)");
 }
 
 BOOST_AUTO_TEST_SUITE_END()
