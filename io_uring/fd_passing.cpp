@@ -10,6 +10,7 @@
 #include <array>
 #include <cerrno>
 #include <cstring>
+#include <new>
 
 #ifndef SCM_PIDFD
 #define SCM_PIDFD 0x04  // Linux 6.5; absent from older headers, still possible on newer kernels
@@ -18,22 +19,19 @@
 namespace steward::io::detail {
 namespace {
 
-constexpr std::size_t cmsg_slots(std::size_t bytes) noexcept {
-    return (bytes + sizeof(cmsghdr) - 1) / sizeof(cmsghdr);
-}
 
 bool would_block(int err) noexcept { return err == EAGAIN || err == EWOULDBLOCK; }
 
 }  // namespace
 
 scm_rights_control::scm_rights_control(std::size_t bytes)
-    : storage_(new cmsghdr[cmsg_slots(bytes)]()), size_(bytes) {}
+    : storage_(new word[(bytes + sizeof(word) - 1) / sizeof(word)]()), size_(bytes) {}
 
 scm_rights_control::scm_rights_control(std::span<const int> fds) {
     if (fds.empty()) return;
     const std::size_t payload = fds.size() * sizeof(int);
     *this = scm_rights_control(static_cast<std::size_t>(CMSG_SPACE(payload)));
-    cmsghdr* header = storage_.get();
+    auto* header = ::new (static_cast<void*>(storage_.get())) cmsghdr{};
     header->cmsg_level = SOL_SOCKET;
     header->cmsg_type = SCM_RIGHTS;
     header->cmsg_len = CMSG_LEN(payload);

@@ -70,12 +70,12 @@ ssize_t peek_now(int fd) {
 
 // One blocking recvmsg that also reports how many SCM_RIGHTS descriptors came (and closes them).
 ssize_t recv_counting_fds(int fd, void* data, std::size_t size, int& fds_seen) {
-    std::array<cmsghdr, 80> control{};  // room for 253 descriptors
+    alignas(cmsghdr) unsigned char control[CMSG_SPACE(253 * sizeof(int))] = {};
     iovec iov{data, size};
     msghdr msg{};
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = control.data();
+    msg.msg_control = control;
     msg.msg_controllen = sizeof control;
     const ssize_t n = ::recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
     fds_seen = 0;
@@ -328,6 +328,17 @@ STEWARD_CORO_TEST(empty_payload_with_fds_sends_nothing) {
     BOOST_TEST(!ec2);
     BOOST_TEST(n2 == 0u);
     BOOST_TEST(peek_now(peer.get()) == -1);
+
+    // Data without descriptors is an ordinary send.
+    auto [ec5, n5] = co_await steward::io::async_send_fds(socket, std::span<const int>(), asio::buffer("abc", 3),
+                                                          asio::as_tuple(asio::use_awaitable));
+    BOOST_TEST(!ec5);
+    BOOST_TEST(n5 == 3u);
+    char plain[8] = {};
+    int seen = -1;
+    BOOST_TEST(recv_counting_fds(peer.get(), plain, sizeof plain, seen) == 3);
+    BOOST_TEST(std::string(plain, 3) == "abc");
+    BOOST_TEST(seen == 0);
 
     // An empty receive buffer is refused too, without touching the pending byte sent here.
     BOOST_REQUIRE(::send(peer.get(), "z", 1, 0) == 1);

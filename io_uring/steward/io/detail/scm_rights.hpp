@@ -49,8 +49,8 @@ struct socket_kind_of<asio::basic_datagram_socket<Protocol, Executor>> {
 };
 
 /// A control buffer for SCM_RIGHTS. It lives on the heap so that the composed operation holding
-/// it stays cheap to move each time it is handed to async_wait. Storage is an array of cmsghdr so
-/// that CMSG_* alignment holds without casts from a byte buffer.
+/// it stays cheap to move each time it is handed to async_wait. It is made of cmsghdr-aligned
+/// words (cmsghdr itself ends in a flexible array member, so it cannot be an array element).
 class scm_rights_control {
 public:
     scm_rights_control() = default;
@@ -68,7 +68,11 @@ public:
 private:
     explicit scm_rights_control(std::size_t bytes);
 
-    std::unique_ptr<cmsghdr[]> storage_;
+    struct alignas(cmsghdr) word {
+        unsigned char bytes[sizeof(cmsghdr)];
+    };
+
+    std::unique_ptr<word[]> storage_;
     std::size_t size_ = 0;
 };
 
