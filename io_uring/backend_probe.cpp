@@ -27,24 +27,29 @@ std::string sysctl_io_uring_disabled() {
 
 std::string explain(errc e, int raw) {
     switch (e) {
-    case errc::io_uring_blocked:
-        return "io_uring_setup failed with EPERM: io_uring is blocked. Either a seccomp policy forbids it "
-               "(Docker's default profile does: run with --security-opt seccomp=<profile allowing "
-               "io_uring_setup/io_uring_enter/io_uring_register>) or the sysctl kernel.io_uring_disabled "
-               "forbids it (current value: " +
-               sysctl_io_uring_disabled() +
-               "; 0 allows everyone, 1 only the group in kernel.io_uring_group; set it with "
-               "`sysctl kernel.io_uring_disabled=0`)." + epoll_fix;
-    case errc::io_uring_unsupported:
-        return "io_uring_setup failed with ENOSYS: this kernel has no io_uring (needs Linux >= 5.6, "
-               "CONFIG_IO_URING=y) or a sandbox such as gVisor does not implement it. Use a kernel or "
-               "runtime with io_uring." + std::string(epoll_fix);
-    case errc::io_uring_memlock:
-        return "io_uring_setup failed with ENOMEM: RLIMIT_MEMLOCK is too low for the ring (kernels before "
-               "5.12 charge rings to it). Raise it (`ulimit -l unlimited`, or LimitMEMLOCK= in a systemd "
-               "unit, or --ulimit memlock=-1 for containers)." + std::string(epoll_fix);
-    default:
-        return "io_uring_setup failed: " + errno_code(raw).message() + "." + epoll_fix;
+        case errc::io_uring_blocked:
+            return "io_uring_setup failed with EPERM: io_uring is blocked. Either a seccomp policy "
+                   "forbids it (Docker's default profile does: run with --security-opt seccomp=<profile "
+                   "allowing io_uring_setup/io_uring_enter/io_uring_register>) or the sysctl "
+                   "kernel.io_uring_disabled forbids it (current value: " +
+                   sysctl_io_uring_disabled() +
+                   "; 0 allows everyone, 1 only the group in kernel.io_uring_group; set it with "
+                   "`sysctl kernel.io_uring_disabled=0`)." +
+                   epoll_fix;
+        case errc::io_uring_unsupported:
+            return "io_uring_setup failed with ENOSYS: this kernel has no io_uring (needs Linux >= 5.6, "
+                   "CONFIG_IO_URING=y) or a sandbox such as gVisor does not implement it. Use a kernel or "
+                   "runtime with io_uring." +
+                   std::string(epoll_fix);
+        case errc::io_uring_memlock:
+            return "io_uring_setup failed with ENOMEM: RLIMIT_MEMLOCK is too low for the ring "
+                   "(kernels before 5.12 charge rings to it; newer ones charge the memory cgroup, so "
+                   "check its limit too). "
+                   "Raise it (`ulimit -l unlimited`, or LimitMEMLOCK= in a systemd unit, or --ulimit "
+                   "memlock=-1 for containers)." +
+                   std::string(epoll_fix);
+        default:
+            return "io_uring_setup failed: " + errno_code(raw).message() + "." + epoll_fix;
     }
 }
 
@@ -62,15 +67,23 @@ void check_io_uring(std::error_code& ec, std::string* explanation) noexcept {
         return;
     }
     switch (-rc) {
-    case EPERM: ec = errc::io_uring_blocked; break;
-    case ENOSYS: ec = errc::io_uring_unsupported; break;
-    case ENOMEM: ec = errc::io_uring_memlock; break;
-    default: ec = errno_code(rc); break;
+        case EPERM:
+            ec = errc::io_uring_blocked;
+            break;
+        case ENOSYS:
+            ec = errc::io_uring_unsupported;
+            break;
+        case ENOMEM:
+            ec = errc::io_uring_memlock;
+            break;
+        default:
+            ec = errno_code(rc);
+            break;
     }
     if (explanation) {
         try {
-            *explanation = explain(ec.category() == error_category() ? static_cast<errc>(ec.value()) : errc{},
-                                   rc);
+            *explanation =
+                explain(ec.category() == error_category() ? static_cast<errc>(ec.value()) : errc{}, rc);
         } catch (...) {
             explanation->clear();  // out of memory: the code alone still says what happened
         }

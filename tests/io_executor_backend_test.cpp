@@ -18,6 +18,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <fstream>
@@ -97,16 +98,25 @@ asio::awaitable<void> workload(asio::io_context& ctx) {
     BOOST_TEST(std::string(pipe_in.data(), pipe_in.size()) == "pipe");
 }
 
-/// Runs argv (argv[0] looked up in PATH) with stdout/stderr sent to @p output_file; returns the
-/// wait status, or -1 when it could not be started.
+/// Runs argv (argv[0] looked up in PATH) with stdout/stderr sent to @p output_file and this
+/// process's environment, where the `NAME=value` entries of @p extra_env replace any of the same
+/// name; returns the wait status, or -1 when it could not be started.
 int run(const std::vector<std::string>& args, const std::vector<std::string>& extra_env,
         const std::string& output_file) {
     std::vector<char*> argv;
+    argv.reserve(args.size() + 1);
     for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
     argv.push_back(nullptr);
     std::vector<std::string> env_storage(extra_env);
-    for (char** e = environ; *e; ++e) env_storage.emplace_back(*e);
+    for (char** e = environ; *e; ++e) {
+        const std::string entry(*e);
+        const auto same_name = [&](const std::string& x) {
+            return entry.compare(0, x.find('=') + 1, x, 0, x.find('=') + 1) == 0;
+        };
+        if (std::none_of(extra_env.begin(), extra_env.end(), same_name)) env_storage.push_back(entry);
+    }
     std::vector<char*> envp;
+    envp.reserve(env_storage.size() + 1);
     for (auto& e : env_storage) envp.push_back(e.data());
     envp.push_back(nullptr);
 
@@ -188,7 +198,7 @@ std::string self_path() {
     std::array<char, 4096> buf{};
     const ssize_t n = ::readlink("/proc/self/exe", buf.data(), buf.size() - 1);
     BOOST_REQUIRE(n > 0);
-    return std::string(buf.data(), static_cast<std::size_t>(n));
+    return {buf.data(), static_cast<std::size_t>(n)};
 }
 
 }  // namespace
@@ -205,14 +215,17 @@ BOOST_AUTO_TEST_CASE(io_context_uses_the_configured_kernel_interface,
     scratch_dir dir;
     const std::string trace = dir.path + "/strace.txt";
     const std::string done = dir.path + "/done.txt";
+    // LeakSanitizer stops the world with ptrace, which fails under strace; keep any other options.
+    const char* asan = std::getenv("ASAN_OPTIONS");
+    const std::string asan_options =
+        std::string("ASAN_OPTIONS=") + (asan ? std::string(asan) + ":" : "") + "detect_leaks=0";
     const int status = run({"strace", "-f", "-c", "-o", trace, "--", self_path(),
                             std::string("--run_test=") + workload_case, "--log_level=error"},
-                           // LeakSanitizer stops the world with ptrace, which fails under strace.
-                           {std::string(done_env) + "=" + done, "ASAN_OPTIONS=detect_leaks=0"},
-                           dir.path + "/output.txt");
+                           {std::string(done_env) + "=" + done, asan_options}, dir.path + "/output.txt");
     const std::string output = read_file(dir.path + "/output.txt");
     BOOST_REQUIRE_MESSAGE(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0,
-                          "workload under strace failed (status " << status << "):\n" << output);
+                          "workload under strace failed (status " << status << "):\n"
+                                                                  << output);
     BOOST_REQUIRE_MESSAGE(read_file(done) == "done\n", "the workload did not run to its end:\n" << output);
 
     const std::string summary = read_file(trace);
@@ -220,11 +233,13 @@ BOOST_AUTO_TEST_CASE(io_context_uses_the_configured_kernel_interface,
     BOOST_TEST_MESSAGE("strace -c summary:\n" << summary);
     // The parse must have found the workload's ordinary calls; otherwise zero epoll would prove nothing.
     BOOST_REQUIRE_MESSAGE(count(calls, "execve") >= 1 && count(calls, "close") >= 1,
-                          "could not parse strace's summary:\n" << summary);
+                          "could not parse strace's summary:\n"
+                              << summary);
 
     const long uring_enter = count(calls, "io_uring_enter");
     const long uring_setup = count(calls, "io_uring_setup");
-    const long epoll_waits = count(calls, "epoll_wait") + count(calls, "epoll_pwait") + count(calls, "epoll_pwait2");
+    const long epoll_waits =
+        count(calls, "epoll_wait") + count(calls, "epoll_pwait") + count(calls, "epoll_pwait2");
     const long epoll_creates = count(calls, "epoll_create") + count(calls, "epoll_create1");
     const long epoll_ctls = count(calls, "epoll_ctl");
 #if STEWARD_IO_URING_BACKEND

@@ -63,15 +63,15 @@ int install_io_uring_setup_filter(int err) {
 
 /// What a child saw when it ran the probe.
 struct probe_outcome {
-    int filter_error = 0;             ///< errno of installing the filter (0: installed or none)
-    int value = 0;                    ///< check_io_uring(ec) -> ec.value()
-    std::string category;             ///< ec.category().name()
-    std::string explanation;          ///< the explanation string of the error_code& overload
-    bool threw = false;               ///< check_io_uring() threw std::system_error
-    int thrown_value = 0;             ///< its code().value()
-    std::string thrown_category;      ///< its code().category().name()
-    std::string thrown_what;          ///< its what()
-    int cached_value = 0;             ///< steward::io::io_uring_status() in the child
+    int filter_error = 0;         ///< errno of installing the filter (0: installed or none)
+    int value = 0;                ///< check_io_uring(ec) -> ec.value()
+    std::string category;         ///< ec.category().name()
+    std::string explanation;      ///< the explanation string of the error_code& overload
+    bool threw = false;           ///< check_io_uring() threw std::system_error
+    int thrown_value = 0;         ///< its code().value()
+    std::string thrown_category;  ///< its code().category().name()
+    std::string thrown_what;      ///< its what()
+    int cached_value = 0;         ///< steward::io::io_uring_status() in the child
     std::string cached_category;
 };
 
@@ -119,8 +119,10 @@ std::string child_body(std::optional<int> filter_errno, std::optional<rlim_t> me
         r.cached_category = cached.category().name();
     }
     std::string out;
-    for (int v : {r.filter_error, r.value, int(r.threw), r.thrown_value, r.cached_value}) put_string(out, std::to_string(v));
-    for (const std::string* s : {&r.category, &r.explanation, &r.thrown_category, &r.thrown_what, &r.cached_category})
+    for (int v : {r.filter_error, r.value, int(r.threw), r.thrown_value, r.cached_value})
+        put_string(out, std::to_string(v));
+    for (const std::string* s :
+         {&r.category, &r.explanation, &r.thrown_category, &r.thrown_what, &r.cached_category})
         put_string(out, *s);
     return out;
 }
@@ -173,13 +175,17 @@ probe_outcome probe_in_child(std::optional<int> filter_errno, std::optional<rlim
     int* ints[] = {&r.filter_error, &r.value, nullptr, &r.thrown_value, &r.cached_value};
     for (int* target : ints) {
         const int v = std::stoi(take_string(in, pos));
-        if (target) *target = v;
-        else r.threw = v != 0;
+        if (target)
+            *target = v;
+        else
+            r.threw = v != 0;
     }
-    for (std::string* s : {&r.category, &r.explanation, &r.thrown_category, &r.thrown_what, &r.cached_category})
+    for (std::string* s :
+         {&r.category, &r.explanation, &r.thrown_category, &r.thrown_what, &r.cached_category})
         *s = take_string(in, pos);
     BOOST_REQUIRE(pos == in.size());
-    BOOST_REQUIRE_MESSAGE(r.filter_error == 0, "could not set up the child: " << std::strerror(r.filter_error));
+    BOOST_REQUIRE_MESSAGE(r.filter_error == 0,
+                          "could not set up the child: " << std::strerror(r.filter_error));
     return r;
 }
 
