@@ -588,6 +588,65 @@ STEWARD_CORO_TEST(foreign_control_message_is_unexpected_control) {
     BOOST_TEST(open_fd_count() == before);
 }
 
+#ifndef SO_PASSPIDFD
+#define SO_PASSPIDFD 76  // Linux 6.5
+#endif
+
+// SO_PASSPIDFD (Linux >= 6.5) makes the kernel add an SCM_PIDFD message that carries a pidfd of
+// the sender: reported as unexpected_control, the pidfd is closed at once, the SCM_RIGHTS
+// descriptor is handed over.
+static boost::test_tools::assertion_result passpidfd_supported(boost::unit_test::test_unit_id id) {
+    auto io_uring = steward::test::io_uring_available(id);
+    if (!io_uring) return io_uring;
+    auto [a, b] = steward::test::socket_pair();
+    const int on = 1;
+    boost::test_tools::assertion_result ok(::setsockopt(a.get(), SOL_SOCKET, SO_PASSPIDFD, &on, sizeof on) == 0);
+    if (!ok) ok.message() << "SO_PASSPIDFD unsupported (kernel < 6.5), test skipped";
+    return ok;
+}
+
+BOOST_AUTO_TEST_CASE(scm_pidfd_is_unexpected_control_and_closed,
+                     *boost::unit_test::precondition(passpidfd_supported)) {
+    asio::io_context io;
+    start_io_service(io);
+    const int before = open_fd_count();
+    auto [mine, theirs] = steward::test::socket_pair();
+    const int on = 1;
+    BOOST_REQUIRE(::setsockopt(mine.get(), SOL_SOCKET, SO_PASSPIDFD, &on, sizeof on) == 0);
+    auto child = fork_child([&, &theirs = theirs, &mine = mine] {
+        mine.reset();
+        child_checks check;
+        unique_fd memfd = make_memfd("with pidfd");
+        asio::io_context child_io;
+        auto socket = adopt(child_io, std::move(theirs));
+        const int fds[] = {memfd.get()};
+        steward::io::async_send_fds(socket, fds, asio::buffer("P", 1),
+                                    [&](std::error_code ec, std::size_t) { check.expect(!ec, "send"); });
+        child_io.run();
+        return check.exit_code();
+    });
+    theirs.reset();
+    auto socket = adopt(io, std::move(mine));
+    char buf[4] = {};
+    std::optional<std::error_code> result;
+    std::vector<unique_fd> got;
+    steward::io::async_recv_fds(socket, asio::buffer(buf), [&](std::error_code ec, std::size_t n, std::vector<unique_fd> fds) {
+        result = ec;
+        BOOST_TEST(n == 1u);
+        got = std::move(fds);
+    });
+    io.run();
+    BOOST_REQUIRE(result.has_value());
+    BOOST_TEST((*result == steward::errc::unexpected_control));
+    BOOST_REQUIRE(got.size() == 1u);
+    BOOST_TEST(read_contents(got[0].get()) == "with pidfd");
+    BOOST_TEST(open_fd_count() == before + 2);  // the socket and the memfd: no pidfd left open
+    BOOST_TEST(child.wait() == 0);
+    got.clear();
+    socket.close();
+    BOOST_TEST(open_fd_count() == before);
+}
+
 STEWARD_CORO_TEST(peer_exit_is_eof) {
     start_io_service(ctx);
     const int before = open_fd_count();
