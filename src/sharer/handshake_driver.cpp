@@ -88,8 +88,11 @@ asio::awaitable<std::error_code> run_handshake(local_socket& socket, auth::hands
     // Whichever finishes first cancels the other (per-operation cancellation of the pending read
     // or write); a handshake that outlives the timer is reported as timed out.
     auto result = co_await (handshake_body(socket, hs) || timer.async_wait(use_tuple));
-    if (result.index() == 1) co_return make_error_code(errc::timed_out);
-    co_return std::get<0>(result);
+    if (result.index() == 0) co_return std::get<0>(result);
+    // The timer finished first: it expired (success), or the caller cancelled the whole operation
+    // and the timer happened to report before the handshake did.
+    const auto [timer_ec] = std::get<1>(result);
+    co_return timer_ec ? std::error_code(asio::error::operation_aborted) : make_error_code(errc::timed_out);
 }
 
 asio::awaitable<std::error_code> authenticate_as_server(local_socket& socket, const authkey& key,

@@ -135,12 +135,19 @@ namespace steward::test {
 /// A python3 child whose stdout is a pipe read by the test.
 class python_process {
 public:
-    /// Starts `python3 ARGS...` (argument 0 is usually a script path).
-    explicit python_process(std::initializer_list<std::string> args) {
+    /// Starts `python3 ARGS...` (argument 0 is usually a script path). With @p pipe_stdin the
+    /// child's stdin is a pipe that close_stdin() closes (else it inherits the test's stdin).
+    explicit python_process(std::initializer_list<std::string> args, bool pipe_stdin = false) {
         int fds[2];
         BOOST_REQUIRE(::pipe2(fds, O_CLOEXEC) == 0);
         out_.reset(fds[0]);
         steward::unique_fd write_end(fds[1]);
+        steward::unique_fd stdin_read;
+        if (pipe_stdin) {
+            BOOST_REQUIRE(::pipe2(fds, O_CLOEXEC) == 0);
+            stdin_read.reset(fds[0]);
+            in_.reset(fds[1]);
+        }
         std::vector<std::string> argv_storage{find_python3()};
         argv_storage.insert(argv_storage.end(), args.begin(), args.end());
         std::vector<char*> argv;
@@ -149,6 +156,7 @@ public:
         posix_spawn_file_actions_t actions;
         ::posix_spawn_file_actions_init(&actions);
         ::posix_spawn_file_actions_adddup2(&actions, write_end.get(), 1);
+        if (stdin_read) ::posix_spawn_file_actions_adddup2(&actions, stdin_read.get(), 0);
         const int rc = ::posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ);
         ::posix_spawn_file_actions_destroy(&actions);
         BOOST_REQUIRE_MESSAGE(rc == 0, "posix_spawn python3 failed: " << rc);
@@ -161,6 +169,9 @@ public:
             (void)wait();
         }
     }
+
+    /// Closes the child's stdin pipe (EOF for the child).
+    void close_stdin() { in_.reset(); }
 
     /// One line of the child's stdout without the newline; empty at EOF.
     std::string read_line() {
@@ -187,6 +198,7 @@ public:
 private:
     pid_t pid_ = -1;
     steward::unique_fd out_;
+    steward::unique_fd in_;
 };
 
 /// Path of a script in tests/python/.
