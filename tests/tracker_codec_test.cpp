@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -415,6 +416,23 @@ BOOST_AUTO_TEST_CASE(registry_collapses_duplicates_and_keeps_types_apart) {
     BOOST_TEST(r.size() == 1u);
 }
 
+BOOST_AUTO_TEST_CASE(registry_lookup_depends_only_on_the_name_bytes) {
+    // The same name seen through different buffers (with different bytes after it) is found,
+    // whatever its length: hashing must never look past the end of the name.
+    registry r;
+    std::mt19937 rng(99);
+    for (std::size_t len = 1; len <= 120; ++len) {
+        std::string name(len, '\0');
+        for (auto& c : name) c = static_cast<char>('a' + rng() % 26);
+        const std::string stored = name + std::string(32, 'X');
+        const std::string probe = name + std::string(32, 'Y');
+        BOOST_REQUIRE(r.insert(resource_type::shared_memory, std::string_view(stored).substr(0, len)).second);
+        BOOST_TEST(r.find(resource_type::shared_memory, std::string_view(probe).substr(0, len)) != registry::no_handle,
+                   "length " << len);
+        BOOST_TEST(!r.insert(resource_type::shared_memory, std::string_view(probe).substr(0, len)).second);
+    }
+}
+
 BOOST_AUTO_TEST_CASE(registry_survives_growth_churn_and_compaction) {
     registry r;
     const int n = 50000;
@@ -567,6 +585,32 @@ BOOST_AUTO_TEST_CASE(remove_resource_unlinks_shm_semaphores_and_files_with_ident
                                 }) == cleanup_result::failed));
     BOOST_TEST(failures == std::vector<std::string>{dir});
     std::filesystem::remove(dir);
+}
+
+BOOST_AUTO_TEST_CASE(dev_shm_listing_reports_the_same_identities_as_lstat) {
+    shm_guard shm{unique_name("scan")};
+    {
+        steward::unique_fd fd{::shm_open(shm.name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600)};
+        BOOST_REQUIRE(fd);
+    }
+    const std::string sem_name = unique_name("scan_sem");
+    sem_t* sem = ::sem_open(sem_name.c_str(), O_CREAT | O_EXCL, 0600, 0);
+    BOOST_REQUIRE(sem != SEM_FAILED);
+    ::sem_close(sem);
+    std::optional<file_identity> seen_shm, seen_sem;
+    const bool complete = scan_shm_directory(1000000, [&](resource_type t, std::string_view n, const file_identity& id) {
+        if (t == resource_type::shared_memory && n == shm.name) seen_shm = id;
+        if (t == resource_type::semaphore && n == sem_name) seen_sem = id;
+    });
+    std::error_code ec;
+    BOOST_TEST(complete);
+    BOOST_REQUIRE(seen_shm.has_value());
+    BOOST_REQUIRE(seen_sem.has_value());
+    BOOST_TEST((*seen_shm == *lookup_identity(resource_type::shared_memory, shm.name, ec)));
+    BOOST_TEST((*seen_sem == *lookup_identity(resource_type::semaphore, sem_name, ec)));
+    // Bounded: a listing longer than allowed gives up instead of running on.
+    BOOST_TEST(!scan_shm_directory(1, [](resource_type, std::string_view, const file_identity&) {}));
+    ::sem_unlink(sem_name.c_str());
 }
 
 // ---- daemon core, in process --------------------------------------------------------------------

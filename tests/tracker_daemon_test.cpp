@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <set>
 #include <sstream>
 #include <string>
@@ -411,6 +412,43 @@ BOOST_AUTO_TEST_CASE(identity_check_leaves_a_reused_name_alone) {
     d2.sync();
     BOOST_TEST(d2.finish() == 1);
     BOOST_TEST(!shm_exists(second.name));
+}
+
+BOOST_AUTO_TEST_CASE(identity_check_with_many_names_uses_the_listing_and_still_holds) {
+    // 100 new segments and a semaphore in one read: identities come from one /dev/shm listing.
+    std::vector<std::unique_ptr<test_shm>> segments;
+    for (int i = 0; i < 100; ++i) segments.push_back(std::make_unique<test_shm>("many"));
+    const std::string sem_name = unique_name("many_sem");
+    sem_t* sem = ::sem_open(sem_name.c_str(), O_CREAT | O_EXCL, 0600, 1);
+    BOOST_REQUIRE(sem != SEM_FAILED);
+    ::sem_close(sem);
+    const std::string absent = unique_name("never_created");
+    daemon_process d;
+    std::string input;
+    for (const auto& s : segments) input += reg(resource_type::shared_memory, s->name);
+    input += reg(resource_type::semaphore, sem_name) + reg(resource_type::shared_memory, absent);
+    d.write(input);
+    d.sync();
+    // Replace segment 7 and the semaphore behind the daemon's back (originals held open / kept
+    // alive so the replacements get new inode numbers).
+    const std::string& victim = segments[7]->name;
+    const unique_fd old_sem{::open(("/dev/shm/sem." + sem_name.substr(1)).c_str(), O_RDONLY | O_CLOEXEC)};
+    BOOST_REQUIRE(old_sem);
+    BOOST_REQUIRE(::shm_unlink(victim.c_str()) == 0);
+    const unique_fd replacement{::shm_open(victim.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600)};
+    BOOST_REQUIRE(replacement);
+    BOOST_REQUIRE(::sem_unlink(sem_name.c_str()) == 0);
+    sem = ::sem_open(sem_name.c_str(), O_CREAT | O_EXCL, 0600, 1);
+    BOOST_REQUIRE(sem != SEM_FAILED);
+    ::sem_close(sem);
+    BOOST_TEST(d.finish() == 1);
+    BOOST_TEST(contains(d.err(), "'" + victim + "': left alone"), d.err());
+    BOOST_TEST(contains(d.err(), "'" + sem_name + "': left alone"));
+    BOOST_TEST(shm_exists(victim));
+    BOOST_TEST(::access(("/dev/shm/sem." + sem_name.substr(1)).c_str(), F_OK) == 0);
+    for (std::size_t i = 0; i < segments.size(); ++i)
+        if (i != 7) BOOST_TEST(!shm_exists(segments[i]->name), segments[i]->name);
+    ::sem_unlink(sem_name.c_str());
 }
 
 BOOST_AUTO_TEST_CASE(survives_sigint_sigterm_sighup_and_sigpipe_to_it_and_its_group) {

@@ -6,10 +6,12 @@
 #include <steward/unique_fd.hpp>
 
 #include <dirent.h>
+#include <linux/magic.h>
 #include <fcntl.h>
 #include <semaphore.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -138,6 +140,48 @@ std::optional<file_identity> lookup_identity(resource_type type, std::string_vie
     return identity_of(st);
 }
 
+bool scan_shm_directory(std::size_t max_entries,
+                        const std::function<void(resource_type, std::string_view, const file_identity&)>& on_entry) {
+    unique_fd dir_fd{::open("/dev/shm", O_RDONLY | O_DIRECTORY | O_CLOEXEC)};
+    if (!dir_fd) return false;
+    struct statfs fs;
+    struct stat st;
+    if (::fstatfs(dir_fd.get(), &fs) != 0 || fs.f_type != TMPFS_MAGIC || ::fstat(dir_fd.get(), &st) != 0)
+        return false;
+    DIR* dir = ::fdopendir(dir_fd.get());
+    if (!dir) return false;
+    (void)dir_fd.release();  // owned by dir now
+    bool complete = true;
+    std::size_t seen = 0;
+    char name[NAME_MAX + 2];
+    name[0] = '/';
+    for (;;) {
+        errno = 0;
+        const dirent* ent = ::readdir(dir);
+        if (!ent) {
+            if (errno != 0) complete = false;
+            break;
+        }
+        if (++seen > max_entries) {
+            complete = false;
+            break;
+        }
+        // Only regular files are segments or semaphores; on tmpfs every entry reports its type.
+        if (ent->d_type != DT_REG) continue;
+        const std::size_t len = std::strlen(ent->d_name);
+        std::memcpy(name + 1, ent->d_name, len);
+        const file_identity id{static_cast<std::uint64_t>(st.st_dev), static_cast<std::uint64_t>(ent->d_ino)};
+        if (len > 4 && std::memcmp(ent->d_name, "sem.", 4) == 0) {
+            name[4] = '/';
+            on_entry(resource_type::semaphore, std::string_view(name + 4, len - 3), id);
+            name[4] = '.';
+        }
+        on_entry(resource_type::shared_memory, std::string_view(name, len + 1), id);
+    }
+    ::closedir(dir);
+    return complete;
+}
+
 cleanup_result remove_tree(std::string_view path, const std::optional<file_identity>& expected,
                            const failure_callback& on_failure) {
     char canonical[max_message_size + 1];
@@ -198,13 +242,13 @@ cleanup_result remove_resource(resource_type type, std::string_view name,
                                const std::optional<file_identity>& expected, const failure_callback& on_failure) {
     if (type == resource_type::directory) return remove_tree(name, expected, on_failure);
     if (type == resource_type::noop) return cleanup_result::removed;
-    std::error_code ec;
-    const auto current = lookup_identity(type, name, ec);
-    if (ec) {
-        on_failure(name, ec);
-        return cleanup_result::failed;
-    }
     if (expected) {
+        std::error_code ec;
+        const auto current = lookup_identity(type, name, ec);
+        if (ec) {
+            on_failure(name, ec);
+            return cleanup_result::failed;
+        }
         if (!current) return cleanup_result::already_gone;
         if (*current != *expected) return cleanup_result::replaced;
     }

@@ -27,6 +27,10 @@ constexpr std::size_t read_chunk = 256 * 1024;
 // /proc/sys/fs/pipe-max-size (1 MiB by default) and the call fails on anything but a pipe.
 constexpr int wanted_pipe_size = 1024 * 1024;
 constexpr std::size_t flush_threshold = 64 * 1024;
+// How long a new name may wait for its identity lookup while reads keep filling the buffer.
+constexpr auto identity_delay = std::chrono::milliseconds(50);
+// From this many new shared memory/semaphore names on, one listing of /dev/shm replaces the lstats.
+constexpr std::size_t scan_threshold = 64;
 
 void write_all(int fd, std::string_view bytes) noexcept {
     while (!bytes.empty()) {
@@ -108,7 +112,10 @@ void daemon_core::on_line(std::string_view line) {
     switch (msg.cmd) {
     case command::register_resource: {
         const auto [handle, fresh] = registry_.insert(msg.type, msg.name);
-        if (fresh) pending_identity_.push_back(handle);
+        if (fresh) {
+            if (pending_identity_.empty()) pending_since_ = std::chrono::steady_clock::now();
+            pending_identity_.push_back(handle);
+        }
         break;
     }
     case command::unregister_resource:
@@ -142,16 +149,45 @@ void daemon_core::on_bad_line(decode_error error, std::string_view line) {
     if (output_.size() > flush_threshold) flush();
 }
 
-void daemon_core::end_of_batch() {
+void daemon_core::resolve_identities() {
+    // Many new shared memory or semaphore names at once: one listing of /dev/shm answers for all
+    // of them (identity from the directory entry, absence from not being listed), far cheaper
+    // than one lstat each. The listing is bounded so a crowded /dev/shm does not make it worse.
+    std::size_t shm_like = 0;
     for (const auto handle : pending_identity_) {
         if (!registry_.live(handle) || !registry_.identity_pending(handle)) continue;
+        const auto type = registry_.type(handle);
+        shm_like += type == resource_type::shared_memory || type == resource_type::semaphore;
+    }
+    bool scanned = false;
+    if (shm_like >= scan_threshold) {
+        scanned = scan_shm_directory(shm_like * 8 + 1024, [this](resource_type type, std::string_view name,
+                                                                 const file_identity& id) {
+            const auto handle = registry_.find(type, name);
+            if (handle != registry::no_handle && registry_.identity_pending(handle)) registry_.set_identity(handle, &id);
+        });
+    }
+    for (const auto handle : pending_identity_) {
+        if (!registry_.live(handle) || !registry_.identity_pending(handle)) continue;
+        const auto type = registry_.type(handle);
+        if (scanned && (type == resource_type::shared_memory || type == resource_type::semaphore)) {
+            registry_.set_identity(handle, nullptr);  // not in /dev/shm: does not exist (yet)
+            continue;
+        }
         std::error_code ec;
-        const auto id = lookup_identity(registry_.type(handle), registry_.name(handle), ec);
+        const auto id = lookup_identity(type, registry_.name(handle), ec);
         registry_.set_identity(handle, id ? &*id : nullptr);
     }
     pending_identity_.clear();
     if (pending_identity_.capacity() > 65536) pending_identity_.shrink_to_fit();
-    registry_.compact();
+}
+
+void daemon_core::end_of_batch(bool input_drained) {
+    if (!pending_identity_.empty() &&
+        (input_drained || std::chrono::steady_clock::now() - pending_since_ >= identity_delay))
+        resolve_identities();
+    // Compaction renumbers entries, so only when no lookup is waiting on a handle.
+    if (pending_identity_.empty()) registry_.compact();
     flush();
 }
 
@@ -162,7 +198,8 @@ void daemon_core::flush() {
 
 int daemon_core::finish() {
     splitter_.finish([this](decode_error error) { on_bad_line(error, {}); });
-    end_of_batch();
+    pending_identity_.clear();
+    flush();
     bool leaked = false;
     bool failed = false;
     const auto on_failure = [&](std::string_view what, std::error_code ec) {
@@ -228,7 +265,7 @@ public:
 private:
     void on_read(const std::error_code& ec, std::size_t n) {
         if (n != 0) core_.ingest({buffer_.get(), n});
-        core_.end_of_batch();
+        core_.end_of_batch(n < read_chunk);
         if (!ec) {
             start();
         } else if (ec == asio::error::interrupted || ec == asio::error::try_again) {
@@ -261,7 +298,7 @@ void blocking_loop(int fd, daemon_core& core) {
             return;
         }
         core.ingest({buffer.get(), static_cast<std::size_t>(n)});
-        core.end_of_batch();
+        core.end_of_batch(static_cast<std::size_t>(n) < read_chunk);
     }
 }
 

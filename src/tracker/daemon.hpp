@@ -10,6 +10,7 @@
 
 #include <steward/unique_fd.hpp>
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -30,13 +31,17 @@ public:
     /// Processes one chunk of the stream (lines may span chunks). Performs no system call.
     void ingest(std::string_view chunk);
 
-    /// After each read: looks up the identity of names registered in this batch and still
-    /// registered (one lstat each; a REGISTER/UNREGISTER pair inside one batch costs none),
-    /// compacts the registry when churn left it mostly dead, and writes pending warnings.
-    void end_of_batch();
+    /// After each read. Looks up the identity of names registered since the last lookup and
+    /// still registered (one lstat each), compacts the registry when churn left it mostly dead,
+    /// and writes pending warnings. The lookups run when @p input_drained (the read did not fill
+    /// the buffer: the daemon is keeping up) or when the oldest waiting name has waited 50 ms;
+    /// under a flood they wait, so a REGISTER/UNREGISTER pair a few reads apart costs no system
+    /// call at all.
+    void end_of_batch(bool input_drained = true);
 
     /// End of input: reports a partial last line, then the leaks, removes them and returns the
-    /// exit status.
+    /// exit status. Identities still waiting are not looked up: comparing the object with itself
+    /// a moment later would prove nothing.
     int finish();
 
     [[nodiscard]] const registry& tracked() const noexcept { return registry_; }
@@ -47,11 +52,13 @@ private:
     void on_line(std::string_view line);
     void on_bad_line(decode_error error, std::string_view line);
     void flush();
+    void resolve_identities();
 
     registry registry_;
     line_splitter splitter_;
     decode_scratch scratch_;
     std::vector<registry::handle> pending_identity_;
+    std::chrono::steady_clock::time_point pending_since_;
     std::string output_;
     int report_fd_;
     std::uint64_t messages_ = 0;

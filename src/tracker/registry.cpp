@@ -33,12 +33,18 @@ std::uint64_t registry::hash(resource_type type, std::string_view name) noexcept
     std::size_t n = name.size();
     std::uint64_t seed = k0 ^ (static_cast<std::uint64_t>(type) * k2) ^ n;
     std::uint64_t a = 0, b = 0;
-    if (n >= 8) {
+    if (n > 16) {
+        const char* const end = p + n;
         while (n > 16) {
             seed = fold(load(p) ^ k1, load(p + 8) ^ seed);
             p += 16;
             n -= 16;
         }
+        // The last 1..16 bytes, read as the 16 bytes that end the name (overlapping what the
+        // loop already took): never a byte past its end.
+        a = load(end - 16);
+        b = load(end - 8);
+    } else if (n >= 8) {
         a = load(p);
         b = load(p + n - 8);
     } else if (n >= 4) {
