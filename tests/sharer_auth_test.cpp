@@ -1,6 +1,6 @@
 #define BOOST_TEST_MODULE sharer_auth_test
-#include "support/test_support.hpp"
 #include "support/python3.hpp"
+#include "support/test_support.hpp"
 
 #include <steward/authkey.hpp>
 #include <steward/error.hpp>
@@ -136,9 +136,11 @@ BOOST_AUTO_TEST_CASE(handshake_fixed_vectors) {
     BOOST_TEST(to_hex(legacy_answer) == "4b0560f7af0e63e9dd3662c0819d69a0");
     // Other digests a challenge may name: answered with that digest, prefix included in the MAC.
     const std::vector<std::pair<std::string, std::string>> named = {
-        {"sha384", "9227169b2e11a742a3ca8bb0be7e38a37b75200ba9a1d5afe62e904bf1aca05959426f35ef31de59b3d7c0463282948a"},
+        {"sha384",
+         "9227169b2e11a742a3ca8bb0be7e38a37b75200ba9a1d5afe62e904bf1aca05959426f35ef31de59b3d7c0463282948a"},
         {"sha3_256", "53dedc0e30c144ef926bc533db6d1478c11763c9b66fc2798da48d8262c14c75"},
-        {"sha3_384", "dcc59de1f8c27369fe0fd3a60f8c1f66058fc0127c888b66ef99eaa4cd85869f6794faacfdd4c5dca3fae9eaaf450af6"},
+        {"sha3_384",
+         "dcc59de1f8c27369fe0fd3a60f8c1f66058fc0127c888b66ef99eaa4cd85869f6794faacfdd4c5dca3fae9eaaf450af6"},
         {"md5", "e1536d760f3d92177c499634323b5034"},
     };
     for (const auto& [name, mac] : named) {
@@ -210,9 +212,9 @@ BOOST_AUTO_TEST_CASE(answer_challenge_refusals) {
     const auto key = counting_key();
     const auto nonce = counting_nonce(1);
     for (const auto& bad : {concat("#CHALLENGE", nonce), concat("#CHALLENGE#", std::span(nonce).first(19)),
-                            concat("#CHALLENGE#", std::span(nonce).first(16)), concat("#CHALLENGE#{sha1}", nonce),
-                            concat("#CHALLENGE#{sha256", nonce), concat("#CHALLENGE#", std::span(nonce).first(21)),
-                            bytes_of("#WELCOME#")}) {
+                            concat("#CHALLENGE#", std::span(nonce).first(16)),
+                            concat("#CHALLENGE#{sha1}", nonce), concat("#CHALLENGE#{sha256", nonce),
+                            concat("#CHALLENGE#", std::span(nonce).first(21)), bytes_of("#WELCOME#")}) {
         std::error_code ec;
         const auto answer = auth::answer_challenge(key, bad, ec);
         BOOST_TEST((ec == steward::errc::malformed_message));
@@ -380,18 +382,21 @@ STEWARD_CORO_TEST(driver_refuses_oversize_and_eof) {
         auto [a, b] = socket_pair(ctx);
         const auto header = from_hex("00000101");  // 257 bytes announced
         co_await steward::detail::send_all(b, header);
-        BOOST_TEST((co_await steward::detail::authenticate_as_client(a, key) == steward::errc::limit_exceeded));
+        BOOST_TEST(
+            (co_await steward::detail::authenticate_as_client(a, key) == steward::errc::limit_exceeded));
     }
     {
         auto [a, b] = socket_pair(ctx);
         const auto header = from_hex("ffffffff4000000000000000");  // 2^62 bytes announced
         co_await steward::detail::send_all(b, header);
-        BOOST_TEST((co_await steward::detail::authenticate_as_client(a, key) == steward::errc::limit_exceeded));
+        BOOST_TEST(
+            (co_await steward::detail::authenticate_as_client(a, key) == steward::errc::limit_exceeded));
     }
     {
         auto [a, b] = socket_pair(ctx);
         co_await steward::detail::send_all(b, from_hex("80000000"));
-        BOOST_TEST((co_await steward::detail::authenticate_as_client(a, key) == steward::errc::malformed_message));
+        BOOST_TEST(
+            (co_await steward::detail::authenticate_as_client(a, key) == steward::errc::malformed_message));
     }
     {  // the peer is gone: EOF while reading, EPIPE (never SIGPIPE) while writing
         auto [a, b] = socket_pair(ctx);
@@ -418,7 +423,8 @@ STEWARD_CPYTHON_CORO_TEST(cpython_listener_against_our_client) {
         auto [cec] = co_await s.async_connect(asio::local::stream_protocol::endpoint(path),
                                               asio::as_tuple(asio::use_awaitable));
         BOOST_REQUIRE(!cec);
-        const auto ec = co_await steward::detail::authenticate_as_client(s, right_key ? key : steward::authkey::generate());
+        const auto ec = co_await steward::detail::authenticate_as_client(
+            s, right_key ? key : steward::authkey::generate());
         if (right_key) {
             BOOST_TEST(!ec, ec.message());
             std::vector<std::byte> got;
@@ -444,9 +450,8 @@ STEWARD_CPYTHON_CORO_TEST(cpython_client_against_our_server) {
     for (const bool right_key : {true, false}) {
         const auto key = steward::authkey::generate();
         asio::local::stream_protocol::acceptor acceptor(ctx, asio::local::stream_protocol::endpoint(path));
-        steward::test::python_process py(
-            {steward::test::python_script("mp_auth_peer.py"), "connect", path, right_key ? key.to_hex()
-                                                                                        : steward::authkey::generate().to_hex()});
+        steward::test::python_process py({steward::test::python_script("mp_auth_peer.py"), "connect", path,
+                                          right_key ? key.to_hex() : steward::authkey::generate().to_hex()});
         auto [aec, s] = co_await acceptor.async_accept(asio::as_tuple(asio::use_awaitable));
         BOOST_REQUIRE(!aec);
         const auto ec = co_await steward::detail::authenticate_as_server(s, key);

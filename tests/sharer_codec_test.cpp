@@ -1,6 +1,6 @@
 #define BOOST_TEST_MODULE sharer_codec_test
-#include "support/test_support.hpp"
 #include "support/python3.hpp"
+#include "support/test_support.hpp"
 
 #include <steward/error.hpp>
 #include <steward/share_id.hpp>
@@ -66,7 +66,8 @@ BOOST_AUTO_TEST_CASE(frame_probe_limits_without_allocating) {
     // A 2^62-byte frame announced with the -1 form: too large, decided from 12 bytes.
     const auto huge = header_bytes(1ULL << 62);
     BOOST_TEST(huge.size() == 12u);
-    BOOST_TEST((framing::probe_frame(std::span(huge).first(11), 1 << 20).status == framing::frame_status::need_more));
+    BOOST_TEST((framing::probe_frame(std::span(huge).first(11), 1 << 20).status ==
+                framing::frame_status::need_more));
     BOOST_TEST(framing::probe_frame(std::span(huge).first(11), 1 << 20).missing == 1u);
     BOOST_TEST((framing::probe_frame(huge, 1 << 20).status == framing::frame_status::too_large));
     // The -1 form with a small length is what CPython would accept too.
@@ -118,14 +119,17 @@ BOOST_AUTO_TEST_CASE(pickle_encode_matches_documented_bytes) {
     // 2^31 needs LONG1 with a 0x00 sign byte; 2^128-1 needs 17 bytes (Python ints are signed).
     BOOST_TEST(to_hex(pickle::encode_request({0, 0x80000000ULL}, 5)) ==
                hex("80 04 95 0c 00 00 00 00 00 00 00 8a 05 00 00 00 80 00 4b 05 86 94 2e"));
-    BOOST_TEST(to_hex(pickle::encode_request({~0ULL, ~0ULL}, 1)) ==
-               hex("80 04 95 18 00 00 00 00 00 00 00 8a 11 ff ff ff ff ff ff ff ff ff ff ff ff ff ff ff ff 00 "
-                   "4b 01 86 94 2e"));
-    BOOST_TEST(to_hex(pickle::encode_request({0x8000000000000000ULL, 0}, 1)) ==
-               hex("80 04 95 18 00 00 00 00 00 00 00 8a 11 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 80 00 "
-                   "4b 01 86 94 2e"));
-    BOOST_TEST(to_hex(pickle::encode_request({1, 0}, 70000)) ==
-               hex("80 04 95 13 00 00 00 00 00 00 00 8a 09 00 00 00 00 00 00 00 00 01 4a 70 11 01 00 86 94 2e"));
+    BOOST_TEST(
+        to_hex(pickle::encode_request({~0ULL, ~0ULL}, 1)) ==
+        hex("80 04 95 18 00 00 00 00 00 00 00 8a 11 ff ff ff ff ff ff ff ff ff ff ff ff ff ff ff ff 00 "
+            "4b 01 86 94 2e"));
+    BOOST_TEST(
+        to_hex(pickle::encode_request({0x8000000000000000ULL, 0}, 1)) ==
+        hex("80 04 95 18 00 00 00 00 00 00 00 8a 11 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 80 00 "
+            "4b 01 86 94 2e"));
+    BOOST_TEST(
+        to_hex(pickle::encode_request({1, 0}, 70000)) ==
+        hex("80 04 95 13 00 00 00 00 00 00 00 8a 09 00 00 00 00 00 00 00 00 01 4a 70 11 01 00 86 94 2e"));
 }
 
 BOOST_AUTO_TEST_CASE(pickle_decode_documented_bytes) {
@@ -149,18 +153,29 @@ BOOST_AUTO_TEST_CASE(pickle_decode_documented_bytes) {
 }
 
 BOOST_AUTO_TEST_CASE(pickle_round_trip_edge_values) {
-    const std::vector<steward::share_key> keys = {
-        {0, 0}, {0, 255}, {0, 256}, {0, 65535}, {0, 65536}, {0, 0x7fffffff}, {0, 0x80000000ULL},
-        {0, 0xffffffffULL}, {0, ~0ULL}, {1, 0}, {0x7fffffffffffffffULL, ~0ULL}, {0x8000000000000000ULL, 0},
-        {~0ULL, ~0ULL}, steward::share_key::generate()};
-    const std::vector<std::int64_t> pids = {0, 1, 255, 4194304, -1, -129, INT32_MIN, INT32_MAX,
-                                            std::int64_t{1} << 40, INT64_MIN, INT64_MAX};
+    const std::vector<steward::share_key> keys = {{0, 0},
+                                                  {0, 255},
+                                                  {0, 256},
+                                                  {0, 65535},
+                                                  {0, 65536},
+                                                  {0, 0x7fffffff},
+                                                  {0, 0x80000000ULL},
+                                                  {0, 0xffffffffULL},
+                                                  {0, ~0ULL},
+                                                  {1, 0},
+                                                  {0x7fffffffffffffffULL, ~0ULL},
+                                                  {0x8000000000000000ULL, 0},
+                                                  {~0ULL, ~0ULL},
+                                                  steward::share_key::generate()};
+    const std::vector<std::int64_t> pids = {
+        0, 1, 255, 4194304, -1, -129, INT32_MIN, INT32_MAX, std::int64_t{1} << 40, INT64_MIN, INT64_MAX};
     for (int protocol = 2; protocol <= 5; ++protocol) {
         for (const auto& key : keys) {
             for (const auto pid : pids) {
                 std::error_code ec;
                 const auto d = pickle::decode(pickle::encode_request(key, pid, protocol), ec);
-                BOOST_REQUIRE_MESSAGE(!ec, "protocol " << protocol << " key " << key.to_decimal() << " pid " << pid);
+                BOOST_REQUIRE_MESSAGE(
+                    !ec, "protocol " << protocol << " key " << key.to_decimal() << " pid " << pid);
                 BOOST_TEST((d.kind == pickle::value_kind::request));
                 BOOST_TEST((d.request.key == key));
                 BOOST_TEST(d.request.pid == pid);
@@ -169,10 +184,12 @@ BOOST_AUTO_TEST_CASE(pickle_round_trip_edge_values) {
     }
 }
 
-BOOST_AUTO_TEST_CASE(pickle_matches_cpython, *boost::unit_test::precondition(steward::test::python3_available)) {
-    const std::vector<steward::share_key> keys = {{0, 7},           {0, 300},        {0, 70000},
-                                                  {0, 0x80000000ULL}, {1, 0},          {0x8000000000000000ULL, 1},
-                                                  {~0ULL, ~0ULL},     steward::share_key::generate()};
+BOOST_AUTO_TEST_CASE(pickle_matches_cpython,
+                     *boost::unit_test::precondition(steward::test::python3_available)) {
+    const std::vector<steward::share_key> keys = {{0, 7},         {0, 300},
+                                                  {0, 70000},     {0, 0x80000000ULL},
+                                                  {1, 0},         {0x8000000000000000ULL, 1},
+                                                  {~0ULL, ~0ULL}, steward::share_key::generate()};
     const std::vector<std::int64_t> pids = {7917, 123456, 1, -5, std::int64_t{1} << 33};
     std::ostringstream script;
     script << "import pickle\n";
@@ -180,8 +197,8 @@ BOOST_AUTO_TEST_CASE(pickle_matches_cpython, *boost::unit_test::precondition(ste
     for (int protocol = 2; protocol <= 5; ++protocol)
         for (const auto& key : keys)
             for (const auto pid : pids) {
-                script << "print(pickle.dumps((" << key.to_decimal() << ", " << pid << "), protocol=" << protocol
-                       << ").hex())\n";
+                script << "print(pickle.dumps((" << key.to_decimal() << ", " << pid
+                       << "), protocol=" << protocol << ").hex())\n";
                 ours.push_back(to_hex(pickle::encode_request(key, pid, protocol)));
             }
     for (int protocol = 2; protocol <= 5; ++protocol) {
@@ -190,8 +207,9 @@ BOOST_AUTO_TEST_CASE(pickle_matches_cpython, *boost::unit_test::precondition(ste
     }
     // Default protocol of this python (what Connection.send uses).
     script << "print(pickle.dumps((12345678901234567890, 42)).hex())\n";
-    ours.push_back(to_hex(pickle::encode_request(steward::share_key::from_decimal("12345678901234567890"), 42,
-                                                 steward::test::run_python("import pickle; print(pickle.DEFAULT_PROTOCOL)") == "5" ? 5 : 4)));
+    ours.push_back(to_hex(pickle::encode_request(
+        steward::share_key::from_decimal("12345678901234567890"), 42,
+        steward::test::run_python("import pickle; print(pickle.DEFAULT_PROTOCOL)") == "5" ? 5 : 4)));
     std::istringstream theirs(steward::test::run_python(script.str()));
     std::string line;
     for (const auto& expected : ours) {
@@ -300,7 +318,8 @@ BOOST_AUTO_TEST_CASE(share_key_text_forms) {
         BOOST_TEST((ec == steward::errc::malformed_message), bad);
     }
     BOOST_CHECK_THROW((void)steward::share_key::from_hex("0123"), std::system_error);
-    BOOST_CHECK_THROW((void)steward::share_key::from_hex("0123456789abcdeffedcba987654321g"), std::system_error);
+    BOOST_CHECK_THROW((void)steward::share_key::from_hex("0123456789abcdeffedcba987654321g"),
+                      std::system_error);
     for (int i = 0; i < 100; ++i) {
         const auto r = steward::share_key::generate();
         BOOST_TEST((steward::share_key::from_decimal(r.to_decimal()) == r));
@@ -309,7 +328,8 @@ BOOST_AUTO_TEST_CASE(share_key_text_forms) {
     BOOST_TEST((steward::share_key::generate() != steward::share_key::generate()));
 }
 
-BOOST_AUTO_TEST_CASE(share_key_decimal_matches_python, *boost::unit_test::precondition(steward::test::python3_available)) {
+BOOST_AUTO_TEST_CASE(share_key_decimal_matches_python,
+                     *boost::unit_test::precondition(steward::test::python3_available)) {
     std::ostringstream script;
     std::vector<steward::share_key> keys;
     for (int i = 0; i < 20; ++i) keys.push_back(steward::share_key::generate());
@@ -339,9 +359,11 @@ BOOST_AUTO_TEST_CASE(share_id_format_and_parse) {
     BOOST_TEST(text.find('@') == 41u);
     BOOST_TEST(text.rfind('@') == 41u);
     BOOST_TEST((steward::share_id::parse(text) == weird));
-    BOOST_TEST(steward::share_id("/a b%@c", k).format() == "steward1:0123456789abcdeffedcba9876543210@/a%20b%25%40c");
+    BOOST_TEST(steward::share_id("/a b%@c", k).format() ==
+               "steward1:0123456789abcdeffedcba9876543210@/a%20b%25%40c");
     // Lower-case escapes and escaped literals parse too.
-    BOOST_TEST(steward::share_id::parse("steward1:0123456789abcdeffedcba9876543210@%2fa%2Fb").address() == "/a/b");
+    BOOST_TEST(steward::share_id::parse("steward1:0123456789abcdeffedcba9876543210@%2fa%2Fb").address() ==
+               "/a/b");
     // The longest path is 107 bytes.
     const std::string longest = "/" + std::string(106, 'x');
     BOOST_TEST(steward::share_id::parse(steward::share_id(longest, k).format()).address() == longest);
@@ -368,7 +390,7 @@ BOOST_AUTO_TEST_CASE(share_id_rejects_malformed_text) {
         "steward1:" + key + "@/a%00b",
         "steward1:0123456789abcdeffedcba987654321g@/x",
         "steward1:" + key + "@/" + std::string(107, 'x'),
-        "steward1:" + key + "@/" + std::string(50, 'x') + std::string(20, '%') ,
+        "steward1:" + key + "@/" + std::string(50, 'x') + std::string(20, '%'),
     };
     for (const auto& text : bad) {
         std::error_code ec;
@@ -411,25 +433,55 @@ BOOST_AUTO_TEST_CASE(share_id_cpython_ident) {
 // ---- native protocol -------------------------------------------------------------------------
 
 BOOST_AUTO_TEST_CASE(native_known_bytes) {
-    BOOST_TEST(to_hex(native::encode(native::hello{1, 1, 0})) == "01" "53545744" "0001" "0001" "00000000");
+    BOOST_TEST(to_hex(native::encode(native::hello{1, 1, 0})) ==
+               "01"
+               "53545744"
+               "0001"
+               "0001"
+               "00000000");
     BOOST_TEST(to_hex(native::encode(native::hello_ack{1, 64, 65536})) ==
-               "02" "53545744" "0001" "00000040" "00010000");
+               "02"
+               "53545744"
+               "0001"
+               "00000040"
+               "00010000");
     BOOST_TEST(to_hex(native::encode(native::fetch{7, {0x0123456789abcdefULL, 0xfedcba9876543210ULL}})) ==
-               "03" "0000000000000007" "0123456789abcdeffedcba9876543210");
+               "03"
+               "0000000000000007"
+               "0123456789abcdeffedcba9876543210");
     BOOST_TEST(to_hex(native::encode(native::reply{9, native::reply_status::ok, 253, 1000, 0, 4})) ==
-               "04" "0000000000000009" "00" "00fd" "000003e8" "00000000" "00000004");
+               "04"
+               "0000000000000009"
+               "00"
+               "00fd"
+               "000003e8"
+               "00000000"
+               "00000004");
     BOOST_TEST(to_hex(native::encode(native::confirm{5, {7, 9}})) ==
-               "05" "0000000000000005" "00000002" "0000000000000007" "0000000000000009");
+               "05"
+               "0000000000000005"
+               "00000002"
+               "0000000000000007"
+               "0000000000000009");
     BOOST_TEST(to_hex(native::encode(native::give_back{3, native::give_back_reason::control_truncated})) ==
-               "06" "0000000000000003" "00");
+               "06"
+               "0000000000000003"
+               "00");
     BOOST_TEST(to_hex(native::encode(native::error{native::error_code_value::limit_exceeded, "too big"})) ==
-               "07" "0003" "0007" "746f6f20626967");
+               "07"
+               "0003"
+               "0007"
+               "746f6f20626967");
     std::vector<std::byte> framed;
     native::append_frame(framed, native::give_back{3, native::give_back_reason::other});
-    BOOST_TEST(to_hex(framed) == "0000000a" "06" "0000000000000003" "01");
+    BOOST_TEST(to_hex(framed) ==
+               "0000000a"
+               "06"
+               "0000000000000003"
+               "01");
     // No native payload can be taken for a pickle.
-    for (const native::message& m :
-         {native::message{native::hello{}}, native::message{native::fetch{1, {}}}, native::message{native::error{}}})
+    for (const native::message& m : {native::message{native::hello{}}, native::message{native::fetch{1, {}}},
+                                     native::message{native::error{}}})
         BOOST_TEST((native::encode(m).front() != pickle::proto_opcode));
 }
 
@@ -445,7 +497,8 @@ BOOST_AUTO_TEST_CASE(native_round_trip) {
         native::give_back{4, native::give_back_reason::other},
         native::error{native::error_code_value::shutting_down, std::string(native::max_error_text, 'e')},
     };
-    for (const auto& part : native::split_reply(77, 1000)) msgs.emplace_back(std::in_place_type<native::reply>, part);
+    for (const auto& part : native::split_reply(77, 1000))
+        msgs.emplace_back(std::in_place_type<native::reply>, part);
     for (const auto& m : msgs) {
         std::error_code ec;
         const auto payload = native::encode(m);
@@ -454,8 +507,9 @@ BOOST_AUTO_TEST_CASE(native_round_trip) {
         BOOST_REQUIRE_MESSAGE(!ec, "type " << static_cast<int>(payload[0]));
         BOOST_TEST((back == m));
     }
-    BOOST_CHECK_THROW((void)native::encode(native::error{native::error_code_value::malformed, std::string(257, 'e')}),
-                      std::length_error);
+    BOOST_CHECK_THROW(
+        (void)native::encode(native::error{native::error_code_value::malformed, std::string(257, 'e')}),
+        std::length_error);
     BOOST_CHECK_THROW(
         (void)native::encode(native::confirm{1, std::vector<std::uint64_t>(native::max_confirm_ids + 1, 1)}),
         std::length_error);
@@ -482,15 +536,20 @@ BOOST_AUTO_TEST_CASE(native_reply_split) {
 }
 
 BOOST_AUTO_TEST_CASE(native_rejects_truncation_and_garbage) {
-    const std::vector<native::message> msgs = {
-        native::hello{}, native::hello_ack{1, 8, 4096}, native::fetch{1, {1, 2}}, native::split_reply(1, 300)[1],
-        native::confirm{3, {1, 2}}, native::give_back{1, {}}, native::error{native::error_code_value::malformed, "x"}};
+    const std::vector<native::message> msgs = {native::hello{},
+                                               native::hello_ack{1, 8, 4096},
+                                               native::fetch{1, {1, 2}},
+                                               native::split_reply(1, 300)[1],
+                                               native::confirm{3, {1, 2}},
+                                               native::give_back{1, {}},
+                                               native::error{native::error_code_value::malformed, "x"}};
     for (const auto& m : msgs) {
         const auto payload = native::encode(m);
         for (std::size_t n = 0; n < payload.size(); ++n) {
             std::error_code ec;
             (void)native::decode(std::span(payload).first(n), ec);
-            BOOST_TEST((ec == steward::errc::malformed_message), "type " << int(payload[0]) << " cut at " << n);
+            BOOST_TEST((ec == steward::errc::malformed_message),
+                       "type " << int(payload[0]) << " cut at " << n);
         }
         auto longer = payload;
         longer.push_back(std::byte{0});

@@ -1,6 +1,6 @@
 #define BOOST_TEST_MODULE sharer_cpython_client_test
-#include "support/test_support.hpp"
 #include "support/python3.hpp"
+#include "support/test_support.hpp"
 
 #include <steward/authkey.hpp>
 #include <steward/cpython_fetch.hpp>
@@ -13,8 +13,8 @@
 #include <asio/bind_cancellation_slot.hpp>
 #include <asio/cancellation_signal.hpp>
 #include <asio/deferred.hpp>
-#include <asio/post.hpp>
 #include <asio/local/stream_protocol.hpp>
+#include <asio/post.hpp>
 #include <asio/steady_timer.hpp>
 #include <asio/use_awaitable.hpp>
 
@@ -31,7 +31,10 @@ namespace {
 
 // The io_uring service opens its ring on the first socket; count descriptors after that.
 int fd_count_after_warm_up(asio::io_context& ctx) {
-    { asio::local::stream_protocol::socket s(ctx); s.open(); }
+    {
+        asio::local::stream_protocol::socket s(ctx);
+        s.open();
+    }
     return steward::test::open_fd_count();
 }
 
@@ -89,13 +92,15 @@ STEWARD_CPYTHON_CORO_TEST(fetch_from_cpython_resource_sharer) {
         BOOST_TEST((wrong_ec == steward::errc::authentication_failed), wrong_ec.message());
         BOOST_TEST(wrong_fds.empty());
 
-        auto [ec, fds] = co_await steward::async_fetch_cpython(ctx.get_executor(), server.memfd_share, key, use_tuple);
+        auto [ec, fds] =
+            co_await steward::async_fetch_cpython(ctx.get_executor(), server.memfd_share, key, use_tuple);
         BOOST_REQUIRE_MESSAGE(!ec, ec.message());
         BOOST_REQUIRE(fds.size() == 1u);
         BOOST_TEST(pread_all(fds[0].get()) == "memfd contents from CPython");
         BOOST_TEST((::fcntl(fds[0].get(), F_GETFD) & FD_CLOEXEC) != 0);
-        BOOST_TEST(std::filesystem::read_symlink("/proc/self/fd/" + std::to_string(fds[0].get())).string().find(
-                       "memfd:steward-cpython-test") != std::string::npos);
+        BOOST_TEST(std::filesystem::read_symlink("/proc/self/fd/" + std::to_string(fds[0].get()))
+                       .string()
+                       .find("memfd:steward-cpython-test") != std::string::npos);
 
         // One-shot: the second fetch of the same ident is refused.
         auto [again_ec, again_fds] =
@@ -106,12 +111,13 @@ STEWARD_CPYTHON_CORO_TEST(fetch_from_cpython_resource_sharer) {
         // An unknown key gets the same answer.
         auto unknown = server.memfd_share;
         unknown.key = "340282366920938463463374607431768211455";
-        auto [unknown_ec, unknown_fds] = co_await steward::async_fetch_cpython(ctx.get_executor(), unknown, key, use_tuple);
+        auto [unknown_ec, unknown_fds] =
+            co_await steward::async_fetch_cpython(ctx.get_executor(), unknown, key, use_tuple);
         BOOST_TEST((unknown_ec == steward::errc::share_not_available), unknown_ec.message());
 
         // The pipe share, with asio::deferred this time.
-        auto [pipe_ec, pipe_fds] = co_await steward::async_fetch_cpython(ctx.get_executor(), server.pipe_share, key,
-                                                                         asio::deferred)(use_tuple);
+        auto [pipe_ec, pipe_fds] = co_await steward::async_fetch_cpython(
+            ctx.get_executor(), server.pipe_share, key, asio::deferred)(use_tuple);
         BOOST_REQUIRE_MESSAGE(!pipe_ec, pipe_ec.message());
         BOOST_REQUIRE(pipe_fds.size() == 1u);
         BOOST_TEST(read_all(pipe_fds[0].get()) == "pipe contents from CPython");
@@ -121,8 +127,9 @@ STEWARD_CPYTHON_CORO_TEST(fetch_from_cpython_resource_sharer) {
     BOOST_TEST(steward::test::open_fd_count() == fds_before);
 }
 
-BOOST_AUTO_TEST_CASE(blocking_fetch_and_callback, *boost::unit_test::precondition(steward::test::io_uring_available) *
-                                                      boost::unit_test::precondition(steward::test::python3_available)) {
+BOOST_AUTO_TEST_CASE(blocking_fetch_and_callback,
+                     *boost::unit_test::precondition(steward::test::io_uring_available) *
+                         boost::unit_test::precondition(steward::test::python3_available)) {
     const auto key = steward::authkey::generate();
     cpython_server server(key);
     {
@@ -162,7 +169,8 @@ STEWARD_CORO_TEST(bad_idents_and_addresses) {
         {{"/tmp/x", "340282366920938463463374607431768211456"}, steward::errc::malformed_message},
         {{"/" + std::string(107, 'x'), "1"}, std::make_error_code(std::errc::filename_too_long)},
         {{"", "1"}, std::make_error_code(std::errc::invalid_argument)},
-        {{"/nonexistent/steward-test-socket", "1"}, std::make_error_code(std::errc::no_such_file_or_directory)},
+        {{"/nonexistent/steward-test-socket", "1"},
+         std::make_error_code(std::errc::no_such_file_or_directory)},
     };
     for (const auto& [ident, expected] : cases) {
         auto [ec, fds] = co_await steward::async_fetch_cpython(ex, ident, key, use_tuple);
@@ -196,7 +204,8 @@ STEWARD_CORO_TEST(silent_server_deadline_and_cancellation) {
         steward::cpython_fetch_options quick;
         quick.handshake_timeout = 200ms;
         const steward::cpython_ident silent{path, "1"};
-        auto [ec, fds] = co_await steward::async_fetch_cpython(ctx.get_executor(), silent, key, use_tuple, quick);
+        auto [ec, fds] =
+            co_await steward::async_fetch_cpython(ctx.get_executor(), silent, key, use_tuple, quick);
         BOOST_TEST((ec == steward::errc::timed_out), ec.message());
 
         asio::cancellation_signal signal;

@@ -92,6 +92,7 @@ auto async_fetch_cpython(const asio::any_io_executor& executor, cpython_ident id
                                                    cpython_fetch_options options = {});
 /// As fetch_cpython(ident, key, options), reporting through @p ec (returns no descriptors on error).
 [[nodiscard]] std::vector<unique_fd> fetch_cpython(const cpython_ident& ident, const authkey& key,
-                                                   std::error_code& ec, cpython_fetch_options options = {}) noexcept;
+                                                   std::error_code& ec,
+                                                   cpython_fetch_options options = {}) noexcept;
 
 }  // namespace steward

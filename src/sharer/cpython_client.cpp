@@ -49,9 +49,8 @@ asio::awaitable<reply_result> receive_reply_until(local_socket& socket, std::byt
     auto result = co_await (receive_reply(socket, data) || timer.async_wait(use_tuple));
     if (result.index() == 0) co_return std::move(std::get<0>(result));
     const auto [timer_ec] = std::get<1>(result);
-    co_return reply_result{timer_ec ? std::error_code(asio::error::operation_aborted)
-                                    : make_error_code(errc::timed_out),
-                           0, {}};
+    co_return reply_result{
+        timer_ec ? std::error_code(asio::error::operation_aborted) : make_error_code(errc::timed_out), 0, {}};
 }
 
 // Asio reports errno values in its own "asio.system" category, which does not compare equal to
@@ -63,14 +62,16 @@ std::error_code normalize(std::error_code ec) noexcept {
     return ec;
 }
 
-asio::awaitable<fetch_result> fetch_cpython_coro(cpython_ident ident, authkey key, cpython_fetch_options options) {
+asio::awaitable<fetch_result> fetch_cpython_coro(cpython_ident ident, authkey key,
+                                                 cpython_fetch_options options) {
     auto fail = [](std::error_code ec) { return fetch_result{ec, std::vector<unique_fd>{}}; };
     std::error_code ec;
     const share_key share = share_key::from_decimal(ident.key, ec);
     if (ec) co_return fail(ec);
     if (ident.address.empty() || ident.address.find('\0') != std::string::npos)
         co_return fail(std::make_error_code(std::errc::invalid_argument));
-    if (ident.address.size() > max_address) co_return fail(std::make_error_code(std::errc::filename_too_long));
+    if (ident.address.size() > max_address)
+        co_return fail(std::make_error_code(std::errc::filename_too_long));
 
     // Asio opens sockets without SOCK_CLOEXEC; open it ourselves and hand it over.
     unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
@@ -91,7 +92,8 @@ asio::awaitable<fetch_result> fetch_cpython_coro(cpython_ident ident, authkey ke
     // what 3.8-3.13 write and every version reads.
     const std::vector<std::byte> request = pickle::encode_request(share, ::getpid(), 4);
     ec = co_await write_frame(socket, request);
-    if (ec == asio::error::broken_pipe || ec == asio::error::connection_reset) co_return fail(errc::share_not_available);
+    if (ec == asio::error::broken_pipe || ec == asio::error::connection_reset)
+        co_return fail(errc::share_not_available);
     if (ec) co_return fail(ec);
 
     std::byte data{};
@@ -100,8 +102,7 @@ asio::awaitable<fetch_result> fetch_cpython_coro(cpython_ident ident, authkey ke
     if (reply.ec == asio::error::eof || reply.ec == asio::error::connection_reset)
         co_return fail(errc::share_not_available);
     if (reply.ec) co_return fail(reply.ec);
-    if (reply.bytes != 1 || reply.fds.empty() ||
-        std::to_integer<std::size_t>(data) != reply.fds.size() % 256)
+    if (reply.bytes != 1 || reply.fds.empty() || std::to_integer<std::size_t>(data) != reply.fds.size() % 256)
         co_return fail(errc::malformed_message);
 
     // CPython 3.14+ servers wait for this byte; older ones may have closed already (EPIPE), and

@@ -47,8 +47,7 @@ frame_probe probe_frame(std::span<const std::byte> received, std::uint64_t max_p
 
 std::size_t encode_header(std::uint64_t payload_size, std::span<std::byte, max_header_size> out) noexcept {
     auto store = [&](std::size_t at, std::uint64_t v, std::size_t n) {
-        for (std::size_t i = 0; i < n; ++i)
-            out[at + i] = static_cast<std::byte>(v >> (8 * (n - 1 - i)));
+        for (std::size_t i = 0; i < n; ++i) out[at + i] = static_cast<std::byte>(v >> (8 * (n - 1 - i)));
     };
     if (payload_size > 0x7fffffffU) {
         store(0, 0xffffffffU, 4);

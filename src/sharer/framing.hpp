@@ -38,8 +38,7 @@ struct frame_probe {
                                       std::uint64_t max_payload) noexcept;
 
 /// Writes the header for a payload of @p payload_size bytes into @p out; returns its size (4 or 12).
-std::size_t encode_header(std::uint64_t payload_size,
-                          std::span<std::byte, max_header_size> out) noexcept;
+std::size_t encode_header(std::uint64_t payload_size, std::span<std::byte, max_header_size> out) noexcept;
 
 /// Appends header + payload to @p out.
 void append_frame(std::vector<std::byte>& out, std::span<const std::byte> payload);

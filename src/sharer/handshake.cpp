@@ -31,11 +31,16 @@ bool equals(std::span<const std::byte> data, std::string_view text) noexcept {
 
 const EVP_MD* evp(digest d) noexcept {
     switch (d) {
-    case digest::md5: return EVP_md5();
-    case digest::sha256: return EVP_sha256();
-    case digest::sha384: return EVP_sha384();
-    case digest::sha3_256: return EVP_sha3_256();
-    case digest::sha3_384: return EVP_sha3_384();
+        case digest::md5:
+            return EVP_md5();
+        case digest::sha256:
+            return EVP_sha256();
+        case digest::sha384:
+            return EVP_sha384();
+        case digest::sha3_256:
+            return EVP_sha3_256();
+        case digest::sha3_384:
+            return EVP_sha3_384();
     }
     return nullptr;
 }
@@ -78,11 +83,16 @@ std::optional<digest> digest_from_name(std::string_view name) noexcept {
 
 std::string_view digest_name(digest d) noexcept {
     switch (d) {
-    case digest::md5: return "md5";
-    case digest::sha256: return "sha256";
-    case digest::sha384: return "sha384";
-    case digest::sha3_256: return "sha3_256";
-    case digest::sha3_384: return "sha3_384";
+        case digest::md5:
+            return "md5";
+        case digest::sha256:
+            return "sha256";
+        case digest::sha384:
+            return "sha384";
+        case digest::sha3_256:
+            return "sha3_256";
+        case digest::sha3_384:
+            return "sha3_384";
     }
     return {};
 }
@@ -212,19 +222,23 @@ std::optional<std::vector<std::byte>> handshake::answer(std::span<const std::byt
 std::optional<std::vector<std::byte>> handshake::on_frame(std::span<const std::byte> payload) {
     if (state_ != state::running) return std::nullopt;
     switch (step_) {
-    case step::start: return fail(errc::malformed_message, false);
-    case step::await_response: return check_response(payload);
-    case step::await_peer_challenge:
-    case step::await_challenge: return answer(payload);
-    case step::await_welcome:
-        if (!equals(payload, welcome))
-            return fail(equals(payload, failure) ? errc::authentication_failed : errc::malformed_message, false);
-        if (role_ == role::server) {
-            state_ = state::succeeded;
-            return std::nullopt;
-        }
-        step_ = step::await_response;
-        return challenge_;
+        case step::start:
+            return fail(errc::malformed_message, false);
+        case step::await_response:
+            return check_response(payload);
+        case step::await_peer_challenge:
+        case step::await_challenge:
+            return answer(payload);
+        case step::await_welcome:
+            if (!equals(payload, welcome))
+                return fail(equals(payload, failure) ? errc::authentication_failed : errc::malformed_message,
+                            false);
+            if (role_ == role::server) {
+                state_ = state::succeeded;
+                return std::nullopt;
+            }
+            step_ = step::await_response;
+            return challenge_;
     }
     return fail(errc::malformed_message, false);
 }

@@ -46,7 +46,8 @@ enum class digest { md5, sha256, sha384, sha3_256, sha3_384 };
 /// a legacy 20-byte message; `{name}` + HMAC-name(message) when the message starts with the
 /// `{name}` of an allowed digest (the HMAC covers the prefix too). Anything else sets @p ec to
 /// errc::malformed_message.
-[[nodiscard]] std::vector<std::byte> answer_challenge(const authkey& key, std::span<const std::byte> challenge,
+[[nodiscard]] std::vector<std::byte> answer_challenge(const authkey& key,
+                                                      std::span<const std::byte> challenge,
                                                       std::error_code& ec);
 
 /// Checks @p response against @p message (the challenge payload without `#CHALLENGE#`) as

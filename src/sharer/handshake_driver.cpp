@@ -48,7 +48,8 @@ asio::awaitable<std::error_code> handshake_body(local_socket& socket, auth::hand
 
 asio::awaitable<std::error_code> send_all(local_socket& socket, std::span<const std::byte> data) {
     while (!data.empty()) {
-        auto [ec, n] = co_await socket.async_send(asio::buffer(data.data(), data.size()), MSG_NOSIGNAL, use_tuple);
+        auto [ec, n] =
+            co_await socket.async_send(asio::buffer(data.data(), data.size()), MSG_NOSIGNAL, use_tuple);
         if (ec) co_return ec;
         data = data.subspan(n);
     }

@@ -60,13 +60,13 @@ private:
 bool valid_reply(const reply& r) noexcept {
     if (r.request_id == 0) return false;
     switch (r.status) {
-    case reply_status::ok:
-        return r.total_fds >= 1 && r.part_count == part_count_for(r.total_fds) && r.part_index < r.part_count &&
-               r.part_fds == part_fds_for(r.total_fds, r.part_index);
-    case reply_status::not_available:
-    case reply_status::busy:
-    case reply_status::server_error:
-        return r.total_fds == 0 && r.part_fds == 0 && r.part_index == 0 && r.part_count == 1;
+        case reply_status::ok:
+            return r.total_fds >= 1 && r.part_count == part_count_for(r.total_fds) &&
+                   r.part_index < r.part_count && r.part_fds == part_fds_for(r.total_fds, r.part_index);
+        case reply_status::not_available:
+        case reply_status::busy:
+        case reply_status::server_error:
+            return r.total_fds == 0 && r.part_fds == 0 && r.part_index == 0 && r.part_count == 1;
     }
     return false;
 }
@@ -159,7 +159,9 @@ std::vector<std::byte> encode(const message& m) {
     return std::visit(visitor{}, m);
 }
 
-void append_frame(std::vector<std::byte>& out, const message& m) { framing::append_frame(out, encode(m)); }
+void append_frame(std::vector<std::byte>& out, const message& m) {
+    framing::append_frame(out, encode(m));
+}
 
 message decode(std::span<const std::byte> payload, std::error_code& ec, const char** why) noexcept {
     ec.clear();
@@ -178,71 +180,73 @@ message decode(std::span<const std::byte> payload, std::error_code& ec, const ch
     };
     try {
         switch (static_cast<msg_type>(type)) {
-        case msg_type::hello: {
-            hello h;
-            if (!check_magic()) return fail("native: HELLO without the magic");
-            if (!r.u16(h.min_version) || !r.u16(h.max_version) || !r.u32(h.flags) || !r.at_end())
-                return fail("native: HELLO has the wrong size");
-            if (h.min_version == 0 || h.min_version > h.max_version) return fail("native: HELLO version range");
-            return h;
-        }
-        case msg_type::hello_ack: {
-            hello_ack h;
-            if (!check_magic()) return fail("native: HELLO_ACK without the magic");
-            if (!r.u16(h.version) || !r.u32(h.max_in_flight) || !r.u32(h.max_payload) || !r.at_end())
-                return fail("native: HELLO_ACK has the wrong size");
-            if (h.version == 0 || h.max_in_flight == 0) return fail("native: HELLO_ACK values");
-            return h;
-        }
-        case msg_type::fetch: {
-            fetch f;
-            if (!r.u64(f.request_id) || !r.u64(f.key.high) || !r.u64(f.key.low) || !r.at_end())
-                return fail("native: FETCH has the wrong size");
-            if (f.request_id == 0) return fail("native: request id 0");
-            return f;
-        }
-        case msg_type::reply: {
-            reply p;
-            std::uint8_t status = 0;
-            if (!r.u64(p.request_id) || !r.u8(status) || !r.u16(p.part_fds) || !r.u32(p.total_fds) ||
-                !r.u32(p.part_index) || !r.u32(p.part_count) || !r.at_end())
-                return fail("native: REPLY has the wrong size");
-            p.status = static_cast<reply_status>(status);
-            if (!valid_reply(p)) return fail("native: REPLY fields are inconsistent");
-            return p;
-        }
-        case msg_type::confirm: {
-            confirm c;
-            std::uint32_t n = 0;
-            if (!r.u64(c.up_to) || !r.u32(n)) return fail("native: CONFIRM truncated");
-            if (n > max_confirm_ids || r.remaining() != std::size_t{n} * 8)
-                return fail("native: CONFIRM count does not match its size");
-            c.ids.resize(n);
-            for (auto& id : c.ids) {
-                if (!r.u64(id) || id == 0) return fail("native: CONFIRM id 0");
+            case msg_type::hello: {
+                hello h;
+                if (!check_magic()) return fail("native: HELLO without the magic");
+                if (!r.u16(h.min_version) || !r.u16(h.max_version) || !r.u32(h.flags) || !r.at_end())
+                    return fail("native: HELLO has the wrong size");
+                if (h.min_version == 0 || h.min_version > h.max_version)
+                    return fail("native: HELLO version range");
+                return h;
             }
-            return c;
-        }
-        case msg_type::give_back: {
-            give_back g;
-            std::uint8_t reason = 0;
-            if (!r.u64(g.request_id) || !r.u8(reason) || !r.at_end()) return fail("native: GIVE_BACK has the wrong size");
-            if (g.request_id == 0 || reason > static_cast<std::uint8_t>(give_back_reason::other))
-                return fail("native: GIVE_BACK values");
-            g.reason = static_cast<give_back_reason>(reason);
-            return g;
-        }
-        case msg_type::error: {
-            error e;
-            std::uint16_t code = 0, len = 0;
-            std::span<const std::byte> text;
-            if (!r.u16(code) || !r.u16(len)) return fail("native: ERROR truncated");
-            if (len > max_error_text || !r.bytes(len, text) || !r.at_end())
-                return fail("native: ERROR length does not match its size");
-            e.code = static_cast<error_code_value>(code);
-            e.text.assign(reinterpret_cast<const char*>(text.data()), text.size());
-            return e;
-        }
+            case msg_type::hello_ack: {
+                hello_ack h;
+                if (!check_magic()) return fail("native: HELLO_ACK without the magic");
+                if (!r.u16(h.version) || !r.u32(h.max_in_flight) || !r.u32(h.max_payload) || !r.at_end())
+                    return fail("native: HELLO_ACK has the wrong size");
+                if (h.version == 0 || h.max_in_flight == 0) return fail("native: HELLO_ACK values");
+                return h;
+            }
+            case msg_type::fetch: {
+                fetch f;
+                if (!r.u64(f.request_id) || !r.u64(f.key.high) || !r.u64(f.key.low) || !r.at_end())
+                    return fail("native: FETCH has the wrong size");
+                if (f.request_id == 0) return fail("native: request id 0");
+                return f;
+            }
+            case msg_type::reply: {
+                reply p;
+                std::uint8_t status = 0;
+                if (!r.u64(p.request_id) || !r.u8(status) || !r.u16(p.part_fds) || !r.u32(p.total_fds) ||
+                    !r.u32(p.part_index) || !r.u32(p.part_count) || !r.at_end())
+                    return fail("native: REPLY has the wrong size");
+                p.status = static_cast<reply_status>(status);
+                if (!valid_reply(p)) return fail("native: REPLY fields are inconsistent");
+                return p;
+            }
+            case msg_type::confirm: {
+                confirm c;
+                std::uint32_t n = 0;
+                if (!r.u64(c.up_to) || !r.u32(n)) return fail("native: CONFIRM truncated");
+                if (n > max_confirm_ids || r.remaining() != std::size_t{n} * 8)
+                    return fail("native: CONFIRM count does not match its size");
+                c.ids.resize(n);
+                for (auto& id : c.ids) {
+                    if (!r.u64(id) || id == 0) return fail("native: CONFIRM id 0");
+                }
+                return c;
+            }
+            case msg_type::give_back: {
+                give_back g;
+                std::uint8_t reason = 0;
+                if (!r.u64(g.request_id) || !r.u8(reason) || !r.at_end())
+                    return fail("native: GIVE_BACK has the wrong size");
+                if (g.request_id == 0 || reason > static_cast<std::uint8_t>(give_back_reason::other))
+                    return fail("native: GIVE_BACK values");
+                g.reason = static_cast<give_back_reason>(reason);
+                return g;
+            }
+            case msg_type::error: {
+                error e;
+                std::uint16_t code = 0, len = 0;
+                std::span<const std::byte> text;
+                if (!r.u16(code) || !r.u16(len)) return fail("native: ERROR truncated");
+                if (len > max_error_text || !r.bytes(len, text) || !r.at_end())
+                    return fail("native: ERROR length does not match its size");
+                e.code = static_cast<error_code_value>(code);
+                e.text.assign(reinterpret_cast<const char*>(text.data()), text.size());
+                return e;
+            }
         }
     } catch (const std::bad_alloc&) {
         ec = std::make_error_code(std::errc::not_enough_memory);

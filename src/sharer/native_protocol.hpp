@@ -19,7 +19,8 @@
 namespace steward::detail::native {
 
 inline constexpr std::uint16_t protocol_version = 1;
-inline constexpr std::array<std::byte, 4> magic{std::byte{'S'}, std::byte{'T'}, std::byte{'W'}, std::byte{'D'}};
+inline constexpr std::array<std::byte, 4> magic{std::byte{'S'}, std::byte{'T'}, std::byte{'W'},
+                                                std::byte{'D'}};
 /// Largest native payload either side sends or accepts.
 inline constexpr std::uint64_t max_payload = 64 * 1024;
 /// SCM_MAX_FD: descriptors per sendmsg, hence per REPLY part.
@@ -91,8 +92,8 @@ struct reply {
 };
 
 struct confirm {
-    std::uint64_t up_to = 0;          ///< every delivered request id <= up_to (0: none)
-    std::vector<std::uint64_t> ids;   ///< plus these ids individually
+    std::uint64_t up_to = 0;         ///< every delivered request id <= up_to (0: none)
+    std::vector<std::uint64_t> ids;  ///< plus these ids individually
     friend bool operator==(const confirm&, const confirm&) = default;
 };
 

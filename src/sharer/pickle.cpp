@@ -60,7 +60,9 @@ bool decode_long(const unsigned char* p, std::size_t n, integer& out) noexcept {
     return true;
 }
 
-void append_byte(std::vector<std::byte>& out, unsigned v) { out.push_back(static_cast<std::byte>(v)); }
+void append_byte(std::vector<std::byte>& out, unsigned v) {
+    out.push_back(static_cast<std::byte>(v));
+}
 
 // CPython's save_long for protocol >= 2: BININT1 / BININT2 / BININT for values that fit a signed
 // 32-bit int, else LONG1 with the minimal two's-complement little-endian bytes.
@@ -159,87 +161,90 @@ decoded decode(std::span<const std::byte> pickle, std::error_code& ec, const cha
         const unsigned char* op = take(1);
         if (!op) return fail("pickle: truncated (no STOP)");
         switch (*op) {
-        case FRAME: {
-            if (protocol < 4) return fail("pickle: FRAME below protocol 4");
-            if (frame_end > pos - 1) return fail("pickle: FRAME inside a frame");
-            const unsigned char* a = take(8);
-            if (!a) return fail("pickle: truncated FRAME");
-            std::uint64_t n = 0;
-            for (int i = 7; i >= 0; --i) n = (n << 8) | a[i];
-            if (n > size - pos) return fail("pickle: FRAME longer than the data");
-            frame_end = pos + static_cast<std::size_t>(n);
-            break;
-        }
-        case BININT1: {
-            const unsigned char* a = take(1);
-            if (!a) return fail("pickle: truncated BININT1");
-            if (!push_int({false, a[0]})) return fail("pickle: too many values");
-            break;
-        }
-        case BININT2: {
-            const unsigned char* a = take(2);
-            if (!a) return fail("pickle: truncated BININT2");
-            if (!push_int({false, static_cast<u128>(a[0] | (a[1] << 8))})) return fail("pickle: too many values");
-            break;
-        }
-        case BININT: {
-            const unsigned char* a = take(4);
-            if (!a) return fail("pickle: truncated BININT");
-            const std::uint32_t raw = a[0] | (a[1] << 8) | (a[2] << 16) | (static_cast<std::uint32_t>(a[3]) << 24);
-            const bool negative = (raw & 0x80000000U) != 0;
-            const integer v{negative, negative ? static_cast<u128>(0 - raw) : static_cast<u128>(raw)};
-            if (!push_int(v)) return fail("pickle: too many values");
-            break;
-        }
-        case LONG1: {
-            const unsigned char* n = take(1);
-            if (!n) return fail("pickle: truncated LONG1");
-            const unsigned char* a = take(*n);
-            if (!a) return fail("pickle: truncated LONG1");
-            integer v;
-            if (!decode_long(a, *n, v)) return fail("pickle: integer wider than 128 bits");
-            if (!push_int(v)) return fail("pickle: too many values");
-            break;
-        }
-        case NONE:
-            if (depth == stack.size()) return fail("pickle: too many values");
-            stack[depth++] = {};
-            break;
-        case TUPLE2:
-            if (depth != 2 || stack[0].k != value::kind::integer || stack[1].k != value::kind::integer)
-                return fail("pickle: TUPLE2 needs two ints");
-            stack[0] = {value::kind::pair, stack[0].first, stack[1].first};
-            depth = 1;
-            break;
-        case MEMOIZE:
-            if (protocol < 4) return fail("pickle: MEMOIZE below protocol 4");
-            if (depth == 0) return fail("pickle: MEMOIZE on an empty stack");
-            break;  // the memo is never read back by this subset (no GET opcodes are accepted)
-        case BINPUT:
-            if (!take(1)) return fail("pickle: truncated BINPUT");
-            if (depth == 0) return fail("pickle: BINPUT on an empty stack");
-            break;
-        case STOP: {
-            if (pos != size) return fail("pickle: bytes after STOP");
-            if (frame_end > pos) return fail("pickle: STOP before the end of its frame");
-            if (depth != 1) return fail("pickle: STOP needs exactly one value");
-            const value& v = stack[0];
-            if (v.k == value::kind::none) return decoded{};
-            if (v.k != value::kind::pair) return fail("pickle: expected (key, pid) or None");
-            if (v.first.negative) return fail("pickle: negative key");
-            const u128 pid_limit = v.second.negative ? (static_cast<u128>(1) << 63) : (static_cast<u128>(1) << 63) - 1;
-            if (v.second.magnitude > pid_limit) return fail("pickle: pid does not fit in 64 bits");
-            decoded d;
-            d.kind = value_kind::request;
-            d.request.key = {static_cast<std::uint64_t>(v.first.magnitude >> 64),
-                             static_cast<std::uint64_t>(v.first.magnitude)};
-            const auto pid_bits = static_cast<std::uint64_t>(v.second.magnitude);
-            d.request.pid = v.second.negative ? static_cast<std::int64_t>(0 - pid_bits)
-                                              : static_cast<std::int64_t>(pid_bits);
-            return d;
-        }
-        default:
-            return fail("pickle: opcode outside the accepted subset");
+            case FRAME: {
+                if (protocol < 4) return fail("pickle: FRAME below protocol 4");
+                if (frame_end > pos - 1) return fail("pickle: FRAME inside a frame");
+                const unsigned char* a = take(8);
+                if (!a) return fail("pickle: truncated FRAME");
+                std::uint64_t n = 0;
+                for (int i = 7; i >= 0; --i) n = (n << 8) | a[i];
+                if (n > size - pos) return fail("pickle: FRAME longer than the data");
+                frame_end = pos + static_cast<std::size_t>(n);
+                break;
+            }
+            case BININT1: {
+                const unsigned char* a = take(1);
+                if (!a) return fail("pickle: truncated BININT1");
+                if (!push_int({false, a[0]})) return fail("pickle: too many values");
+                break;
+            }
+            case BININT2: {
+                const unsigned char* a = take(2);
+                if (!a) return fail("pickle: truncated BININT2");
+                if (!push_int({false, static_cast<u128>(a[0] | (a[1] << 8))}))
+                    return fail("pickle: too many values");
+                break;
+            }
+            case BININT: {
+                const unsigned char* a = take(4);
+                if (!a) return fail("pickle: truncated BININT");
+                const std::uint32_t raw =
+                    a[0] | (a[1] << 8) | (a[2] << 16) | (static_cast<std::uint32_t>(a[3]) << 24);
+                const bool negative = (raw & 0x80000000U) != 0;
+                const integer v{negative, negative ? static_cast<u128>(0 - raw) : static_cast<u128>(raw)};
+                if (!push_int(v)) return fail("pickle: too many values");
+                break;
+            }
+            case LONG1: {
+                const unsigned char* n = take(1);
+                if (!n) return fail("pickle: truncated LONG1");
+                const unsigned char* a = take(*n);
+                if (!a) return fail("pickle: truncated LONG1");
+                integer v;
+                if (!decode_long(a, *n, v)) return fail("pickle: integer wider than 128 bits");
+                if (!push_int(v)) return fail("pickle: too many values");
+                break;
+            }
+            case NONE:
+                if (depth == stack.size()) return fail("pickle: too many values");
+                stack[depth++] = {};
+                break;
+            case TUPLE2:
+                if (depth != 2 || stack[0].k != value::kind::integer || stack[1].k != value::kind::integer)
+                    return fail("pickle: TUPLE2 needs two ints");
+                stack[0] = {value::kind::pair, stack[0].first, stack[1].first};
+                depth = 1;
+                break;
+            case MEMOIZE:
+                if (protocol < 4) return fail("pickle: MEMOIZE below protocol 4");
+                if (depth == 0) return fail("pickle: MEMOIZE on an empty stack");
+                break;  // the memo is never read back by this subset (no GET opcodes are accepted)
+            case BINPUT:
+                if (!take(1)) return fail("pickle: truncated BINPUT");
+                if (depth == 0) return fail("pickle: BINPUT on an empty stack");
+                break;
+            case STOP: {
+                if (pos != size) return fail("pickle: bytes after STOP");
+                if (frame_end > pos) return fail("pickle: STOP before the end of its frame");
+                if (depth != 1) return fail("pickle: STOP needs exactly one value");
+                const value& v = stack[0];
+                if (v.k == value::kind::none) return decoded{};
+                if (v.k != value::kind::pair) return fail("pickle: expected (key, pid) or None");
+                if (v.first.negative) return fail("pickle: negative key");
+                const u128 pid_limit =
+                    v.second.negative ? (static_cast<u128>(1) << 63) : (static_cast<u128>(1) << 63) - 1;
+                if (v.second.magnitude > pid_limit) return fail("pickle: pid does not fit in 64 bits");
+                decoded d;
+                d.kind = value_kind::request;
+                d.request.key = {static_cast<std::uint64_t>(v.first.magnitude >> 64),
+                                 static_cast<std::uint64_t>(v.first.magnitude)};
+                const auto pid_bits = static_cast<std::uint64_t>(v.second.magnitude);
+                d.request.pid = v.second.negative ? static_cast<std::int64_t>(0 - pid_bits)
+                                                  : static_cast<std::int64_t>(pid_bits);
+                return d;
+            }
+            default:
+                return fail("pickle: opcode outside the accepted subset");
         }
     }
 }

@@ -26,7 +26,9 @@ int hex_value(char c) noexcept {
     return -1;
 }
 
-u128 to_u128(share_key k) noexcept { return (static_cast<u128>(k.high) << 64) | k.low; }
+u128 to_u128(share_key k) noexcept {
+    return (static_cast<u128>(k.high) << 64) | k.low;
+}
 share_key from_u128(u128 v) noexcept {
     return {static_cast<std::uint64_t>(v >> 64), static_cast<std::uint64_t>(v)};
 }
@@ -178,8 +180,9 @@ share_key share_key::from_decimal(std::string_view digits) {
 
 share_id::share_id(std::string address, share_key key) {
     if (const std::error_code ec = check_address(address))
-        throw std::system_error(ec, "share id: the address must be an absolute path of 1..107 bytes "
-                                    "without NUL");
+        throw std::system_error(ec,
+                                "share id: the address must be an absolute path of 1..107 bytes "
+                                "without NUL");
     address_ = std::move(address);
     key_ = key;
 }
@@ -227,7 +230,9 @@ share_id share_id::parse(std::string_view text) {
     return id;
 }
 
-cpython_ident share_id::to_cpython() const { return {address_, key_.to_decimal()}; }
+cpython_ident share_id::to_cpython() const {
+    return {address_, key_.to_decimal()};
+}
 
 share_id share_id::from_cpython(const cpython_ident& ident, std::error_code& ec) noexcept {
     const share_key key = share_key::from_decimal(ident.key, ec);

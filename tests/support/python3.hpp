@@ -41,7 +41,8 @@ inline bool python3_usable() {
     static const bool usable = [] {
         const std::string py = find_python3();
         if (py.empty()) return false;
-        const std::string cmd = "'" + py + "' -c 'import multiprocessing.connection, pickle, hmac' 2>/dev/null";
+        const std::string cmd =
+            "'" + py + "' -c 'import multiprocessing.connection, pickle, hmac' 2>/dev/null";
         return std::system(cmd.c_str()) == 0;
     }();
     return usable;
@@ -123,8 +124,8 @@ inline std::vector<std::byte> bytes_of(std::string_view s) {
 #include <fcntl.h>
 #include <signal.h>
 
-#include <cerrno>
 #include <spawn.h>
+#include <cerrno>
 
 #include <initializer_list>
 
@@ -209,10 +210,10 @@ inline std::string python_script(std::string_view name) {
 }  // namespace steward::test
 
 /// As STEWARD_CORO_TEST, and skipped (not passed) when python3 is absent as well.
-#define STEWARD_CPYTHON_CORO_TEST(name)                                                            \
-    static asio::awaitable<void> name##_body(asio::io_context& ctx);                                \
-    BOOST_AUTO_TEST_CASE(name, *boost::unit_test::precondition(steward::test::io_uring_available) * \
+#define STEWARD_CPYTHON_CORO_TEST(name)                                                                \
+    static asio::awaitable<void> name##_body(asio::io_context& ctx);                                   \
+    BOOST_AUTO_TEST_CASE(name, *boost::unit_test::precondition(steward::test::io_uring_available) *    \
                                    boost::unit_test::precondition(steward::test::python3_available)) { \
-        steward::test::run_coroutine([](asio::io_context& c) { return name##_body(c); });           \
-    }                                                                                              \
+        steward::test::run_coroutine([](asio::io_context& c) { return name##_body(c); });              \
+    }                                                                                                  \
     static asio::awaitable<void> name##_body([[maybe_unused]] asio::io_context& ctx)
