@@ -412,6 +412,20 @@ BOOST_AUTO_TEST_CASE(identity_check_leaves_a_reused_name_alone) {
     d2.sync();
     BOOST_TEST(d2.finish() == 1);
     BOOST_TEST(!shm_exists(second.name));
+
+    // Recreated by the family and registered again: the new REGISTER names the new object.
+    test_shm third("ident3");
+    daemon_process d3;
+    d3.write(reg(resource_type::shared_memory, third.name));
+    d3.sync();
+    BOOST_REQUIRE(::shm_unlink(third.name.c_str()) == 0);
+    const unique_fd recreated{::shm_open(third.name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600)};
+    BOOST_REQUIRE(recreated);
+    d3.write(reg(resource_type::shared_memory, third.name));
+    d3.sync();
+    BOOST_TEST(d3.finish() == 1);
+    BOOST_TEST(!contains(d3.err(), "left alone"), d3.err());
+    BOOST_TEST(!shm_exists(third.name));
 }
 
 BOOST_AUTO_TEST_CASE(identity_check_with_many_names_uses_the_listing_and_still_holds) {

@@ -112,7 +112,9 @@ void daemon_core::on_line(std::string_view line) {
     switch (msg.cmd) {
     case command::register_resource: {
         const auto [handle, fresh] = registry_.insert(msg.type, msg.name);
-        if (fresh) {
+        // A repeated REGISTER is about the object under the name now (it may have been unlinked
+        // and created again by the family since), so its identity is looked up again.
+        if (fresh || registry_.renew_identity(handle)) {
             if (pending_identity_.empty()) pending_since_ = std::chrono::steady_clock::now();
             pending_identity_.push_back(handle);
         }

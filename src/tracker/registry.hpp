@@ -53,6 +53,14 @@ public:
     /// Identity bookkeeping: a new entry is "pending" until the owner looked the object up once.
     [[nodiscard]] bool identity_pending(handle h) const noexcept { return entry_at(h).pending; }
     void set_identity(handle h, const file_identity* id) noexcept;
+    /// Marks the entry's identity for a new lookup (a repeated REGISTER names the object now
+    /// under the name). Returns false when a lookup was already pending.
+    bool renew_identity(handle h) noexcept {
+        entry& e = entry_at(h);
+        if (e.pending) return false;
+        e.pending = 1;
+        return true;
+    }
     [[nodiscard]] std::optional<file_identity> identity(handle h) const noexcept;
 
     [[nodiscard]] std::size_t size() const noexcept { return live_; }
