@@ -1,16 +1,16 @@
 #include <steward/io/async_spawn.hpp>
 
-#include <algorithm>
-#include <cerrno>
-#include <csignal>
 #include <fcntl.h>
-#include <new>
 #include <spawn.h>
-#include <string_view>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <algorithm>
+#include <cerrno>
+#include <csignal>
+#include <new>
+#include <string_view>
 
 extern char** environ;
 
@@ -56,7 +56,9 @@ int make_sigset(const std::vector<int>& signals, sigset_t& set) noexcept {
     return 0;
 }
 
-std::string_view env_name(std::string_view entry) { return entry.substr(0, entry.find('=')); }
+std::string_view env_name(std::string_view entry) {
+    return entry.substr(0, entry.find('='));
+}
 
 // The caller's environment with the additions applied (an addition replaces an entry of the same
 // name). Reads `environ`: like every exec with an environment, this races with setenv() in other
@@ -65,8 +67,9 @@ std::vector<std::string> merged_environment(const std::vector<std::string>& addi
     std::vector<std::string> env;
     for (char** e = environ; e && *e; ++e) {
         const std::string_view entry(*e);
-        const bool replaced = std::any_of(additions.begin(), additions.end(),
-                                          [&](const std::string& a) { return env_name(a) == env_name(entry); });
+        const bool replaced = std::any_of(additions.begin(), additions.end(), [&](const std::string& a) {
+            return env_name(a) == env_name(entry);
+        });
         if (!replaced) env.emplace_back(entry);
     }
     env.insert(env.end(), additions.begin(), additions.end());
@@ -99,7 +102,8 @@ int add_fd_actions(posix_spawn_file_actions_t* actions, const std::vector<fd_map
     // (glibc ignores close errors of descriptors that are not open.)
     if (rc == 0) rc = ::posix_spawn_file_actions_addclosefrom_np(actions, scratch);
     for (int fd = 3; fd < scratch && rc == 0; ++fd) {
-        const bool target = std::any_of(fds.begin(), fds.end(), [&](const fd_mapping& m) { return m.child_fd == fd; });
+        const bool target =
+            std::any_of(fds.begin(), fds.end(), [&](const fd_mapping& m) { return m.child_fd == fd; });
         if (!target) rc = ::posix_spawn_file_actions_addclose(actions, fd);
     }
     return rc;
@@ -127,19 +131,21 @@ std::error_code validate(const std::vector<std::string>& argv, const spawn_optio
 // first.
 std::error_code classify_spawn_error(int rc, const spawn_options& options) {
     if (!options.working_directory.empty()) {
-        struct stat st{};
+        struct stat st {};
         if (::stat(options.working_directory.c_str(), &st) != 0) return errno_code(errno);
         if (!S_ISDIR(st.st_mode)) return std::make_error_code(std::errc::not_a_directory);
         if (::access(options.working_directory.c_str(), X_OK) != 0) return errno_code(errno);
     }
     switch (rc) {
-    case ENOENT:
-    case EACCES:
-    case ENOEXEC:
-    case ENOTDIR:
-    case ELOOP:
-    case EISDIR: return errc::executable_not_found;
-    default: return errno_code(rc);
+        case ENOENT:
+        case EACCES:
+        case ENOEXEC:
+        case ENOTDIR:
+        case ELOOP:
+        case EISDIR:
+            return errc::executable_not_found;
+        default:
+            return errno_code(rc);
     }
 }
 
@@ -149,7 +155,8 @@ child_process spawn_impl(const asio::any_io_executor& ex, const std::vector<std:
 
     sigset_t mask;
     sigset_t defaults;
-    if (make_sigset(options.blocked_signals, mask) != 0 || make_sigset(options.default_signals, defaults) != 0) {
+    if (make_sigset(options.blocked_signals, mask) != 0 ||
+        make_sigset(options.default_signals, defaults) != 0) {
         ec = std::make_error_code(std::errc::invalid_argument);
         return {};
     }
@@ -196,7 +203,7 @@ child_process spawn_impl(const asio::any_io_executor& ex, const std::vector<std:
         return {};
     }
     try {
-        return child_process(ex, pid, std::move(pidfd));
+        return {ex, pid, std::move(pidfd)};
     } catch (...) {
         // Registering the pidfd with the executor failed; the child_state constructor closed it.
         ::kill(pid, SIGKILL);

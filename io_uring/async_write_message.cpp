@@ -2,16 +2,16 @@
 
 #include <asio/error.hpp>
 
+#include <fcntl.h>
+#include <pthread.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
 #include <atomic>
 #include <cerrno>
 #include <csignal>
 #include <ctime>
-#include <fcntl.h>
-#include <pthread.h>
 #include <string>
-#include <sys/stat.h>
-#include <sys/uio.h>
-#include <unistd.h>
 
 namespace steward::io::detail {
 namespace {
@@ -56,12 +56,14 @@ private:
     bool was_pending_ = false;
 };
 
-std::string proc_path(int fd) { return "/proc/self/fd/" + std::to_string(fd); }
+std::string proc_path(int fd) {
+    return "/proc/self/fd/" + std::to_string(fd);
+}
 
 }  // namespace
 
 std::error_code check_pipe(int fd) noexcept {
-    struct stat st{};
+    struct stat st {};
     if (::fstat(fd, &st) != 0) return errno_code(errno);
     if (!S_ISFIFO(st.st_mode)) return errc::not_a_pipe;
     return {};
@@ -72,7 +74,8 @@ unique_fd open_private_write_end(int fd, std::error_code& ec) noexcept {
     try {
         // O_NONBLOCK on open of a FIFO with no reader fails with ENXIO instead of waiting for one.
         unique_fd private_fd{::open(proc_path(fd).c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC)};
-        if (!private_fd) ec = errno == ENXIO ? std::make_error_code(std::errc::broken_pipe) : errno_code(errno);
+        if (!private_fd)
+            ec = errno == ENXIO ? std::make_error_code(std::errc::broken_pipe) : errno_code(errno);
         return private_fd;
     } catch (const std::bad_alloc&) {
         ec = std::make_error_code(std::errc::not_enough_memory);
@@ -125,6 +128,8 @@ std::size_t write_whole(int fd, const void* data, std::size_t size, std::error_c
     return size;
 }
 
-void force_nowait_fallback_for_tests(bool on) noexcept { nowait_unsupported.store(on, std::memory_order_relaxed); }
+void force_nowait_fallback_for_tests(bool on) noexcept {
+    nowait_unsupported.store(on, std::memory_order_relaxed);
+}
 
 }  // namespace steward::io::detail

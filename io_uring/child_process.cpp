@@ -1,12 +1,12 @@
 #include <steward/io/child_process.hpp>
 
-#include <cerrno>
-#include <csignal>
-#include <cstring>
 #include <poll.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <cerrno>
+#include <csignal>
+#include <cstring>
 
 #ifndef P_PIDFD
 #define P_PIDFD 3  // <linux/wait.h>; glibc before 2.36 does not export it
@@ -49,9 +49,15 @@ std::optional<exit_status> try_reap(child_state& state, std::error_code& ec) noe
     }
     if (info.si_pid == 0) return std::nullopt;  // still running
     switch (info.si_code) {
-    case CLD_EXITED: state.status = exit_status::from_exit_code(info.si_status); break;
-    case CLD_DUMPED: state.status = exit_status::from_signal(info.si_status, true); break;
-    default: state.status = exit_status::from_signal(info.si_status); break;  // CLD_KILLED
+        case CLD_EXITED:
+            state.status = exit_status::from_exit_code(info.si_status);
+            break;
+        case CLD_DUMPED:
+            state.status = exit_status::from_signal(info.si_status, true);
+            break;
+        default:
+            state.status = exit_status::from_signal(info.si_status);
+            break;  // CLD_KILLED
     }
     return state.status;
 }
@@ -69,7 +75,9 @@ child_process& child_process::operator=(child_process&& other) noexcept {
     return *this;
 }
 
-child_process::~child_process() { abandon(); }
+child_process::~child_process() {
+    abandon();
+}
 
 void child_process::abandon() noexcept {
     if (!state_) return;
@@ -79,7 +87,9 @@ void child_process::abandon() noexcept {
     state_.reset();  // the pidfd closes with the last pending wait holding the state
 }
 
-int child_process::pidfd() const noexcept { return state_ ? state_->pidfd.native_handle() : -1; }
+int child_process::pidfd() const noexcept {
+    return state_ ? state_->pidfd.native_handle() : -1;
+}
 
 std::optional<exit_status> child_process::status() const noexcept {
     return state_ ? state_->status : std::nullopt;
@@ -141,7 +151,8 @@ void child_process::send_signal(int signo, std::error_code& ec) noexcept {
         ec = std::make_error_code(std::errc::no_such_process);
         return;
     }
-    if (::syscall(SYS_pidfd_send_signal, state_->pidfd.native_handle(), signo, nullptr, 0u) != 0) ec = errno_code(errno);
+    if (::syscall(SYS_pidfd_send_signal, state_->pidfd.native_handle(), signo, nullptr, 0u) != 0)
+        ec = errno_code(errno);
 }
 
 void child_process::send_signal(int signo) {
@@ -150,10 +161,18 @@ void child_process::send_signal(int signo) {
     throw_if(ec, "pidfd_send_signal");
 }
 
-void child_process::terminate(std::error_code& ec) noexcept { send_signal(SIGTERM, ec); }
-void child_process::terminate() { send_signal(SIGTERM); }
-void child_process::kill(std::error_code& ec) noexcept { send_signal(SIGKILL, ec); }
-void child_process::kill() { send_signal(SIGKILL); }
+void child_process::terminate(std::error_code& ec) noexcept {
+    send_signal(SIGTERM, ec);
+}
+void child_process::terminate() {
+    send_signal(SIGTERM);
+}
+void child_process::kill(std::error_code& ec) noexcept {
+    send_signal(SIGKILL, ec);
+}
+void child_process::kill() {
+    send_signal(SIGKILL);
+}
 
 void child_process::cancel() {
     if (state_) state_->pidfd.cancel();

@@ -18,13 +18,13 @@
 #include <linux/seccomp.h>
 #include <poll.h>
 #include <pthread.h>
-#include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
-#include <sys/syscall.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <csignal>
 
 #include <cstddef>
 #include <cstdint>
@@ -61,7 +61,9 @@ std::uint64_t status_mask(pid_t pid, const std::string& field) {
     return 0;
 }
 
-constexpr std::uint64_t bit(int signo) { return std::uint64_t{1} << (signo - 1); }
+constexpr std::uint64_t bit(int signo) {
+    return std::uint64_t{1} << (signo - 1);
+}
 
 // The calling thread's blocked signals (as a set: GCC 12 cannot keep a sigset_t in a coroutine frame).
 std::set<int> current_mask() {
@@ -90,7 +92,9 @@ std::string link_of(const std::string& path) {
 std::string child_fd_link(pid_t pid, int fd) {
     return link_of("/proc/" + std::to_string(pid) + "/fd/" + std::to_string(fd));
 }
-std::string own_fd_link(int fd) { return link_of("/proc/self/fd/" + std::to_string(fd)); }
+std::string own_fd_link(int fd) {
+    return link_of("/proc/self/fd/" + std::to_string(fd));
+}
 
 std::set<int> child_fds(pid_t pid) {
     std::set<int> fds;
@@ -134,11 +138,15 @@ std::string read_all(int fd) {
     return out;
 }
 
-bool is_alive(pid_t pid) { return ::kill(pid, 0) == 0; }
+bool is_alive(pid_t pid) {
+    return ::kill(pid, 0) == 0;
+}
 
 // GCC 12 miscompiles ("array used as initializer") a braced std::vector<std::string> argument
 // inside a co_await expression; build argv outside it.
-std::vector<std::string> argv(std::initializer_list<const char*> args) { return {args.begin(), args.end()}; }
+std::vector<std::string> argv(std::initializer_list<const char*> args) {
+    return {args.begin(), args.end()};
+}
 
 }  // namespace
 
@@ -154,7 +162,8 @@ STEWARD_CORO_TEST(child_mask_holds_exactly_the_listed_signals_and_the_callers_is
     sio::spawn_options options;
     options.blocked_signals = {SIGINT, SIGTERM};
     const std::vector<std::string> sleeper = argv({"/bin/sleep", "30"});
-    sio::child_process child = co_await sio::async_spawn(ctx.get_executor(), sleeper, options, asio::use_awaitable);
+    sio::child_process child =
+        co_await sio::async_spawn(ctx.get_executor(), sleeper, options, asio::use_awaitable);
     const std::set<int> after = current_mask();
     if (!usr2_was_blocked) change_mask(SIG_UNBLOCK, {SIGUSR2});
 
@@ -175,10 +184,10 @@ STEWARD_CORO_TEST(child_mask_holds_exactly_the_listed_signals_and_the_callers_is
 }
 
 STEWARD_CORO_TEST(setsigdef_resets_signals_the_parent_ignores) {
-    struct sigaction ignore{};
+    struct sigaction ignore {};
     ignore.sa_handler = SIG_IGN;
     ::sigemptyset(&ignore.sa_mask);
-    struct sigaction old{};
+    struct sigaction old {};
     ::sigaction(SIGHUP, &ignore, &old);
 
     sio::child_process inherits = sio::spawn(ctx.get_executor(), {"/bin/sleep", "30"});
@@ -210,8 +219,8 @@ STEWARD_CORO_TEST(child_holds_only_stdio_and_the_mapped_descriptors) {
     sio::spawn_options options;
     options.fds = {{read_end.get(), 3}, {memfd.get(), 7}, {same_write.get(), same_write.get()}};
     const std::vector<std::string> sleeper = argv({"/bin/sleep", "30"});
-    sio::child_process child = co_await sio::async_spawn(ctx.get_executor(), sleeper, options,
-                                                         asio::deferred);
+    sio::child_process child =
+        co_await sio::async_spawn(ctx.get_executor(), sleeper, options, asio::deferred);
     const pid_t pid = child.pid();
 
     std::set<int> expected{3, 7, same_write.get()};
@@ -255,11 +264,13 @@ STEWARD_CORO_TEST(mapped_pipe_environment_and_working_directory_reach_the_child)
     options.fds = {{write_end.get(), 5}};
     options.environment = {"STEWARD_SPAWN_ADDED=hello world", "STEWARD_SPAWN_OVERRIDE=new"};
     options.working_directory = "/tmp";
-    const std::vector<std::string> script = argv(
-        {"/bin/sh", "-c",
-         "printf '%s|%s|%s|%s|' \"$STEWARD_SPAWN_ADDED\" \"$STEWARD_SPAWN_INHERITED\" \"$STEWARD_SPAWN_OVERRIDE\" "
-         "\"$(pwd)\" >&5; env | grep -c '^STEWARD_SPAWN_OVERRIDE=' >&5"});
-    sio::child_process child = co_await sio::async_spawn(ctx.get_executor(), script, options, asio::use_awaitable);
+    const std::vector<std::string> script =
+        argv({"/bin/sh", "-c",
+              "printf '%s|%s|%s|%s|' \"$STEWARD_SPAWN_ADDED\" \"$STEWARD_SPAWN_INHERITED\" "
+              "\"$STEWARD_SPAWN_OVERRIDE\" "
+              "\"$(pwd)\" >&5; env | grep -c '^STEWARD_SPAWN_OVERRIDE=' >&5"});
+    sio::child_process child =
+        co_await sio::async_spawn(ctx.get_executor(), script, options, asio::use_awaitable);
     ::unsetenv("STEWARD_SPAWN_INHERITED");
     ::unsetenv("STEWARD_SPAWN_OVERRIDE");
     const sio::exit_status status = co_await child.async_wait(asio::use_awaitable);
@@ -349,10 +360,11 @@ BOOST_AUTO_TEST_CASE(cancelled_wait_is_operation_aborted_and_the_child_stays_wai
 
 STEWARD_CORO_TEST(missing_or_non_executable_program_is_executable_not_found) {
     const auto ex = ctx.get_executor();
-    const std::vector<std::string> paths = argv({"/nonexistent/steward-no-such-program", "/etc/hostname", "/tmp"});
+    const std::vector<std::string> paths =
+        argv({"/nonexistent/steward-no-such-program", "/etc/hostname", "/tmp"});
     for (const std::string& path : paths) {
-        auto [ec, child] = co_await sio::async_spawn(ex, std::vector<std::string>(1, path), sio::spawn_options(),
-                                                     asio::as_tuple(asio::use_awaitable));
+        auto [ec, child] = co_await sio::async_spawn(
+            ex, std::vector<std::string>(1, path), sio::spawn_options(), asio::as_tuple(asio::use_awaitable));
         BOOST_TEST((ec == steward::errc::executable_not_found), path << ": " << ec.message());
         BOOST_TEST(!child.valid());
     }
@@ -469,7 +481,8 @@ bool install_pidfd_open_enosys_filter() {
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
     };
     sock_fprog fprog{static_cast<unsigned short>(std::size(program)), program};
-    return ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 && ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &fprog) == 0;
+    return ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
+           ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &fprog) == 0;
 }
 
 // Precondition: a forked child can install the filter (some sandboxes refuse seccomp).
@@ -477,7 +490,8 @@ boost::test_tools::assertion_result seccomp_available(boost::unit_test::test_uni
     const pid_t pid = ::fork();
     if (pid == 0) ::_exit(install_pidfd_open_enosys_filter() ? 0 : 1);
     int status = 0;
-    const bool ok = pid > 0 && ::waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    const bool ok =
+        pid > 0 && ::waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0;
     boost::test_tools::assertion_result result(ok);
     if (!ok) result.message() << "seccomp filters cannot be installed here, test skipped";
     return result;
@@ -498,7 +512,8 @@ BOOST_AUTO_TEST_CASE(kernel_without_pidfd_open_fails_clearly_and_leaves_no_child
         {
             asio::io_context child_ctx;
             std::error_code ec;
-            sio::child_process child = sio::spawn(child_ctx.get_executor(), argv({"/bin/sleep", "30"}), {}, ec);
+            sio::child_process child =
+                sio::spawn(child_ctx.get_executor(), argv({"/bin/sleep", "30"}), {}, ec);
             if (ec != std::errc::function_not_supported) result |= 1;
             if (child.valid()) result |= 2;
         }
@@ -510,8 +525,9 @@ BOOST_AUTO_TEST_CASE(kernel_without_pidfd_open_fails_clearly_and_leaves_no_child
     int status = 0;
     BOOST_REQUIRE(::waitpid(pid, &status, 0) == pid);
     BOOST_REQUIRE(WIFEXITED(status));
-    BOOST_TEST(WEXITSTATUS(status) == 0, "failure bits " << WEXITSTATUS(status)
-                                          << " (1 wrong error, 2 handle returned, 4 child left, 8 fd leaked)");
+    BOOST_TEST(WEXITSTATUS(status) == 0,
+               "failure bits " << WEXITSTATUS(status)
+                               << " (1 wrong error, 2 handle returned, 4 child left, 8 fd leaked)");
 }
 
 BOOST_AUTO_TEST_SUITE_END()

@@ -15,12 +15,12 @@
 
 #include <fcntl.h>
 #include <pthread.h>
-#include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <csignal>
 
 #include <array>
 #include <cstdint>
@@ -84,7 +84,9 @@ std::string read_exactly(int fd, std::size_t n) {
     return out;
 }
 
-bool has_nonblock(int fd) { return (::fcntl(fd, F_GETFL) & O_NONBLOCK) != 0; }
+bool has_nonblock(int fd) {
+    return (::fcntl(fd, F_GETFL) & O_NONBLOCK) != 0;
+}
 
 // Restores the RWF_NOWAIT path even when a test fails half way.
 struct nowait_mode {
@@ -101,14 +103,16 @@ std::uint32_t fnv1a(std::string_view s) {
 }
 
 std::string make_line(int id, int seq, std::size_t length) {
-    std::string prefix = "w" + std::to_string(id) + " s" + std::to_string(seq) + " n" + std::to_string(length) + " c";
+    std::string prefix =
+        "w" + std::to_string(id) + " s" + std::to_string(seq) + " n" + std::to_string(length) + " c";
     const std::size_t header = prefix.size() + 8 + 1;  // checksum as 8 hex digits, then a space
     const std::size_t payload_len = length - header - 1;
     std::string payload(payload_len, ' ');
     for (std::size_t i = 0; i < payload_len; ++i)
-        payload[i] = static_cast<char>('a' + (static_cast<std::size_t>(id) * 7 + static_cast<std::size_t>(seq) + i) % 26);
+        payload[i] = static_cast<char>(
+            'a' + (static_cast<std::size_t>(id) * 7 + static_cast<std::size_t>(seq) + i) % 26);
     char sum[9];
-    std::snprintf(sum, sizeof sum, "%08x", fnv1a(payload));
+    (void)std::snprintf(sum, sizeof sum, "%08x", fnv1a(payload));
     return prefix + sum + " " + payload + "\n";
 }
 
@@ -155,7 +159,8 @@ STEWARD_CORO_TEST(not_a_pipe_is_refused_with_nothing_written) {
     BOOST_REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
     unique_fd peer{sv[1]};
     asio::posix::stream_descriptor sock(ctx, sv[0]);
-    auto [ec, n] = co_await sio::async_write_message(sock, asio::buffer("hello\n", 6), asio::as_tuple(asio::use_awaitable));
+    auto [ec, n] = co_await sio::async_write_message(sock, asio::buffer("hello\n", 6),
+                                                     asio::as_tuple(asio::use_awaitable));
     BOOST_TEST((ec == steward::errc::not_a_pipe));
     BOOST_TEST(n == 0u);
     int pending = -1;
@@ -189,14 +194,15 @@ BOOST_AUTO_TEST_CASE(eight_writer_processes_never_interleave,
                 std::function<void()> next = [&] {
                     if (seq == per_writer) return;
                     line = make_line(id, seq, length(rng));
-                    sio::async_write_message(pipe, asio::buffer(line), [&](std::error_code ec, std::size_t n) {
-                        if (ec || n != line.size()) {
-                            status = 3;
-                            return;
-                        }
-                        ++seq;
-                        next();
-                    });
+                    sio::async_write_message(pipe, asio::buffer(line),
+                                             [&](std::error_code ec, std::size_t n) {
+                                                 if (ec || n != line.size()) {
+                                                     status = 3;
+                                                     return;
+                                                 }
+                                                 ++seq;
+                                                 next();
+                                             });
                 };
                 next();
                 child_ctx.run();
@@ -225,8 +231,8 @@ BOOST_AUTO_TEST_CASE(eight_writer_processes_never_interleave,
             unsigned sum = 0;
             int consumed = 0;
             const std::string copy(line);
-            if (std::sscanf(copy.c_str(), "w%d s%d n%zu c%8x %n", &id, &seq, &length, &sum, &consumed) != 4 || id < 0 ||
-                id >= writers || length != line.size() || copy != make_line(id, seq, length) ||
+            if (std::sscanf(copy.c_str(), "w%d s%d n%zu c%8x %n", &id, &seq, &length, &sum, &consumed) != 4 ||
+                id < 0 || id >= writers || length != line.size() || copy != make_line(id, seq, length) ||
                 seq != next_seq[static_cast<std::size_t>(id)]) {
                 if (++bad_lines < 5) BOOST_ERROR("bad or out-of-order line: " << copy.substr(0, 80));
                 continue;
@@ -306,11 +312,14 @@ STEWARD_CORO_TEST(batch_goes_out_in_one_write_and_limits_are_checked) {
     asio::posix::stream_descriptor pipe(ctx, ::dup(write_end.get()));
 
     std::vector<std::string> messages;
-    for (int i = 0; i < 10; ++i) messages.push_back("REGISTER:/psm_" + std::to_string(i) + ":shared_memory\n");
+    messages.reserve(10);
+    for (int i = 0; i < 10; ++i)
+        messages.push_back("REGISTER:/psm_" + std::to_string(i) + ":shared_memory\n");
     std::vector<asio::const_buffer> buffers;
+    buffers.reserve(messages.size());
     std::size_t total = 0;
     for (auto& m : messages) {
-        buffers.push_back(asio::buffer(m));
+        buffers.emplace_back(asio::buffer(m));
         total += m.size();
     }
     // deferred: the operation runs when awaited.
@@ -325,7 +334,8 @@ STEWARD_CORO_TEST(batch_goes_out_in_one_write_and_limits_are_checked) {
     // 8 x 512 = 4096: exactly PIPE_BUF is fine.
     const std::string m512(512, 'z');
     std::vector<asio::const_buffer> full(8, asio::buffer(m512));
-    auto [ec_full, n_full] = co_await sio::async_write_messages(pipe, full, asio::as_tuple(asio::use_awaitable));
+    auto [ec_full, n_full] =
+        co_await sio::async_write_messages(pipe, full, asio::as_tuple(asio::use_awaitable));
     BOOST_TEST(!ec_full);
     BOOST_TEST(n_full == 4096u);
     BOOST_TEST(read_exactly(read_end.get(), 4096) == std::string(4096, 'z'));
@@ -333,7 +343,8 @@ STEWARD_CORO_TEST(batch_goes_out_in_one_write_and_limits_are_checked) {
     // One byte more than PIPE_BUF: refused whole.
     const std::string one = "!";
     full.push_back(asio::buffer(one));
-    auto [ec_big, n_big] = co_await sio::async_write_messages(pipe, full, asio::as_tuple(asio::use_awaitable));
+    auto [ec_big, n_big] =
+        co_await sio::async_write_messages(pipe, full, asio::as_tuple(asio::use_awaitable));
     BOOST_TEST((ec_big == steward::errc::batch_too_large));
     BOOST_TEST(n_big == 0u);
     BOOST_TEST(bytes_in(read_end.get()) == 0);
@@ -348,7 +359,7 @@ STEWARD_CORO_TEST(batch_goes_out_in_one_write_and_limits_are_checked) {
 
     // Empty batch: nothing to do.
     auto [ec_empty, n_empty] = co_await sio::async_write_messages(pipe, std::span<const asio::const_buffer>{},
-                                                                 asio::as_tuple(asio::use_awaitable));
+                                                                  asio::as_tuple(asio::use_awaitable));
     BOOST_TEST(!ec_empty);
     BOOST_TEST(n_empty == 0u);
 }
@@ -372,8 +383,8 @@ bool sigpipe_pending() {
 asio::awaitable<void> broken_pipe_case(asio::io_context& ctx, bool fallback) {
     nowait_mode mode(fallback);
     // SIGPIPE at its default disposition: if it were delivered, the test process would die.
-    struct sigaction old_action{};
-    struct sigaction dfl{};
+    struct sigaction old_action {};
+    struct sigaction dfl {};
     dfl.sa_handler = SIG_DFL;
     ::sigemptyset(&dfl.sa_mask);
     ::sigaction(SIGPIPE, &dfl, &old_action);
@@ -383,7 +394,7 @@ asio::awaitable<void> broken_pipe_case(asio::io_context& ctx, bool fallback) {
     read_end.reset();
     const sigset_t before = current_mask();
     auto [ec, n] = co_await sio::async_write_message(pipe, asio::buffer("UNREGISTER:/x:noop\n", 19),
-                                                      asio::as_tuple(asio::use_awaitable));
+                                                     asio::as_tuple(asio::use_awaitable));
     const sigset_t after = current_mask();
     BOOST_TEST((ec == std::errc::broken_pipe));
     BOOST_TEST(n == 0u);
@@ -407,7 +418,7 @@ STEWARD_CORO_TEST(reader_closing_during_the_wait_ends_it_with_broken_pipe) {
     asio::steady_timer timer(ctx, std::chrono::milliseconds(20));
     timer.async_wait([&](std::error_code) { p.read_end.reset(); });
     auto [ec, n] = co_await sio::async_write_message(pipe, asio::buffer("PROBE:0:noop\n", 13),
-                                                      asio::as_tuple(asio::use_awaitable));
+                                                     asio::as_tuple(asio::use_awaitable));
     BOOST_TEST((ec == std::errc::broken_pipe));
     BOOST_TEST(n == 0u);
     BOOST_TEST(!sigpipe_pending());
@@ -422,11 +433,12 @@ BOOST_AUTO_TEST_CASE(cancelling_a_waiting_write_writes_nothing,
     asio::cancellation_signal cancel;
     std::error_code result;
     bool done = false;
-    sio::async_write_message(pipe, asio::buffer("REGISTER:/c:noop\n", 17),
-                             asio::bind_cancellation_slot(cancel.slot(), [&](std::error_code ec, std::size_t) {
-                                 result = ec;
-                                 done = true;
-                             }));
+    sio::async_write_message(
+        pipe, asio::buffer("REGISTER:/c:noop\n", 17),
+        asio::bind_cancellation_slot(cancel.slot(), [&](std::error_code ec, std::size_t) {
+            result = ec;
+            done = true;
+        }));
     ctx.poll();
     BOOST_REQUIRE(!done);
     cancel.emit(asio::cancellation_type::partial);
@@ -439,10 +451,11 @@ BOOST_AUTO_TEST_CASE(cancelling_a_waiting_write_writes_nothing,
     (void)read_exactly(read_end.get(), filled);
     ctx.restart();
     std::size_t written = 0;
-    sio::async_write_message(pipe, asio::buffer("PROBE:1:noop\n", 13), [&](std::error_code ec, std::size_t n) {
-        result = ec;
-        written = n;
-    });
+    sio::async_write_message(pipe, asio::buffer("PROBE:1:noop\n", 13),
+                             [&](std::error_code ec, std::size_t n) {
+                                 result = ec;
+                                 written = n;
+                             });
     ctx.run();
     BOOST_TEST(!result);
     BOOST_TEST(read_exactly(read_end.get(), written) == "PROBE:1:noop\n");

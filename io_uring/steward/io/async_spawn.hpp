@@ -83,7 +83,8 @@ struct initiate_spawn {
     asio::any_io_executor ex;
 
     template <typename Handler>
-    void operator()(Handler&& handler, std::vector<std::string> argv, spawn_options options) const {
+    void operator()(Handler&& handler, const std::vector<std::string>& argv,
+                    const spawn_options& options) const {
         std::error_code ec;
         child_process child = spawn(ex, argv, options, ec);
         asio::post(ex, asio::append(std::forward<Handler>(handler), ec, std::move(child)));

@@ -42,9 +42,9 @@
 #include <asio/cancellation_type.hpp>
 #include <asio/compose.hpp>
 #include <asio/error.hpp>
-#include <asio/post.hpp>
 #include <asio/posix/descriptor_base.hpp>
 #include <asio/posix/stream_descriptor.hpp>
+#include <asio/post.hpp>
 
 #include <cstddef>
 #include <cstring>
@@ -83,8 +83,7 @@ struct completion_tag {};
 template <typename Descriptor>
 class write_whole_op {
 public:
-    write_whole_op(Descriptor& pipe, asio::const_buffer message)
-        : pipe_(pipe), single_(message) {
+    write_whole_op(Descriptor& pipe, asio::const_buffer message) : pipe_(pipe), single_(message) {
         if (message.size() > max_message_size) precheck_ = errc::message_too_long;
     }
 
@@ -121,7 +120,8 @@ public:
         std::error_code ec = precheck_;
         if (!ec) ec = check_pipe(pipe_.native_handle());
         std::size_t n = 0;
-        if (!ec && single_.size() != 0) n = write_whole(pipe_.native_handle(), single_.data(), single_.size(), ec);
+        if (!ec && single_.size() != 0)
+            n = write_whole(pipe_.native_handle(), single_.data(), single_.size(), ec);
         if (ec == asio::error::would_block) {
             wait(self);
             return;
@@ -164,7 +164,8 @@ private:
             std::error_code ec;
             unique_fd fd = open_private_write_end(pipe_.native_handle(), ec);
             if (ec) {
-                asio::post(pipe_.get_executor(), asio::append(std::move(self), completion_tag{}, ec, std::size_t{0}));
+                asio::post(pipe_.get_executor(),
+                           asio::append(std::move(self), completion_tag{}, ec, std::size_t{0}));
                 return;
             }
             waiter_ = std::make_unique<waiter_type>(pipe_.get_executor(), fd.get());
@@ -191,8 +192,8 @@ private:
 /// @param pipe The write end of a pipe or FIFO (an `asio::posix::stream_descriptor` or any type with
 ///   `native_handle()`, `get_executor()` and `async_wait()`). Its open file description is never
 ///   changed: no O_NONBLOCK is set on it (it is typically shared with other processes).
-/// @param message At most 512 bytes. The caller keeps the bytes valid until the operation starts
-///   (for deferred tokens: until it is launched) and, when it has to wait, until it completes.
+/// @param message At most 512 bytes. Not copied: the bytes stay valid until the operation
+///   completes (for deferred tokens this includes the time before it is launched).
 /// @param token The completion token.
 ///
 /// @par Completion Signature
@@ -216,8 +217,9 @@ private:
 /// room, when nothing has been written yet.
 template <typename Descriptor,
           typename CompletionToken = asio::default_completion_token_t<typename Descriptor::executor_type>>
-auto async_write_message(Descriptor& pipe, asio::const_buffer message,
-                         CompletionToken&& token = asio::default_completion_token_t<typename Descriptor::executor_type>()) {
+auto async_write_message(
+    Descriptor& pipe, asio::const_buffer message,
+    CompletionToken&& token = asio::default_completion_token_t<typename Descriptor::executor_type>()) {
     return asio::async_compose<CompletionToken, void(std::error_code, std::size_t)>(
         detail::write_whole_op<Descriptor>(pipe, message), token, pipe);
 }
@@ -225,7 +227,8 @@ auto async_write_message(Descriptor& pipe, asio::const_buffer message,
 /// Writes several whole messages to a pipe in one atomic write() (group commit).
 ///
 /// @param messages Each at most 512 bytes, together at most 4096 (PIPE_BUF) bytes. They are copied
-///   when the operation starts, so they need not outlive it. An empty batch completes with 0.
+///   by this call (also with deferred tokens), so neither the bytes nor the span need outlive it.
+///   An empty batch completes with 0.
 ///
 /// @par Completion Signature
 /// @code void(std::error_code ec, std::size_t bytes_written) @endcode
@@ -239,8 +242,9 @@ auto async_write_message(Descriptor& pipe, asio::const_buffer message,
 /// terminal, partial and total, while waiting for room (nothing written yet).
 template <typename Descriptor,
           typename CompletionToken = asio::default_completion_token_t<typename Descriptor::executor_type>>
-auto async_write_messages(Descriptor& pipe, std::span<const asio::const_buffer> messages,
-                          CompletionToken&& token = asio::default_completion_token_t<typename Descriptor::executor_type>()) {
+auto async_write_messages(
+    Descriptor& pipe, std::span<const asio::const_buffer> messages,
+    CompletionToken&& token = asio::default_completion_token_t<typename Descriptor::executor_type>()) {
     return asio::async_compose<CompletionToken, void(std::error_code, std::size_t)>(
         detail::write_whole_op<Descriptor>(pipe, messages), token, pipe);
 }

@@ -17,9 +17,9 @@
 #include <asio/cancellation_type.hpp>
 #include <asio/compose.hpp>
 #include <asio/error.hpp>
-#include <asio/post.hpp>
 #include <asio/posix/descriptor_base.hpp>
 #include <asio/posix/stream_descriptor.hpp>
+#include <asio/post.hpp>
 
 #include <sys/types.h>
 
@@ -37,7 +37,9 @@ public:
     /// "No status": neither exited() nor killed(); what failed operations hand over.
     constexpr exit_status() noexcept = default;
     /// The child called exit(@p code) (or returned it from main).
-    [[nodiscard]] static constexpr exit_status from_exit_code(int code) noexcept { return {kind::exited, code, false}; }
+    [[nodiscard]] static constexpr exit_status from_exit_code(int code) noexcept {
+        return {kind::exited, code, false};
+    }
     /// The child was killed by signal @p signo (@p core_dumped when it left a core dump).
     [[nodiscard]] static constexpr exit_status from_signal(int signo, bool core_dumped = false) noexcept {
         return {kind::killed, signo, core_dumped};
@@ -126,11 +128,12 @@ struct initiate_wait {
     template <typename Handler>
     void operator()(Handler&& handler) const {
         if (!state) {
-            asio::post(asio::append(std::forward<Handler>(handler), std::make_error_code(std::errc::no_child_process),
-                                    exit_status{}));
+            asio::post(asio::append(std::forward<Handler>(handler),
+                                    std::make_error_code(std::errc::no_child_process), exit_status{}));
             return;
         }
-        asio::async_compose<Handler, void(std::error_code, exit_status)>(wait_op(state), handler, state->pidfd);
+        asio::async_compose<Handler, void(std::error_code, exit_status)>(wait_op(state), handler,
+                                                                         state->pidfd);
     }
 };
 
@@ -191,8 +194,8 @@ public:
     /// terminal, partial and total: nothing has happened to the child until the wait completes.
     template <typename CompletionToken = asio::default_completion_token_t<executor_type>>
     auto async_wait(CompletionToken&& token = asio::default_completion_token_t<executor_type>()) {
-        return asio::async_initiate<CompletionToken, void(std::error_code, exit_status)>(detail::initiate_wait{state_},
-                                                                                         token);
+        return asio::async_initiate<CompletionToken, void(std::error_code, exit_status)>(
+            detail::initiate_wait{state_}, token);
     }
 
     /// Blocks the calling thread until the child exits, then reaps it. Throws std::system_error.
