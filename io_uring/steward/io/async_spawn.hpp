@@ -53,7 +53,8 @@ struct spawn_options {
     std::string working_directory;
 };
 
-/// Starts the program argv[0] (a path: no PATH search) synchronously and returns its handle.
+/// Starts the program argv[0] (a path: no PATH search; a relative one is resolved in the working
+/// directory of the child) synchronously and returns its handle.
 ///
 /// Every descriptor of the caller except 0, 1, 2 and those mapped in @p options is closed in the
 /// child. The calling thread's signal mask is not modified.

@@ -19,10 +19,12 @@
 //    it cannot be masked reliably. Rejected.
 //  - pwritev2(RWF_NOWAIT): a per-call "do not wait" flag, so the shared description is untouched. The
 //    pipe code treats it exactly like O_NONBLOCK: a write <= PIPE_BUF lands whole or fails with
-//    EAGAIN having written nothing. Chosen. Kernels that do not mark pipes FMODE_NOWAIT answer
-//    EOPNOTSUPP; then (once per process, remembered) we fall back to a private open file description
-//    of the same pipe, opened through /proc/self/fd/N with O_NONBLOCK: opening a pipe through /proc
-//    creates a NEW description, so its O_NONBLOCK affects nobody else.
+//    EAGAIN having written nothing. Chosen. Pipes accept RWF_NOWAIT since Linux 6.4 (FMODE_NOWAIT
+//    on pipes, plus the IOCB_NOWAIT check in pipe_write that came with it); older kernels, e.g.
+//    Debian 12's 6.1, answer EOPNOTSUPP. Then (once per process, remembered) every write goes
+//    through a private open file description of the same pipe, opened through /proc/self/fd/N with
+//    O_NONBLOCK for that one write: opening a pipe through /proc creates a NEW description, so its
+//    O_NONBLOCK affects nobody else. Costs an open/close per write and needs /proc mounted.
 // On EAGAIN the operation waits for writability through the executor (io_uring POLL_ADD) and tries
 // again. POLLOUT on a pipe means "a slot is free", and a write <= PIPE_BUF always fits one slot, so
 // every retry follows a real state change: no busy loop.
