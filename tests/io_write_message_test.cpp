@@ -170,8 +170,10 @@ STEWARD_CORO_TEST(not_a_pipe_is_refused_with_nothing_written) {
 
 // 8 processes x 10,000 messages of random lengths into one pipe: every line intact, each exactly
 // once, and in each writer's order.
-BOOST_AUTO_TEST_CASE(eight_writer_processes_never_interleave,
-                     *boost::unit_test::precondition(steward::test::io_uring_available)) {
+namespace {
+
+void eight_writers(bool fallback) {
+    nowait_mode mode(fallback);  // inherited by the forked writers
     constexpr int writers = 8;
     constexpr int per_writer = 10000;
     auto [read_end, write_end] = make_pipe();
@@ -250,6 +252,18 @@ BOOST_AUTO_TEST_CASE(eight_writer_processes_never_interleave,
         BOOST_TEST(WIFEXITED(status));
         BOOST_TEST(WEXITSTATUS(status) == 0);
     }
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(eight_writer_processes_never_interleave,
+                     *boost::unit_test::precondition(steward::test::io_uring_available)) {
+    eight_writers(false);
+}
+
+BOOST_AUTO_TEST_CASE(eight_writer_processes_never_interleave_through_proc_fallback,
+                     *boost::unit_test::precondition(steward::test::io_uring_available)) {
+    eight_writers(true);
 }
 
 namespace {
