@@ -19,8 +19,9 @@
 namespace steward::io::detail {
 namespace {
 
-
-bool would_block(int err) noexcept { return err == EAGAIN || err == EWOULDBLOCK; }
+bool would_block(int err) noexcept {
+    return err == EAGAIN || err == EWOULDBLOCK;
+}
 
 }  // namespace
 

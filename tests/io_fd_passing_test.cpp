@@ -1,6 +1,6 @@
 #define BOOST_TEST_MODULE io_fd_passing
-#include "support/test_support.hpp"
 #include "support/fd_test_support.hpp"
+#include "support/test_support.hpp"
 
 #include <steward/error.hpp>
 #include <steward/io/async_recv_fds.hpp>
@@ -54,10 +54,21 @@ typename Protocol::socket adopt(asio::io_context& io, unique_fd fd) {
 
 // Asio creates its io_uring instance (one descriptor) lazily, with the first I/O object on a
 // context. Creating one up front keeps that descriptor out of the tests' fd accounting.
-void start_io_service(asio::io_context& io) { stream_socket first(io); }
+void start_io_service(asio::io_context& io) {
+    stream_socket first(io);
+}
+
+// @p count memfds whose contents are @p prefix followed by their index.
+std::vector<unique_fd> numbered_memfds(int count, const std::string& prefix) {
+    std::vector<unique_fd> out;
+    out.reserve(static_cast<std::size_t>(count));
+    for (int i = 0; i < count; ++i) out.push_back(make_memfd(prefix + std::to_string(i)));
+    return out;
+}
 
 std::vector<int> raw_fds(const std::vector<unique_fd>& fds) {
     std::vector<int> out;
+    out.reserve(fds.size());
     for (const auto& fd : fds) out.push_back(fd.get());
     return out;
 }
@@ -119,11 +130,14 @@ STEWARD_CORO_TEST(memfd_from_child_arrives_cloexec_and_readable) {
         unique_fd memfd = make_memfd(content);
         check.expect(static_cast<bool>(memfd), "memfd_create");
         const int fds[] = {memfd.get()};
-        asio::co_spawn(io, [&]() -> asio::awaitable<void> {
-            const std::size_t n = co_await steward::io::async_send_fds(socket, fds, asio::buffer("M", 1),
-                                                                       asio::use_awaitable);
-            check.expect(n == 1, "one byte sent");
-        }, [&](std::exception_ptr e) { check.expect(!e, "send coroutine threw"); });
+        asio::co_spawn(
+            io,
+            [&]() -> asio::awaitable<void> {
+                const std::size_t n = co_await steward::io::async_send_fds(socket, fds, asio::buffer("M", 1),
+                                                                           asio::use_awaitable);
+                check.expect(n == 1, "one byte sent");
+            },
+            [&](const std::exception_ptr& e) { check.expect(!e, "send coroutine threw"); });
         io.run();
         return check.exit_code();
     });
@@ -202,7 +216,8 @@ BOOST_AUTO_TEST_CASE(echo_over_passed_socket_callbacks,
     echo_theirs.reset();  // the child now holds the only other reference
 
     const std::string message = "ping from " + std::to_string(::getpid());
-    BOOST_REQUIRE(::write(echo_mine.get(), message.data(), message.size()) == static_cast<ssize_t>(message.size()));
+    BOOST_REQUIRE(::write(echo_mine.get(), message.data(), message.size()) ==
+                  static_cast<ssize_t>(message.size()));
     BOOST_REQUIRE(::shutdown(echo_mine.get(), SHUT_WR) == 0);
     std::string echoed;
     char data[256];
@@ -228,8 +243,7 @@ STEWARD_CORO_TEST(passes_253_fds_in_one_message_deferred) {
         child_checks check;
         asio::io_context io;
         auto socket = adopt(io, std::move(theirs));
-        std::vector<unique_fd> memfds;
-        for (int i = 0; i < 253; ++i) memfds.push_back(make_memfd("memfd #" + std::to_string(i)));
+        std::vector<unique_fd> memfds = numbered_memfds(253, "memfd #");
         for (const auto& fd : memfds) check.expect(static_cast<bool>(fd), "memfd_create");
         const std::vector<int> fds = raw_fds(memfds);
         auto op = steward::io::async_send_fds(socket, fds, asio::buffer("253", 3), asio::deferred);
@@ -277,6 +291,7 @@ STEWARD_CORO_TEST(too_many_fds_sends_nothing) {
     unique_fd memfd = make_memfd("many");
     BOOST_REQUIRE(memfd);
     std::vector<unique_fd> many;
+    many.reserve(254);
     for (int i = 0; i < 254; ++i) many.push_back(steward::dup_cloexec(memfd.get()));
     const std::vector<int> fds = raw_fds(many);
 
@@ -323,15 +338,15 @@ STEWARD_CORO_TEST(empty_payload_with_fds_sends_nothing) {
     BOOST_TEST(errno == EAGAIN);
 
     // No descriptors and no data is not an error: nothing to do.
-    auto [ec2, n2] = co_await steward::io::async_send_fds(socket, std::span<const int>(), asio::const_buffer(),
-                                                          asio::as_tuple(asio::use_awaitable));
+    auto [ec2, n2] = co_await steward::io::async_send_fds(
+        socket, std::span<const int>(), asio::const_buffer(), asio::as_tuple(asio::use_awaitable));
     BOOST_TEST(!ec2);
     BOOST_TEST(n2 == 0u);
     BOOST_TEST(peek_now(peer.get()) == -1);
 
     // Data without descriptors is an ordinary send.
-    auto [ec5, n5] = co_await steward::io::async_send_fds(socket, std::span<const int>(), asio::buffer("abc", 3),
-                                                          asio::as_tuple(asio::use_awaitable));
+    auto [ec5, n5] = co_await steward::io::async_send_fds(
+        socket, std::span<const int>(), asio::buffer("abc", 3), asio::as_tuple(asio::use_awaitable));
     BOOST_TEST(!ec5);
     BOOST_TEST(n5 == 3u);
     char plain[8] = {};
@@ -409,7 +424,7 @@ STEWARD_CORO_TEST(partial_send_delivers_all_data_and_fds_exactly_once) {
     auto [go_read, go_write] = steward::test::make_pipe();
     const int small = 4096;
     BOOST_REQUIRE(::setsockopt(mine.get(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small) == 0);
-    const std::string data = pattern(512 * 1024);
+    const std::string data = pattern(std::size_t{512} * 1024);
 
     auto child = fork_child([&, &theirs = theirs, &mine = mine, &go_read = go_read, &go_write = go_write] {
         mine.reset();
@@ -422,18 +437,21 @@ STEWARD_CORO_TEST(partial_send_delivers_all_data_and_fds_exactly_once) {
         std::string received;
         std::vector<std::size_t> fds_per_read;
         std::vector<unique_fd> all_fds;
-        asio::co_spawn(io, [&]() -> asio::awaitable<void> {
-            std::vector<char> buf(3000);
-            for (;;) {
-                auto [ec, n, fds] = co_await steward::io::async_recv_fds(socket, asio::buffer(buf),
-                                                                         asio::as_tuple(asio::use_awaitable));
-                if (ec == asio::error::eof) break;
-                if (!check.expect(!ec, "receive without error")) break;
-                received.append(buf.data(), n);
-                fds_per_read.push_back(fds.size());
-                for (auto& fd : fds) all_fds.push_back(std::move(fd));
-            }
-        }, [&](std::exception_ptr e) { check.expect(!e, "receive coroutine threw"); });
+        asio::co_spawn(
+            io,
+            [&]() -> asio::awaitable<void> {
+                std::vector<char> buf(3000);
+                for (;;) {
+                    auto [ec, n, fds] = co_await steward::io::async_recv_fds(
+                        socket, asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
+                    if (ec == asio::error::eof) break;
+                    if (!check.expect(!ec, "receive without error")) break;
+                    received.append(buf.data(), n);
+                    fds_per_read.push_back(fds.size());
+                    for (auto& fd : fds) all_fds.push_back(std::move(fd));
+                }
+            },
+            [&](const std::exception_ptr& e) { check.expect(!e, "receive coroutine threw"); });
         io.run();
         check.expect(received == data, "every byte arrived, in order");
         check.expect(fds_per_read.size() > 1, "the data took several reads");
@@ -451,8 +469,7 @@ STEWARD_CORO_TEST(partial_send_delivers_all_data_and_fds_exactly_once) {
     go_read.reset();
 
     auto socket = adopt(ctx, std::move(mine));
-    std::vector<unique_fd> memfds;
-    for (int i = 0; i < 3; ++i) memfds.push_back(make_memfd("part " + std::to_string(i)));
+    std::vector<unique_fd> memfds = numbered_memfds(3, "part ");
     const std::vector<int> fds = raw_fds(memfds);
 
     std::optional<std::error_code> result;
@@ -488,8 +505,7 @@ BOOST_AUTO_TEST_CASE(ctrunc_at_rlimit_nofile_hands_over_what_arrived,
                      *boost::unit_test::precondition(steward::test::io_uring_available)) {
     const int before = open_fd_count();
     auto [mine, theirs] = steward::test::socket_pair();
-    std::vector<unique_fd> memfds;
-    for (int i = 0; i < 8; ++i) memfds.push_back(make_memfd("ctrunc " + std::to_string(i)));
+    std::vector<unique_fd> memfds = numbered_memfds(8, "ctrunc ");
     {
         // Queue the message first: the child then finds it at once, after lowering its limit.
         asio::io_context io;
@@ -527,18 +543,17 @@ BOOST_AUTO_TEST_CASE(ctrunc_at_rlimit_nofile_hands_over_what_arrived,
         char buf[4] = {};
         std::optional<std::error_code> result;
         std::size_t bytes = 0;
-        steward::io::async_recv_fds(socket, asio::buffer(buf),
-                                    [&](std::error_code ec, std::size_t n, std::vector<unique_fd> fds) {
-                                        result = ec;
-                                        bytes = n;
-                                        check.expect(fds.size() == 2, "the two descriptors that fit");
-                                        for (std::size_t i = 0; i < fds.size(); ++i) {
-                                            check.expect(is_cloexec(fds[i].get()), "CLOEXEC");
-                                            check.expect(read_contents(fds[i].get()) ==
-                                                             "ctrunc " + std::to_string(i),
-                                                         "first descriptors, in order");
-                                        }
-                                    });
+        steward::io::async_recv_fds(
+            socket, asio::buffer(buf), [&](std::error_code ec, std::size_t n, std::vector<unique_fd> fds) {
+                result = ec;
+                bytes = n;
+                check.expect(fds.size() == 2, "the two descriptors that fit");
+                for (std::size_t i = 0; i < fds.size(); ++i) {
+                    check.expect(is_cloexec(fds[i].get()), "CLOEXEC");
+                    check.expect(read_contents(fds[i].get()) == "ctrunc " + std::to_string(i),
+                                 "first descriptors, in order");
+                }
+            });
         io.run();
         check.expect(result.has_value() && *result == steward::errc::control_truncated, "control_truncated");
         check.expect(bytes == 1 && buf[0] == 'T', "the data byte still arrived");
@@ -575,8 +590,8 @@ STEWARD_CORO_TEST(foreign_control_message_is_unexpected_control) {
     theirs.reset();
     auto socket = adopt(ctx, std::move(mine));
     char buf[4] = {};
-    auto [ec, n, fds] = co_await steward::io::async_recv_fds(socket, asio::buffer(buf),
-                                                             asio::as_tuple(asio::use_awaitable));
+    auto [ec, n, fds] =
+        co_await steward::io::async_recv_fds(socket, asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
     BOOST_TEST((ec == steward::errc::unexpected_control));
     BOOST_TEST(n == 1u);
     BOOST_REQUIRE(fds.size() == 2u);
@@ -600,7 +615,8 @@ static boost::test_tools::assertion_result passpidfd_supported(boost::unit_test:
     if (!io_uring) return io_uring;
     auto [a, b] = steward::test::socket_pair();
     const int on = 1;
-    boost::test_tools::assertion_result ok(::setsockopt(a.get(), SOL_SOCKET, SO_PASSPIDFD, &on, sizeof on) == 0);
+    boost::test_tools::assertion_result ok(::setsockopt(a.get(), SOL_SOCKET, SO_PASSPIDFD, &on, sizeof on) ==
+                                           0);
     if (!ok) ok.message() << "SO_PASSPIDFD unsupported (kernel < 6.5), test skipped";
     return ok;
 }
@@ -630,11 +646,12 @@ BOOST_AUTO_TEST_CASE(scm_pidfd_is_unexpected_control_and_closed,
     char buf[4] = {};
     std::optional<std::error_code> result;
     std::vector<unique_fd> got;
-    steward::io::async_recv_fds(socket, asio::buffer(buf), [&](std::error_code ec, std::size_t n, std::vector<unique_fd> fds) {
-        result = ec;
-        BOOST_TEST(n == 1u);
-        got = std::move(fds);
-    });
+    steward::io::async_recv_fds(socket, asio::buffer(buf),
+                                [&](std::error_code ec, std::size_t n, std::vector<unique_fd> fds) {
+                                    result = ec;
+                                    BOOST_TEST(n == 1u);
+                                    got = std::move(fds);
+                                });
     io.run();
     BOOST_REQUIRE(result.has_value());
     BOOST_TEST((*result == steward::errc::unexpected_control));
@@ -658,8 +675,8 @@ STEWARD_CORO_TEST(peer_exit_is_eof) {
     theirs.reset();
     auto socket = adopt(ctx, std::move(mine));
     char buf[4] = {};
-    auto [ec, n, fds] = co_await steward::io::async_recv_fds(socket, asio::buffer(buf),
-                                                             asio::as_tuple(asio::use_awaitable));
+    auto [ec, n, fds] =
+        co_await steward::io::async_recv_fds(socket, asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
     BOOST_TEST((ec == asio::error::eof));
     BOOST_TEST(n == 0u);
     BOOST_TEST(fds.empty());
@@ -698,8 +715,9 @@ STEWARD_CORO_TEST(cancelled_receive_is_operation_aborted_and_leaks_nothing) {
         asio::io_context io;
         auto socket = adopt(io, std::move(theirs));
         const int fds[] = {a.get(), b.get()};
-        steward::io::async_send_fds(socket, fds, asio::buffer("late", 4),
-                                    [&](std::error_code ec, std::size_t n) { check.expect(!ec && n == 4, "send"); });
+        steward::io::async_send_fds(
+            socket, fds, asio::buffer("late", 4),
+            [&](std::error_code ec, std::size_t n) { check.expect(!ec && n == 4, "send"); });
         io.run();
         return check.exit_code();
     });
@@ -713,7 +731,8 @@ STEWARD_CORO_TEST(cancelled_receive_is_operation_aborted_and_leaks_nothing) {
         asio::cancellation_signal signal;
         asio::post(ctx, [&] { signal.emit(type); });
         auto [ec, n, fds] = co_await steward::io::async_recv_fds(
-            socket, asio::buffer(buf), asio::bind_cancellation_slot(signal.slot(), asio::as_tuple(asio::use_awaitable)));
+            socket, asio::buffer(buf),
+            asio::bind_cancellation_slot(signal.slot(), asio::as_tuple(asio::use_awaitable)));
         BOOST_TEST((ec == asio::error::operation_aborted), "cancellation type " << static_cast<int>(type));
         BOOST_TEST(n == 0u);
         BOOST_TEST(fds.empty());
@@ -721,8 +740,8 @@ STEWARD_CORO_TEST(cancelled_receive_is_operation_aborted_and_leaks_nothing) {
 
     {  // socket.cancel() reaches the pending wait as well
         asio::post(ctx, [&] { socket.cancel(); });
-        auto [ec, n, fds] =
-            co_await steward::io::async_recv_fds(socket, asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
+        auto [ec, n, fds] = co_await steward::io::async_recv_fds(socket, asio::buffer(buf),
+                                                                 asio::as_tuple(asio::use_awaitable));
         BOOST_TEST((ec == asio::error::operation_aborted));
         BOOST_TEST(fds.empty());
     }
@@ -778,18 +797,20 @@ BOOST_AUTO_TEST_CASE(send_cancelled_before_any_byte_sends_nothing,
             asio::cancellation_signal signal;
             std::optional<std::error_code> result;
             std::size_t sent = 99;
-            steward::io::async_send_fds(socket, fds, asio::buffer("payload", 7),
-                                        asio::bind_cancellation_slot(signal.slot(), [&](std::error_code ec, std::size_t n) {
-                                            result = ec;
-                                            sent = n;
-                                        }));
+            steward::io::async_send_fds(
+                socket, fds, asio::buffer("payload", 7),
+                asio::bind_cancellation_slot(signal.slot(), [&](std::error_code ec, std::size_t n) {
+                    result = ec;
+                    sent = n;
+                }));
             io.poll();
             BOOST_TEST(!result.has_value());  // stalled on a full buffer
             signal.emit(type);
             io.run();
             io.restart();
             BOOST_REQUIRE(result.has_value());
-            BOOST_TEST((*result == asio::error::operation_aborted), "cancellation type " << static_cast<int>(type));
+            BOOST_TEST((*result == asio::error::operation_aborted),
+                       "cancellation type " << static_cast<int>(type));
             BOOST_TEST(sent == 0u);
         }
 
@@ -816,7 +837,7 @@ BOOST_AUTO_TEST_CASE(send_cancelled_before_any_byte_sends_nothing,
 BOOST_AUTO_TEST_CASE(send_cancellation_after_partial_send,
                      *boost::unit_test::precondition(steward::test::io_uring_available)) {
     const int before = open_fd_count();
-    const std::string data = pattern(256 * 1024);
+    const std::string data = pattern(std::size_t{256} * 1024);
     for (auto type : {asio::cancellation_type::partial, asio::cancellation_type::total,
                       asio::cancellation_type::terminal}) {
         asio::io_context io;
@@ -829,11 +850,12 @@ BOOST_AUTO_TEST_CASE(send_cancellation_after_partial_send,
         asio::cancellation_signal signal;
         std::optional<std::error_code> result;
         std::size_t sent = 0;
-        steward::io::async_send_fds(socket, fds, asio::buffer(data),
-                                    asio::bind_cancellation_slot(signal.slot(), [&](std::error_code ec, std::size_t n) {
-                                        result = ec;
-                                        sent = n;
-                                    }));
+        steward::io::async_send_fds(
+            socket, fds, asio::buffer(data),
+            asio::bind_cancellation_slot(signal.slot(), [&](std::error_code ec, std::size_t n) {
+                result = ec;
+                sent = n;
+            }));
         io.poll();
         BOOST_REQUIRE(!result.has_value());
         signal.emit(type);
@@ -891,10 +913,12 @@ STEWARD_CORO_TEST(seq_packet_keeps_message_boundaries_and_reports_truncation) {
         const int first[] = {one.get()};
         const int second[] = {two.get(), one.get()};
         co_await steward::io::async_send_fds(sender, first, asio::buffer("first", 5), asio::use_awaitable);
-        co_await steward::io::async_send_fds(sender, second, asio::buffer("second message", 14), asio::use_awaitable);
+        co_await steward::io::async_send_fds(sender, second, asio::buffer("second message", 14),
+                                             asio::use_awaitable);
 
         char buf[8] = {};
-        auto [n, fds] = co_await steward::io::async_recv_fds(receiver, asio::buffer(buf), asio::use_awaitable);
+        auto [n, fds] =
+            co_await steward::io::async_recv_fds(receiver, asio::buffer(buf), asio::use_awaitable);
         BOOST_TEST(std::string(buf, n) == "first");
         BOOST_REQUIRE(fds.size() == 1u);
         BOOST_TEST(read_contents(fds[0].get()) == "one");

@@ -48,7 +48,8 @@ public:
         if (pid_ <= 0) return;
         ::kill(pid_, SIGKILL);
         int status = 0;
-        while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {}
+        while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+        }
     }
 
     [[nodiscard]] pid_t pid() const noexcept { return pid_; }
@@ -56,7 +57,8 @@ public:
     /// Exit code, or 128 + signal number when it died by a signal.
     int wait() {
         int status = 0;
-        while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {}
+        while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+        }
         pid_ = -1;
         return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     }
@@ -137,6 +139,8 @@ inline bool wait_byte(int fd) {
     return n == 1;
 }
 
-inline bool send_byte(int fd, char c = 'g') { return ::write(fd, &c, 1) == 1; }
+inline bool send_byte(int fd, char c = 'g') {
+    return ::write(fd, &c, 1) == 1;
+}
 
 }  // namespace steward::test

@@ -33,18 +33,19 @@ public:
     template <typename Self>
     void operator()(Self& self, std::error_code ec = {}) {
         switch (phase_) {
-        case phase::starting:
-            self.reset_cancellation_state(asio::enable_total_cancellation());
-            phase_ = phase::waiting;
-            // recvmsg into zero bytes cannot tell EOF from nothing, and descriptors need a byte.
-            if (data_.size() == 0) return finish(self, asio::error::invalid_argument, 0, true);
-            return attempt(self, true);
-        case phase::waiting:
-            if (!ec && self.cancelled() != asio::cancellation_type::none) ec = asio::error::operation_aborted;
-            if (ec) return finish(self, ec, 0, false);
-            return attempt(self, false);
-        case phase::completing:
-            return self.complete(result_, received_, std::move(fds_));
+            case phase::starting:
+                self.reset_cancellation_state(asio::enable_total_cancellation());
+                phase_ = phase::waiting;
+                // recvmsg into zero bytes cannot tell EOF from nothing, and descriptors need a byte.
+                if (data_.size() == 0) return finish(self, asio::error::invalid_argument, 0, true);
+                return attempt(self, true);
+            case phase::waiting:
+                if (!ec && self.cancelled() != asio::cancellation_type::none)
+                    ec = asio::error::operation_aborted;
+                if (ec) return finish(self, ec, 0, false);
+                return attempt(self, false);
+            case phase::completing:
+                return self.complete(result_, received_, std::move(fds_));
         }
     }
 
@@ -53,8 +54,8 @@ private:
 
     template <typename Self>
     void attempt(Self& self, bool initiating) {
-        const attempt_result r = recv_attempt(socket_.native_handle(), data_, control_,
-                                              socket_kind_of<Socket>::value, fds_);
+        const attempt_result r =
+            recv_attempt(socket_.native_handle(), data_, control_, socket_kind_of<Socket>::value, fds_);
         if (r.would_block) {
             socket_.async_wait(Socket::wait_read, std::move(self));
             return;  // `this` now lives inside the moved handler: touch nothing
@@ -135,8 +136,9 @@ private:
 /// descriptors stay queued for the next receive.
 template <fd_passing_socket Socket,
           typename CompletionToken = asio::default_completion_token_t<typename Socket::executor_type>>
-auto async_recv_fds(Socket& socket, asio::mutable_buffer data,
-                    CompletionToken&& token = asio::default_completion_token_t<typename Socket::executor_type>()) {
+auto async_recv_fds(
+    Socket& socket, asio::mutable_buffer data,
+    CompletionToken&& token = asio::default_completion_token_t<typename Socket::executor_type>()) {
     return asio::async_compose<CompletionToken, void(std::error_code, std::size_t, std::vector<unique_fd>)>(
         detail::recv_fds_op<Socket>(socket, data, detail::scm_rights_control::for_receive()), token, socket);
 }

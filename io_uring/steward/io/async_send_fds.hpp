@@ -33,19 +33,20 @@ public:
     template <typename Self>
     void operator()(Self& self, std::error_code ec = {}) {
         switch (phase_) {
-        case phase::starting:
-            // Until a byte is out, stopping is harmless: every cancellation type is honoured.
-            self.reset_cancellation_state(asio::enable_total_cancellation());
-            phase_ = phase::waiting;
-            if (result_) return finish(self, result_, true);
-            return attempt(self, true);
-        case phase::waiting:
-            // A cancellation requested after the wait had already completed still counts.
-            if (!ec && self.cancelled() != asio::cancellation_type::none) ec = asio::error::operation_aborted;
-            if (ec) return finish(self, ec, false);
-            return attempt(self, false);
-        case phase::completing:
-            return self.complete(result_, sent_);
+            case phase::starting:
+                // Until a byte is out, stopping is harmless: every cancellation type is honoured.
+                self.reset_cancellation_state(asio::enable_total_cancellation());
+                phase_ = phase::waiting;
+                if (result_) return finish(self, result_, true);
+                return attempt(self, true);
+            case phase::waiting:
+                // A cancellation requested after the wait had already completed still counts.
+                if (!ec && self.cancelled() != asio::cancellation_type::none)
+                    ec = asio::error::operation_aborted;
+                if (ec) return finish(self, ec, false);
+                return attempt(self, false);
+            case phase::completing:
+                return self.complete(result_, sent_);
         }
     }
 
@@ -147,15 +148,17 @@ private:
 /// be closed.
 template <fd_passing_socket Socket,
           typename CompletionToken = asio::default_completion_token_t<typename Socket::executor_type>>
-auto async_send_fds(Socket& socket, std::span<const int> fds, asio::const_buffer data,
-                    CompletionToken&& token = asio::default_completion_token_t<typename Socket::executor_type>()) {
+auto async_send_fds(
+    Socket& socket, std::span<const int> fds, asio::const_buffer data,
+    CompletionToken&& token = asio::default_completion_token_t<typename Socket::executor_type>()) {
     // Validated here, reported through the handler: the bad request sends nothing at all.
     std::error_code refused;
     if (fds.size() > max_fds_per_message)
         refused = errc::too_many_fds;
     else if (!fds.empty() && data.size() == 0)
         refused = errc::empty_payload;
-    detail::scm_rights_control control = refused ? detail::scm_rights_control{} : detail::scm_rights_control{fds};
+    detail::scm_rights_control control =
+        refused ? detail::scm_rights_control{} : detail::scm_rights_control{fds};
     return asio::async_compose<CompletionToken, void(std::error_code, std::size_t)>(
         detail::send_fds_op<Socket>(socket, std::move(control), data, refused), token, socket);
 }

@@ -93,8 +93,9 @@ struct attempt_result {
 /// installed is owned by a unique_fd before anything else can fail; SCM_RIGHTS descriptors are
 /// appended to @p fds (also on control_truncated / unexpected_control), descriptors carried by any
 /// other control message are closed. Throws std::bad_alloc only, and then closes what arrived.
-[[nodiscard]] attempt_result recv_attempt(int fd, asio::mutable_buffer data, const scm_rights_control& control,
-                                          socket_kind kind, std::vector<unique_fd>& fds);
+[[nodiscard]] attempt_result recv_attempt(int fd, asio::mutable_buffer data,
+                                          const scm_rights_control& control, socket_kind kind,
+                                          std::vector<unique_fd>& fds);
 
 }  // namespace steward::io::detail
 
@@ -106,7 +107,7 @@ namespace steward::io {
 template <typename Socket>
 concept fd_passing_socket = requires(Socket& socket) {
     detail::socket_kind_of<Socket>::value;
-    { socket.native_handle() } -> std::convertible_to<int>;
+    requires std::convertible_to<decltype(socket.native_handle()), int>;
 };
 
 }  // namespace steward::io
