@@ -15,6 +15,7 @@
 #include <array>
 #include <cerrno>
 #include <cstring>
+#include <exception>
 #include <memory>
 
 namespace steward::tracker {
@@ -110,16 +111,27 @@ void daemon_core::on_line(std::string_view line) {
         return;
     }
     switch (msg.cmd) {
-    case command::register_resource: {
-        const auto [handle, fresh] = registry_.insert(msg.type, msg.name);
-        // A repeated REGISTER is about the object under the name now (it may have been unlinked
-        // and created again by the family since), so its identity is looked up again.
-        if (fresh || registry_.renew_identity(handle)) {
-            if (pending_identity_.empty()) pending_since_ = std::chrono::steady_clock::now();
-            pending_identity_.push_back(handle);
+    case command::register_resource:
+        try {
+            const auto [handle, fresh] = registry_.insert(msg.type, msg.name);
+            // A repeated REGISTER is about the object under the name now (it may have been
+            // unlinked and created again by the family since), so its identity is looked up again.
+            if (fresh || registry_.renew_identity(handle)) {
+                if (pending_identity_.empty()) pending_since_ = std::chrono::steady_clock::now();
+                pending_identity_.push_back(handle);
+            }
+        } catch (const std::exception& e) {
+            // Out of memory: this name cannot be tracked, but everything else still can, and the
+            // family is still alive — stopping now would remove resources still in use.
+            ++untracked_;
+            output_ += prefix;
+            output_ += "cannot track ";
+            append_quoted(output_, msg.name);
+            output_ += ": ";
+            output_ += e.what();
+            output_ += '\n';
         }
         break;
-    }
     case command::unregister_resource:
         if (!registry_.erase(msg.type, msg.name)) {
             ++malformed_;
@@ -245,7 +257,7 @@ int daemon_core::finish() {
         });
         flush();
     }
-    if (failed) return exit_cleanup_failed;
+    if (failed || untracked_ != 0) return exit_cleanup_failed;
     if (malformed_ != 0) return exit_malformed_input;
     return leaked ? exit_leaks_cleaned : exit_clean;
 }

@@ -3,7 +3,8 @@
 // bytes in (any chunking), warnings and the shutdown report out, an exit status at the end.
 //
 // Exit status (docs/tracker.md): 0 nothing leaked and no bad input; 1 leaks found and all
-// cleaned; 2 a cleanup failed; 3 malformed input seen. Precedence 2 > 3 > 1.
+// cleaned; 2 a cleanup failed (or a name could not be tracked for lack of memory); 3 malformed
+// input seen. Precedence 2 > 3 > 1.
 
 #include "tracker/codec.hpp"
 #include "tracker/registry.hpp"
@@ -63,6 +64,7 @@ private:
     int report_fd_;
     std::uint64_t messages_ = 0;
     std::uint64_t malformed_ = 0;
+    std::uint64_t untracked_ = 0;  // REGISTERs that failed for lack of memory
 };
 
 /// Appends a Python-repr-like quoted form of @p bytes ('name', with \n, \xNN escapes) to @p out.
