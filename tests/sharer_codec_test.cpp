@@ -597,3 +597,206 @@ BOOST_AUTO_TEST_CASE(native_rejects_truncation_and_garbage) {
         (void)native::decode(junk, ec);  // must not crash or read out of bounds (ASan run)
     }
 }
+
+// ---- native stream decoding with descriptor batches -------------------------------------------
+
+#include "sharer/native_stream.hpp"
+
+#include <fcntl.h>
+
+namespace {
+
+steward::unique_fd open_null() {
+    steward::unique_fd fd(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    BOOST_REQUIRE(fd);
+    return fd;
+}
+
+// A server's output: frames, and for each frame that carries descriptors, the batch.
+struct wire {
+    std::vector<std::byte> bytes;
+    struct fd_frame {
+        std::size_t first = 0, last = 0;  // byte range of the frame
+        std::vector<steward::unique_fd> fds;
+    };
+    std::vector<fd_frame> fd_frames;
+    std::vector<int> numbers;  // every descriptor number, in sending order
+
+    void add(const native::message& m) {
+        const std::size_t first = bytes.size();
+        native::append_frame(bytes, m);
+        if (const auto* r = std::get_if<native::reply>(&m); r && r->part_fds > 0) {
+            fd_frame f{first, bytes.size(), {}};
+            for (int i = 0; i < r->part_fds; ++i) {
+                f.fds.push_back(open_null());
+                numbers.push_back(f.fds.back().get());
+            }
+            fd_frames.push_back(std::move(f));
+        }
+    }
+};
+
+// Feeds @p w to @p dec in reads cut by @p rng the way the kernel cuts them (a read never goes
+// past the end of a descriptor-carrying sendmsg; the batch arrives with the read holding its
+// first byte), collecting every event.
+std::vector<native::stream_decoder::event> receive(wire& w, native::stream_decoder& dec, std::mt19937_64& rng,
+                                                   std::error_code& ec,
+                                                   std::size_t truncate_frame = SIZE_MAX) {
+    std::vector<native::stream_decoder::event> events;
+    std::size_t pos = 0, next_fd_frame = 0;
+    while (pos < w.bytes.size() && !ec) {
+        std::size_t len = 1 + rng() % 40;
+        len = std::min(len, w.bytes.size() - pos);
+        std::vector<steward::unique_fd> batch;
+        bool truncated = false;
+        if (next_fd_frame < w.fd_frames.size()) {
+            auto& f = w.fd_frames[next_fd_frame];
+            if (pos + len > f.first) {  // this read reaches the batch's first byte
+                len = std::min(len, f.last - pos);
+                batch = std::move(f.fds);
+                if (next_fd_frame == truncate_frame) {
+                    batch.resize(batch.size() / 2);  // MSG_CTRUNC: the rest was dropped (closed)
+                    truncated = true;
+                }
+                ++next_fd_frame;
+            }
+        }
+        auto space = dec.prepare(len);
+        std::copy_n(w.bytes.begin() + static_cast<std::ptrdiff_t>(pos), len, space.begin());
+        dec.commit(len, std::move(batch), truncated);
+        pos += len;
+        while (auto ev = dec.next(ec)) events.push_back(std::move(*ev));
+    }
+    return events;
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(native_stream_pairs_batches_with_their_parts) {
+    const int fds_before = steward::test::open_fd_count();
+    std::mt19937_64 rng(3);
+    for (int round = 0; round < 200; ++round) {
+        wire w;
+        w.add(native::hello_ack{1, 64, 65536});
+        w.add(native::failure_reply(1, native::reply_status::not_available));
+        for (const auto& part : native::split_reply(2, 600)) w.add(part);
+        for (const auto& part : native::split_reply(3, 1)) w.add(part);
+        w.add(native::error{native::error_code_value::shutting_down, "bye"});
+        native::stream_decoder dec;
+        native::reply_assembler assembler;
+        std::error_code ec;
+        auto events = receive(w, dec, rng, ec);
+        BOOST_REQUIRE_MESSAGE(!ec, ec.message());
+        BOOST_REQUIRE(events.size() == 7u);
+        BOOST_TEST(dec.buffered() == 0u);
+        BOOST_TEST((std::holds_alternative<native::hello_ack>(events[0].msg)));
+        BOOST_TEST((std::holds_alternative<native::error>(events[6].msg)));
+        std::vector<native::reply_assembler::completed> done;
+        for (std::size_t i = 1; i < 6; ++i) {
+            auto c = assembler.add(std::get<native::reply>(events[i].msg), std::move(events[i].fds),
+                                   events[i].truncated, ec);
+            BOOST_REQUIRE(!ec);
+            if (c) done.push_back(std::move(*c));
+        }
+        BOOST_REQUIRE(done.size() == 3u);
+        BOOST_TEST((done[0].status == native::reply_status::not_available));
+        BOOST_TEST(done[0].fds.empty());
+        BOOST_TEST(done[1].request_id == 2u);
+        BOOST_REQUIRE(done[1].fds.size() == 600u);
+        BOOST_REQUIRE(done[2].fds.size() == 1u);
+        bool same = true;
+        for (std::size_t i = 0; i < 600; ++i) same = same && done[1].fds[i].get() == w.numbers[i];
+        BOOST_TEST(same);  // every descriptor, in the sender's order
+        BOOST_TEST(done[2].fds[0].get() == w.numbers[600]);
+    }
+    BOOST_TEST(steward::test::open_fd_count() == fds_before);
+}
+
+BOOST_AUTO_TEST_CASE(native_stream_truncated_part_gives_nothing) {
+    const int fds_before = steward::test::open_fd_count();
+    std::mt19937_64 rng(5);
+    {
+        wire w;
+        for (const auto& part : native::split_reply(9, 600)) w.add(part);
+        for (const auto& part : native::split_reply(10, 2)) w.add(part);
+        native::stream_decoder dec;
+        std::error_code ec;
+        auto events = receive(w, dec, rng, ec, 1);  // the second part of request 9 is cut
+        BOOST_REQUIRE_MESSAGE(!ec, ec.message());
+        BOOST_REQUIRE(events.size() == 4u);
+        BOOST_TEST(events[1].truncated);
+        native::reply_assembler assembler;
+        std::vector<native::reply_assembler::completed> done;
+        for (auto& ev : events) {
+            auto c = assembler.add(std::get<native::reply>(ev.msg), std::move(ev.fds), ev.truncated, ec);
+            BOOST_REQUIRE(!ec);
+            if (c) done.push_back(std::move(*c));
+        }
+        BOOST_REQUIRE(done.size() == 2u);
+        BOOST_TEST(done[0].request_id == 9u);
+        BOOST_TEST((done[0].error == steward::errc::control_truncated));
+        BOOST_TEST(done[0].fds.empty());  // all-or-nothing: the parts that did arrive are closed
+        BOOST_TEST(!done[1].error);
+        BOOST_TEST(done[1].fds.size() == 2u);  // the connection goes on
+    }
+    BOOST_TEST(steward::test::open_fd_count() == fds_before);
+}
+
+BOOST_AUTO_TEST_CASE(native_stream_protocol_errors) {
+    const int fds_before = steward::test::open_fd_count();
+    auto run = [](std::vector<std::byte> bytes, std::size_t batch_at, std::size_t batch_size) {
+        native::stream_decoder dec;
+        std::error_code ec;
+        std::vector<steward::unique_fd> batch;
+        for (std::size_t i = 0; i < batch_size; ++i) batch.push_back(open_null());
+        // Two reads: [0, batch_at) and [batch_at, end); the batch rides on the second.
+        for (int read = 0; read < 2 && !ec; ++read) {
+            const std::size_t from = read == 0 ? 0 : batch_at, to = read == 0 ? batch_at : bytes.size();
+            auto space = dec.prepare(to - from);
+            std::copy(bytes.begin() + static_cast<std::ptrdiff_t>(from),
+                      bytes.begin() + static_cast<std::ptrdiff_t>(to), space.begin());
+            dec.commit(to - from, read == 1 ? std::move(batch) : std::vector<steward::unique_fd>{});
+            while (dec.next(ec)) {
+            }
+        }
+        return ec;
+    };
+    std::vector<std::byte> two_parts;
+    for (const auto& p : native::split_reply(1, 300)) native::append_frame(two_parts, p);
+    const std::size_t part_size = two_parts.size() / 2;
+    std::vector<std::byte> plain;
+    native::append_frame(plain, native::failure_reply(1, native::reply_status::busy));
+    native::append_frame(plain, native::hello_ack{1, 1, 1});
+
+    // Descriptors that no frame claims.
+    BOOST_TEST((run(plain, 0, 3) == steward::errc::malformed_message));
+    // A part that declares descriptors that never came (first part in a read without a batch).
+    BOOST_TEST((run(two_parts, part_size, 47) == steward::errc::malformed_message));
+    // More descriptors than declared.
+    {
+        std::vector<std::byte> one;
+        native::append_frame(one, native::split_reply(1, 2)[0]);
+        BOOST_TEST((run(one, 0, 3) == steward::errc::malformed_message));
+        BOOST_TEST((run(one, 0, 1) == steward::errc::malformed_message));  // fewer, not truncated
+        BOOST_TEST(!run(one, 0, 2));
+    }
+    // A frame above the limit and garbage inside a frame.
+    BOOST_TEST((run(from_hex("00010001"), 4, 0) == steward::errc::limit_exceeded));
+    BOOST_TEST((run(from_hex("00000001 09"), 5, 0) == steward::errc::malformed_message));
+
+    // Assembler: interleaving and out-of-order parts.
+    native::reply_assembler assembler;
+    std::error_code ec;
+    const auto parts = native::split_reply(4, 600);
+    BOOST_TEST(!assembler.add(parts[1], {}, false, ec));
+    BOOST_TEST((ec == steward::errc::malformed_message));  // does not start at part 0
+    std::vector<steward::unique_fd> batch;
+    for (int i = 0; i < 253; ++i) batch.push_back(open_null());
+    BOOST_TEST(!assembler.add(parts[0], std::move(batch), false, ec));
+    BOOST_TEST(!ec);
+    BOOST_TEST(assembler.in_progress());
+    BOOST_TEST(!assembler.add(native::split_reply(5, 1)[0], {}, false, ec));
+    BOOST_TEST((ec == steward::errc::malformed_message));  // another request in the middle
+    BOOST_TEST(!assembler.in_progress());
+    BOOST_TEST(steward::test::open_fd_count() == fds_before);  // the 253 were closed
+}

@@ -183,6 +183,10 @@ handshake::handshake(role r, const authkey& key) : role_(r), key_(key) {
 handshake::handshake(role r, const authkey& key, std::span<const std::byte, nonce_size> nonce)
     : role_(r), key_(key), challenge_(make_challenge(nonce)) {}
 
+handshake::~handshake() {
+    OPENSSL_cleanse(key_.bytes.data(), key_.bytes.size());
+}
+
 std::optional<std::vector<std::byte>> handshake::start() {
     if (step_ != step::start) return fail(errc::malformed_message, false);
     if (role_ == role::server) {

@@ -65,6 +65,10 @@ public:
     handshake(role r, const authkey& key);
     /// With a given nonce (tests).
     handshake(role r, const authkey& key, std::span<const std::byte, nonce_size> nonce);
+    handshake(const handshake&) = delete;
+    handshake& operator=(const handshake&) = delete;
+    /// Wipes the copy of the authkey.
+    ~handshake();
 
     /// The first payload to send, if this role speaks first (server: its challenge). Call once.
     [[nodiscard]] std::optional<std::vector<std::byte>> start();
