@@ -358,6 +358,30 @@ BOOST_AUTO_TEST_CASE(cancelled_wait_is_operation_aborted_and_the_child_stays_wai
     BOOST_TEST(status.signal() == SIGKILL);
 }
 
+// Two waits on one child both get its status; moving the handle while they are pending is fine.
+BOOST_AUTO_TEST_CASE(concurrent_waits_and_a_move_while_waiting,
+                     *boost::unit_test::precondition(steward::test::io_uring_available)) {
+    asio::io_context ctx;
+    sio::child_process original = sio::spawn(ctx.get_executor(), argv({"/bin/sh", "-c", "exit 7"}));
+    std::vector<sio::exit_status> results;
+    std::vector<std::error_code> errors;
+    auto record = [&](std::error_code ec, sio::exit_status s) {
+        errors.push_back(ec);
+        results.push_back(s);
+    };
+    original.async_wait(record);
+    original.async_wait(record);
+    sio::child_process moved = std::move(original);
+    BOOST_TEST(!original.valid());  // NOLINT(bugprone-use-after-move): checking the moved-from state
+    ctx.run_for(std::chrono::seconds(30));
+    BOOST_REQUIRE(results.size() == 2u);
+    for (std::size_t i = 0; i < 2; ++i) {
+        BOOST_TEST(!errors[i]);
+        BOOST_TEST((results[i] == sio::exit_status::from_exit_code(7)));
+    }
+    BOOST_TEST((moved.status() == sio::exit_status::from_exit_code(7)));
+}
+
 STEWARD_CORO_TEST(missing_or_non_executable_program_is_executable_not_found) {
     const auto ex = ctx.get_executor();
     const std::vector<std::string> paths =

@@ -188,7 +188,8 @@ public:
     /// - std::errc::no_child_process: no child held, or it was reaped by someone else (e.g. a
     ///   `waitpid(-1, ...)` elsewhere in the process).
     ///
-    /// Once reaped, further waits complete with the same status.
+    /// Once reaped, further waits complete with the same status. Several waits may be pending at
+    /// once, and the child_process may be moved while they are.
     ///
     /// @par Per-Operation Cancellation
     /// terminal, partial and total: nothing has happened to the child until the wait completes.
