@@ -32,7 +32,8 @@ namespace {
 
 std::string unique_name(std::string_view stem) {
     static std::atomic<int> counter{0};
-    return "/stw_codec_" + std::string(stem) + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++);
+    return "/stw_codec_" + std::string(stem) + "_" + std::to_string(::getpid()) + "_" +
+           std::to_string(counter++);
 }
 
 struct decoded {
@@ -84,7 +85,9 @@ struct shm_guard {
     ~shm_guard() { ::shm_unlink(name.c_str()); }
 };
 
-bool shm_exists(const std::string& name) { return ::access(("/dev/shm" + name).c_str(), F_OK) == 0; }
+bool shm_exists(const std::string& name) {
+    return ::access(("/dev/shm" + name).c_str(), F_OK) == 0;
+}
 
 }  // namespace
 
@@ -117,8 +120,9 @@ BOOST_AUTO_TEST_CASE(shm_and_semaphore_names_are_canonicalised_with_one_slash) {
     BOOST_TEST(decode("REGISTER:abc:shared_memory\n").name == "/abc");
     BOOST_TEST(decode("REGISTER:/abc:shared_memory\n").name == "/abc");
     BOOST_TEST(decode("REGISTER:abc:semaphore\n").name == "/abc");
-    BOOST_TEST(decode("{\"cmd\":\"REGISTER\",\"rtype\":\"semaphore\",\"base64_name\":\"" + b64("abc") + "\"}\n").name ==
-               "/abc");
+    BOOST_TEST(
+        decode("{\"cmd\":\"REGISTER\",\"rtype\":\"semaphore\",\"base64_name\":\"" + b64("abc") + "\"}\n")
+            .name == "/abc");
 }
 
 BOOST_AUTO_TEST_CASE(file_and_directory_paths_must_be_absolute_and_safe) {
@@ -146,7 +150,8 @@ BOOST_AUTO_TEST_CASE(colon_errors_are_precise) {
     BOOST_TEST((decode("REGISTER:/x:noop\n").error == decode_error::noop_registered));
     BOOST_TEST((decode("UNREGISTER:/x:noop\n").error == decode_error::noop_registered));
     BOOST_TEST((decode("REGISTER::shared_memory\n").error == decode_error::empty_name));
-    BOOST_TEST((decode(std::string("REGISTER:/a\0b:shared_memory\n", 28)).error == decode_error::nul_in_name));
+    BOOST_TEST(
+        (decode(std::string("REGISTER:/a\0b:shared_memory\n", 28)).error == decode_error::nul_in_name));
     BOOST_TEST((decode("REGISTER:/caf\xc3\xa9:shared_memory\n").error == decode_error::not_ascii));
     for (int e = 0; e <= static_cast<int>(decode_error::unsafe_path); ++e)
         BOOST_TEST(!describe(static_cast<decode_error>(e)).empty());
@@ -178,7 +183,8 @@ BOOST_AUTO_TEST_CASE(json_lines_decode_in_every_layout_python_produces) {
     for (const std::string line : {
              "{\"cmd\":\"REGISTER\",\"rtype\":\"shared_memory\",\"base64_name\":\"L3BzbV9hYmM=\"}\n",
              "{\"cmd\": \"REGISTER\", \"rtype\": \"shared_memory\", \"base64_name\": \"L3BzbV9hYmM=\"}\n",
-             "{\"base64_name\":\"L3BzbV9hYmM\",\"rtype\":\"shared_memory\",\"cmd\":\"REGISTER\",\"x\":[1,{\"y\":null}]}\n",
+             "{\"base64_name\":\"L3BzbV9hYmM\",\"rtype\":\"shared_memory\",\"cmd\":\"REGISTER\",\"x\":[1,{"
+             "\"y\":null}]}\n",
              "{\"cmd\":\"\\u0052EGISTER\",\"rtype\":\"shared_memory\",\"base64_name\":\"L3BzbV9hYmM=\"}\n",
              " {\"cmd\":\"REGISTER\",\"rtype\":\"shared_memory\",\"base64_name\":\"L3BzbV9hYmM=\"} \n",
          }) {
@@ -194,7 +200,8 @@ BOOST_AUTO_TEST_CASE(json_probe_needs_no_name_but_register_does) {
     auto d = decode("{\"cmd\":\"PROBE\",\"rtype\":\"noop\"}\n");
     BOOST_TEST((d.error == decode_error::none));
     BOOST_TEST((d.cmd == command::probe));
-    BOOST_TEST((decode("{\"cmd\":\"REGISTER\",\"rtype\":\"shared_memory\"}\n").error == decode_error::missing_field));
+    BOOST_TEST((decode("{\"cmd\":\"REGISTER\",\"rtype\":\"shared_memory\"}\n").error ==
+                decode_error::missing_field));
     BOOST_TEST((decode("{\"rtype\":\"noop\"}\n").error == decode_error::missing_field));
     BOOST_TEST((decode("{\"cmd\":\"PROBE\"}\n").error == decode_error::missing_field));
 }
@@ -203,14 +210,17 @@ BOOST_AUTO_TEST_CASE(json_base64_accepts_both_alphabets_and_optional_padding) {
     // 0xfb 0xff -> "-_8=" URL-safe, "+/8=" standard.
     const std::string raw = "/\xfb\xff";
     for (const std::string enc : {"L_v_", "L/v/", "L_v_"}) {
-        const auto d = decode("{\"cmd\":\"REGISTER\",\"rtype\":\"shared_memory\",\"base64_name\":\"" + enc + "\"}\n");
+        const auto d =
+            decode("{\"cmd\":\"REGISTER\",\"rtype\":\"shared_memory\",\"base64_name\":\"" + enc + "\"}\n");
         BOOST_TEST((d.error == decode_error::none), enc);
         BOOST_TEST(d.name == raw);
     }
-    const auto d = decode("{\"cmd\":\"REGISTER\",\"rtype\":\"file\",\"base64_name\":\"" + b64("/tmp/a") + "\"}");
+    const auto d =
+        decode("{\"cmd\":\"REGISTER\",\"rtype\":\"file\",\"base64_name\":\"" + b64("/tmp/a") + "\"}");
     BOOST_TEST(d.name == "/tmp/a");
     for (const std::string bad : {"L3BzbV9hYmM", "L3Bz!V9h", "L3BzbV9hYmM===", "L", "L3=z", "AAAAA"}) {
-        const auto e = decode("{\"cmd\":\"REGISTER\",\"rtype\":\"shared_memory\",\"base64_name\":\"" + bad + "\"}\n");
+        const auto e =
+            decode("{\"cmd\":\"REGISTER\",\"rtype\":\"shared_memory\",\"base64_name\":\"" + bad + "\"}\n");
         if (bad == "L3BzbV9hYmM") {
             BOOST_TEST((e.error == decode_error::none));  // unpadded is accepted
         } else {
@@ -226,7 +236,8 @@ BOOST_AUTO_TEST_CASE(json_errors_are_precise) {
     BOOST_TEST((decode("{\"cmd\":\"PROBE\",\"rtype\":\"noop\",}\n").error == decode_error::bad_json));
     BOOST_TEST((decode("{\"cmd\":\"PROBE\" \"rtype\":\"noop\"}\n").error == decode_error::bad_json));
     BOOST_TEST((decode("{\"cmd\":\"a\tb\",\"rtype\":\"noop\"}\n").error == decode_error::bad_json));
-    BOOST_TEST((decode("{\"cmd\":\"PROBE\",\"rtype\":\"noop\",\"z\":01x}\n").error == decode_error::bad_json));
+    BOOST_TEST(
+        (decode("{\"cmd\":\"PROBE\",\"rtype\":\"noop\",\"z\":01x}\n").error == decode_error::bad_json));
     BOOST_TEST((decode("{\"cmd\":1,\"rtype\":\"noop\"}\n").error == decode_error::field_not_string));
     BOOST_TEST((decode("{\"cmd\":\"REGISTER\",\"rtype\":\"shared_memory\",\"base64_name\":null}\n").error ==
                 decode_error::field_not_string));
@@ -237,10 +248,11 @@ BOOST_AUTO_TEST_CASE(json_errors_are_precise) {
                 decode_error::noop_registered));
     BOOST_TEST((decode("{\"cmd\":\"REGISTER\",\"rtype\":\"shared_memory\",\"base64_name\":\"\"}\n").error ==
                 decode_error::empty_name));
-    BOOST_TEST((decode("{\"cmd\":\"REGISTER\",\"rtype\":\"shared_memory\",\"base64_name\":\"" + b64(std::string("a\0b", 3)) +
-                       "\"}\n")
+    BOOST_TEST((decode("{\"cmd\":\"REGISTER\",\"rtype\":\"shared_memory\",\"base64_name\":\"" +
+                       b64(std::string("a\0b", 3)) + "\"}\n")
                     .error == decode_error::nul_in_name));
-    std::string deep = "{\"cmd\":\"PROBE\",\"rtype\":\"noop\",\"x\":" + std::string(100, '[') + std::string(100, ']') + "}";
+    std::string deep =
+        "{\"cmd\":\"PROBE\",\"rtype\":\"noop\",\"x\":" + std::string(100, '[') + std::string(100, ']') + "}";
     BOOST_TEST((decode(deep).error == decode_error::bad_json));  // nesting is bounded
 }
 
@@ -253,7 +265,8 @@ BOOST_AUTO_TEST_CASE(encoder_picks_colon_for_plain_names_and_json_otherwise) {
                "UNREGISTER:/mp-1 2:semaphore\n");
     BOOST_TEST(encode(command::probe, resource_type::noop, "") == "PROBE:0:noop\n");
     BOOST_TEST(encode(command::register_resource, resource_type::shared_memory, "/a:b") ==
-               "{\"cmd\":\"REGISTER\",\"rtype\":\"shared_memory\",\"base64_name\":\"" + b64("/a:b") + "\"}\n");
+               "{\"cmd\":\"REGISTER\",\"rtype\":\"shared_memory\",\"base64_name\":\"" + b64("/a:b") +
+                   "\"}\n");
     BOOST_TEST(needs_json("/a\nb"));
     BOOST_TEST(needs_json("/caf\xc3\xa9"));
     BOOST_TEST(needs_json("/tab\t"));
@@ -315,8 +328,8 @@ BOOST_AUTO_TEST_CASE(encoder_refuses_over_512_bytes_and_bad_arguments) {
                 std::errc::invalid_argument));
     BOOST_TEST((encode_message(command::register_resource, resource_type::file, "", out) ==
                 std::errc::invalid_argument));
-    BOOST_TEST((encode_message(command::register_resource, resource_type::file, std::string("/a\0", 3), out) ==
-                std::errc::invalid_argument));
+    BOOST_TEST((encode_message(command::register_resource, resource_type::file, std::string("/a\0", 3),
+                               out) == std::errc::invalid_argument));
 }
 
 // ---- garbage ------------------------------------------------------------------------------------
@@ -326,9 +339,12 @@ BOOST_AUTO_TEST_CASE(random_garbage_never_crashes_and_successes_are_well_formed)
     // never crash, and anything accepted must be a well-formed message that survives a re-encode.
     std::mt19937 rng(777);
     const std::vector<std::string> seeds = {
-        "REGISTER:/psm_abc:shared_memory\n", "UNREGISTER:/a:b:semaphore\n", "PROBE:0:noop\n",
+        "REGISTER:/psm_abc:shared_memory\n",
+        "UNREGISTER:/a:b:semaphore\n",
+        "PROBE:0:noop\n",
         "{\"cmd\":\"REGISTER\",\"rtype\":\"file\",\"base64_name\":\"L3RtcC94\"}\n",
-        "{\"cmd\": \"PROBE\", \"rtype\": \"noop\"}\n", "REGISTER:/tmp/d:directory\n"};
+        "{\"cmd\": \"PROBE\", \"rtype\": \"noop\"}\n",
+        "REGISTER:/tmp/d:directory\n"};
     int accepted = 0, refused = 0;
     for (int i = 0; i < 60000; ++i) {
         std::string line = seeds[rng() % seeds.size()];
@@ -336,10 +352,18 @@ BOOST_AUTO_TEST_CASE(random_garbage_never_crashes_and_successes_are_well_formed)
         for (int k = 0; k < edits && !line.empty(); ++k) {
             const std::size_t at = rng() % line.size();
             switch (rng() % 4) {
-            case 0: line[at] = static_cast<char>(rng() % 256); break;
-            case 1: line.erase(at, 1 + rng() % 4); break;
-            case 2: line.insert(at, 1, static_cast<char>(rng() % 256)); break;
-            case 3: line = line.substr(0, at); break;
+                case 0:
+                    line[at] = static_cast<char>(rng() % 256);
+                    break;
+                case 1:
+                    line.erase(at, 1 + rng() % 4);
+                    break;
+                case 2:
+                    line.insert(at, 1, static_cast<char>(rng() % 256));
+                    break;
+                case 3:
+                    line = line.substr(0, at);
+                    break;
             }
         }
         if (i % 10 == 0) {
@@ -374,8 +398,8 @@ BOOST_AUTO_TEST_CASE(splitter_handles_lines_across_chunks_and_reports_partial_an
     std::string stream;
     std::vector<std::string> expected;
     for (int i = 0; i < 200; ++i) {
-        std::string l = "REGISTER:/n" + std::to_string(i) + std::string(static_cast<std::size_t>(i * 7 % 300), 'p') +
-                        ":shared_memory\n";
+        std::string l = "REGISTER:/n" + std::to_string(i) +
+                        std::string(static_cast<std::size_t>(i * 7 % 300), 'p') + ":shared_memory\n";
         expected.push_back(l);
         stream += l;
         if (i == 50) stream += std::string(2000, 'X') + "\n";  // oversized, spans many chunks
@@ -427,7 +451,8 @@ BOOST_AUTO_TEST_CASE(registry_lookup_depends_only_on_the_name_bytes) {
         const std::string stored = name + std::string(32, 'X');
         const std::string probe = name + std::string(32, 'Y');
         BOOST_REQUIRE(r.insert(resource_type::shared_memory, std::string_view(stored).substr(0, len)).second);
-        BOOST_TEST(r.find(resource_type::shared_memory, std::string_view(probe).substr(0, len)) != registry::no_handle,
+        BOOST_TEST(r.find(resource_type::shared_memory, std::string_view(probe).substr(0, len)) !=
+                       registry::no_handle,
                    "length " << len);
         BOOST_TEST(!r.insert(resource_type::shared_memory, std::string_view(probe).substr(0, len)).second);
     }
@@ -443,7 +468,8 @@ BOOST_AUTO_TEST_CASE(registry_survives_growth_churn_and_compaction) {
     // Churn: register and unregister many fresh names; memory must not grow with the churn.
     for (int round = 0; round < 4; ++round) {
         for (int i = 0; i < n; ++i) r.insert(resource_type::shared_memory, "/churn" + std::to_string(i));
-        for (int i = 0; i < n; ++i) BOOST_REQUIRE(r.erase(resource_type::shared_memory, "/churn" + std::to_string(i)));
+        for (int i = 0; i < n; ++i)
+            BOOST_REQUIRE(r.erase(resource_type::shared_memory, "/churn" + std::to_string(i)));
         r.compact();
     }
     BOOST_TEST(r.size() == static_cast<std::size_t>(n / 2));
@@ -507,7 +533,7 @@ BOOST_AUTO_TEST_CASE(remove_tree_never_follows_symlinks_and_refuses_unsafe_paths
     BOOST_TEST(!fs::exists(fs::symlink_status(base / "dirlink")));
 
     for (const std::string& bad : std::vector<std::string>{"relative/dir", "/", "//", (base / "..").string(),
-                                                          base.string() + "/./outside"}) {
+                                                           base.string() + "/./outside"}) {
         failures.clear();
         BOOST_TEST((remove_tree(bad, std::nullopt, record) == cleanup_result::failed), bad);
         BOOST_TEST(failures.size() == 1u);
@@ -543,7 +569,8 @@ BOOST_AUTO_TEST_CASE(remove_resource_unlinks_shm_semaphores_and_files_with_ident
     std::error_code ec;
     const auto id = lookup_identity(resource_type::shared_memory, shm.name.substr(1), ec);  // "abc" == "/abc"
     BOOST_REQUIRE(id.has_value());
-    BOOST_TEST((remove_resource(resource_type::shared_memory, shm.name, id, none) == cleanup_result::removed));
+    BOOST_TEST(
+        (remove_resource(resource_type::shared_memory, shm.name, id, none) == cleanup_result::removed));
     BOOST_TEST(!shm_exists(shm.name));
     BOOST_TEST((remove_resource(resource_type::shared_memory, shm.name, std::nullopt, none) ==
                 cleanup_result::already_gone));
@@ -555,7 +582,8 @@ BOOST_AUTO_TEST_CASE(remove_resource_unlinks_shm_semaphores_and_files_with_ident
     BOOST_TEST(::access(("/dev/shm/sem." + sem_name.substr(1)).c_str(), F_OK) == 0);
     const auto sem_id = lookup_identity(resource_type::semaphore, sem_name, ec);
     BOOST_REQUIRE(sem_id.has_value());
-    BOOST_TEST((remove_resource(resource_type::semaphore, sem_name, sem_id, none) == cleanup_result::removed));
+    BOOST_TEST(
+        (remove_resource(resource_type::semaphore, sem_name, sem_id, none) == cleanup_result::removed));
     BOOST_TEST(::access(("/dev/shm/sem." + sem_name.substr(1)).c_str(), F_OK) != 0);
 
     // A file replaced by another object under the same name is left alone (the old one is held
@@ -598,10 +626,11 @@ BOOST_AUTO_TEST_CASE(dev_shm_listing_reports_the_same_identities_as_lstat) {
     BOOST_REQUIRE(sem != SEM_FAILED);
     ::sem_close(sem);
     std::optional<file_identity> seen_shm, seen_sem;
-    const bool complete = scan_shm_directory(1000000, [&](resource_type t, std::string_view n, const file_identity& id) {
-        if (t == resource_type::shared_memory && n == shm.name) seen_shm = id;
-        if (t == resource_type::semaphore && n == sem_name) seen_sem = id;
-    });
+    const bool complete =
+        scan_shm_directory(1000000, [&](resource_type t, std::string_view n, const file_identity& id) {
+            if (t == resource_type::shared_memory && n == shm.name) seen_shm = id;
+            if (t == resource_type::semaphore && n == sem_name) seen_sem = id;
+        });
     std::error_code ec;
     BOOST_TEST(complete);
     BOOST_REQUIRE(seen_shm.has_value());
@@ -628,7 +657,7 @@ BOOST_AUTO_TEST_CASE(daemon_core_tracks_across_chunks_and_reports_in_cpython_wor
     {
         daemon_core core(wr.get());
         std::string stream = "REGISTER:" + a.name.substr(1) + ":shared_memory\n";  // without the slash
-        stream += "REGISTER:" + a.name + ":shared_memory\n";                     // same object
+        stream += "REGISTER:" + a.name + ":shared_memory\n";                       // same object
         stream += "REGISTER:" + b.name + ":shared_memory\n";
         stream += "UNREGISTER:" + b.name + ":shared_memory\n";
         stream += "PROBE:0:noop\n";
@@ -644,8 +673,10 @@ BOOST_AUTO_TEST_CASE(daemon_core_tracks_across_chunks_and_reports_in_cpython_wor
     std::string report(4096, '\0');
     report.resize(static_cast<std::size_t>(::read(rd.get(), report.data(), report.size())));
     BOOST_TEST(status == exit_leaks_cleaned);
-    BOOST_TEST(report == "steward-tracker: There appear to be 1 leaked shared_memory objects to clean up at shutdown: {'" +
-                             a.name + "'}\n");
+    BOOST_TEST(
+        report ==
+        "steward-tracker: There appear to be 1 leaked shared_memory objects to clean up at shutdown: {'" +
+            a.name + "'}\n");
     BOOST_TEST(!shm_exists(a.name));
 }
 

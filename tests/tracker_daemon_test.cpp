@@ -41,10 +41,13 @@ constexpr int child_fd = 9;  // the descriptor number the daemon is told to read
 
 std::string unique_name(std::string_view stem) {
     static std::atomic<int> counter{0};
-    return "/stw_dmn_" + std::string(stem) + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++);
+    return "/stw_dmn_" + std::string(stem) + "_" + std::to_string(::getpid()) + "_" +
+           std::to_string(counter++);
 }
 
-bool shm_exists(const std::string& name) { return ::access(("/dev/shm" + name).c_str(), F_OK) == 0; }
+bool shm_exists(const std::string& name) {
+    return ::access(("/dev/shm" + name).c_str(), F_OK) == 0;
+}
 
 // A POSIX shared memory segment created for a test and removed at scope exit whatever happens.
 struct test_shm {
@@ -59,8 +62,9 @@ struct test_shm {
 
 struct test_dir {
     fs::path path;
-    explicit test_dir(std::string_view stem)
-        : path(fs::temp_directory_path() / unique_name(stem).substr(1)) { fs::create_directories(path); }
+    explicit test_dir(std::string_view stem) : path(fs::temp_directory_path() / unique_name(stem).substr(1)) {
+        fs::create_directories(path);
+    }
     ~test_dir() {
         std::error_code ec;
         fs::remove_all(path, ec);
@@ -73,8 +77,12 @@ std::string line(command cmd, resource_type type, std::string_view name) {
     BOOST_REQUIRE_MESSAGE(!ec, ec.message());
     return std::string(m.view());
 }
-std::string reg(resource_type t, std::string_view n) { return line(command::register_resource, t, n); }
-std::string unreg(resource_type t, std::string_view n) { return line(command::unregister_resource, t, n); }
+std::string reg(resource_type t, std::string_view n) {
+    return line(command::register_resource, t, n);
+}
+std::string unreg(resource_type t, std::string_view n) {
+    return line(command::unregister_resource, t, n);
+}
 
 // One daemon under test. Its stdin is /dev/null, stdout ours, stderr a pipe we read at the end.
 class daemon_process {
@@ -205,8 +213,8 @@ private:
 };
 
 std::string leak_line(std::string_view type, const std::vector<std::string>& quoted_names) {
-    std::string l = "steward-tracker: There appear to be " + std::to_string(quoted_names.size()) + " leaked " +
-                    std::string(type) + " objects to clean up at shutdown: {";
+    std::string l = "steward-tracker: There appear to be " + std::to_string(quoted_names.size()) +
+                    " leaked " + std::string(type) + " objects to clean up at shutdown: {";
     for (std::size_t i = 0; i < quoted_names.size(); ++i) l += (i ? ", '" : "'") + quoted_names[i] + "'";
     return l + "}";
 }
@@ -219,7 +227,8 @@ bool contains(const std::string& haystack, std::string_view needle) {
 boost::test_tools::assertion_result python3_available(boost::unit_test::test_unit_id) {
     const bool ok = std::system("python3 -c 'import multiprocessing.resource_tracker' >/dev/null 2>&1") == 0;
     boost::test_tools::assertion_result result(ok);
-    if (!ok) result.message() << "python3 with multiprocessing not found: CPython interoperability test skipped";
+    if (!ok)
+        result.message() << "python3 with multiprocessing not found: CPython interoperability test skipped";
     return result;
 }
 
@@ -237,10 +246,12 @@ std::string capture(const std::string& command) {
 }  // namespace
 
 BOOST_AUTO_TEST_CASE(help_version_and_usage_errors) {
-    BOOST_TEST(capture(std::string(STEWARD_TRACKER_EXE_FOR_TESTS) + " --version") == "steward-tracker 0.1.0\n");
+    BOOST_TEST(capture(std::string(STEWARD_TRACKER_EXE_FOR_TESTS) + " --version") ==
+               "steward-tracker 0.1.0\n");
     BOOST_TEST(contains(capture(std::string(STEWARD_TRACKER_EXE_FOR_TESTS) + " --help"), "--fd N"));
     for (const std::string bad : {"", "--fd", "--fd x", "--fd -3", "--bogus", "--fd 200"}) {
-        const int status = std::system((std::string(STEWARD_TRACKER_EXE_FOR_TESTS) + " " + bad + " 2>/dev/null").c_str());
+        const int status =
+            std::system((std::string(STEWARD_TRACKER_EXE_FOR_TESTS) + " " + bad + " 2>/dev/null").c_str());
         BOOST_TEST(WIFEXITED(status));
         BOOST_TEST(WEXITSTATUS(status) == 64, "arguments '" << bad << "'");
     }
@@ -250,7 +261,8 @@ BOOST_AUTO_TEST_CASE(exit_0_when_everything_was_unregistered) {
     test_shm a("zero");
     daemon_process d;
     d.write(reg(resource_type::shared_memory, a.name) + reg(resource_type::shared_memory, a.name) +
-            "PROBE:0:noop\n{\"cmd\":\"PROBE\",\"rtype\":\"noop\"}\n" + unreg(resource_type::shared_memory, a.name));
+            "PROBE:0:noop\n{\"cmd\":\"PROBE\",\"rtype\":\"noop\"}\n" +
+            unreg(resource_type::shared_memory, a.name));
     BOOST_TEST(d.finish() == 0);
     BOOST_TEST(d.err() == "");
     BOOST_TEST(shm_exists(a.name));  // unregistered: not ours to remove
@@ -279,8 +291,8 @@ BOOST_AUTO_TEST_CASE(exit_1_leaks_are_reported_in_cpython_words_and_removed) {
     daemon_process d;
     std::string input = reg(resource_type::shared_memory, plain.name);
     input += "REGISTER:" + no_slash.name.substr(1) + ":shared_memory\n";  // `abc` is `/abc`
-    input += reg(resource_type::shared_memory, colon.name);              // JSON (':' in the name)
-    input += reg(resource_type::shared_memory, utf8.name);               // JSON (UTF-8)
+    input += reg(resource_type::shared_memory, colon.name);               // JSON (':' in the name)
+    input += reg(resource_type::shared_memory, utf8.name);                // JSON (UTF-8)
     input += reg(resource_type::semaphore, sem_name);
     input += reg(resource_type::file, file.string());
     input += reg(resource_type::directory, tree.string());
@@ -334,8 +346,9 @@ BOOST_AUTO_TEST_CASE(exit_3_each_bad_line_is_one_warning_and_changes_nothing) {
     BOOST_TEST(contains(lines[7], "absolute"));
     BOOST_TEST(contains(lines[8], "refusing"));
     BOOST_TEST(contains(lines[9], "longer than 512 bytes"));
-    BOOST_TEST(lines[10] == "steward-tracker: ignoring UNREGISTER of a semaphore name that is not registered: "
-                            "'/never_registered'");
+    BOOST_TEST(lines[10] ==
+               "steward-tracker: ignoring UNREGISTER of a semaphore name that is not registered: "
+               "'/never_registered'");
     BOOST_TEST(contains(lines[11], "unterminated"));
     BOOST_TEST(shm_exists(keep.name));  // registered and unregistered around the noise: untouched
 }
@@ -348,7 +361,8 @@ BOOST_AUTO_TEST_CASE(exit_2_a_failed_cleanup_names_the_object_and_the_error) {
     daemon_process d;
     d.write(reg(resource_type::file, dir_as_file.string()) + reg(resource_type::shared_memory, leaked.name));
     BOOST_TEST(d.finish() == 2);
-    BOOST_TEST(contains(d.err(), "steward-tracker: '" + dir_as_file.string() + "': [Errno 21] Is a directory\n"));
+    BOOST_TEST(
+        contains(d.err(), "steward-tracker: '" + dir_as_file.string() + "': [Errno 21] Is a directory\n"));
     BOOST_TEST(!shm_exists(leaked.name));  // the other leak was still removed
 }
 
@@ -542,8 +556,10 @@ BOOST_AUTO_TEST_CASE(many_messages_in_large_writes_across_read_boundaries) {
     for (int i = 0; i < 100000; ++i) {
         const std::string n = stem + "_" + std::to_string(i);
         slab += reg(resource_type::shared_memory, n);
-        if (i % 2) slab += unreg(resource_type::shared_memory, n);
-        else ++kept;
+        if (i % 2)
+            slab += unreg(resource_type::shared_memory, n);
+        else
+            ++kept;
         if (slab.size() > 300000) {
             d.write(slab);
             slab.clear();
@@ -600,7 +616,8 @@ BOOST_AUTO_TEST_CASE(accepts_what_cpython_writers_produce,
     BOOST_TEST(!shm_exists(json_shm.name));
 }
 
-BOOST_AUTO_TEST_CASE(cpython_tracker_accepts_our_colon_lines, *boost::unit_test::precondition(python3_available)) {
+BOOST_AUTO_TEST_CASE(cpython_tracker_accepts_our_colon_lines,
+                     *boost::unit_test::precondition(python3_available)) {
     test_shm a("ours"), b("ours_kept");
     daemon_process::options opt;
     opt.argv = {"/bin/sh", "-c",

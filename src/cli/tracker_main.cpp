@@ -5,8 +5,8 @@
 #include <steward/unique_fd.hpp>
 
 #include <fcntl.h>
-#include <unistd.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <charconv>
 #include <cstdio>
@@ -82,8 +82,10 @@ int main(int argc, char** argv) {
     // daemon's whole life: a write end of its own pipe would keep it from ever seeing EOF, and
     // someone else's pipe or socket would never see its peer go away.
     if (fd > 3) ::close_range(3, static_cast<unsigned>(fd) - 1, 0);
-    if (fd >= 3) ::close_range(static_cast<unsigned>(fd) + 1, ~0u, 0);
-    else ::close_range(3, ~0u, 0);
+    if (fd >= 3)
+        ::close_range(static_cast<unsigned>(fd) + 1, ~0u, 0);
+    else
+        ::close_range(3, ~0u, 0);
 
     // Survive ^C, "kill" of the process group and a closed terminal: the tracker must outlive its
     // family to clean up after it. The spawner blocks SIGINT/SIGTERM so that they cannot arrive

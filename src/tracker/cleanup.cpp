@@ -6,8 +6,8 @@
 #include <steward/unique_fd.hpp>
 
 #include <dirent.h>
-#include <linux/magic.h>
 #include <fcntl.h>
+#include <linux/magic.h>
 #include <semaphore.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -24,7 +24,9 @@ namespace {
 
 constexpr std::size_t path_buffer_size = PATH_MAX + 16;
 
-std::error_code last_error() noexcept { return errno_code(errno); }
+std::error_code last_error() noexcept {
+    return errno_code(errno);
+}
 
 file_identity identity_of(const struct stat& st) noexcept {
     return {static_cast<std::uint64_t>(st.st_dev), static_cast<std::uint64_t>(st.st_ino)};
@@ -104,17 +106,18 @@ bool empty_directory(int dir_fd, std::string& where, int depth, const failure_ca
 bool object_path(resource_type type, std::string_view name, char* out, std::size_t out_size) noexcept {
     std::string_view prefix;
     switch (type) {
-    case resource_type::shared_memory:
-        prefix = "/dev/shm/";
-        break;
-    case resource_type::semaphore:
-        prefix = "/dev/shm/sem.";
-        break;
-    case resource_type::file:
-    case resource_type::directory:
-        prefix = "";
-        break;
-    case resource_type::noop: return false;
+        case resource_type::shared_memory:
+            prefix = "/dev/shm/";
+            break;
+        case resource_type::semaphore:
+            prefix = "/dev/shm/sem.";
+            break;
+        case resource_type::file:
+        case resource_type::directory:
+            prefix = "";
+            break;
+        case resource_type::noop:
+            return false;
     }
     if (!prefix.empty() && !name.empty() && name.front() == '/') name.remove_prefix(1);
     if (prefix.size() + name.size() + 1 > out_size) return false;
@@ -140,8 +143,9 @@ std::optional<file_identity> lookup_identity(resource_type type, std::string_vie
     return identity_of(st);
 }
 
-bool scan_shm_directory(std::size_t max_entries,
-                        const std::function<void(resource_type, std::string_view, const file_identity&)>& on_entry) {
+bool scan_shm_directory(
+    std::size_t max_entries,
+    const std::function<void(resource_type, std::string_view, const file_identity&)>& on_entry) {
     unique_fd dir_fd{::open("/dev/shm", O_RDONLY | O_DIRECTORY | O_CLOEXEC)};
     if (!dir_fd) return false;
     struct statfs fs;
@@ -187,7 +191,8 @@ cleanup_result remove_tree(std::string_view path, const std::optional<file_ident
     char canonical[max_message_size + 1];
     std::string_view checked;
     if (path.size() > max_message_size ||
-        canonical_name(resource_type::directory, path, canonical, checked) != decode_error::none || checked != path) {
+        canonical_name(resource_type::directory, path, canonical, checked) != decode_error::none ||
+        checked != path) {
         on_failure(path, errno_code(EINVAL));
         return cleanup_result::failed;
     }
@@ -226,7 +231,8 @@ cleanup_result remove_tree(std::string_view path, const std::optional<file_ident
     }
     // The fd is what we walk: it must be the object we just checked, not one swapped in between.
     struct stat opened;
-    if (::fstat(dir.get(), &opened) != 0 || identity_of(opened) != identity_of(st)) return cleanup_result::replaced;
+    if (::fstat(dir.get(), &opened) != 0 || identity_of(opened) != identity_of(st))
+        return cleanup_result::replaced;
     std::string where(path);
     const bool emptied = empty_directory(dir.get(), where, 0, on_failure);
     dir.reset();
@@ -239,7 +245,8 @@ cleanup_result remove_tree(std::string_view path, const std::optional<file_ident
 }
 
 cleanup_result remove_resource(resource_type type, std::string_view name,
-                               const std::optional<file_identity>& expected, const failure_callback& on_failure) {
+                               const std::optional<file_identity>& expected,
+                               const failure_callback& on_failure) {
     if (type == resource_type::directory) return remove_tree(name, expected, on_failure);
     if (type == resource_type::noop) return cleanup_result::removed;
     if (expected) {
@@ -255,10 +262,17 @@ cleanup_result remove_resource(resource_type type, std::string_view name,
     const std::string name_z(name);
     int rc = 0;
     switch (type) {
-    case resource_type::shared_memory: rc = ::shm_unlink(name_z.c_str()); break;
-    case resource_type::semaphore: rc = ::sem_unlink(name_z.c_str()); break;
-    case resource_type::file: rc = ::unlink(name_z.c_str()); break;
-    default: break;
+        case resource_type::shared_memory:
+            rc = ::shm_unlink(name_z.c_str());
+            break;
+        case resource_type::semaphore:
+            rc = ::sem_unlink(name_z.c_str());
+            break;
+        case resource_type::file:
+            rc = ::unlink(name_z.c_str());
+            break;
+        default:
+            break;
     }
     if (rc != 0) {
         if (errno == ENOENT) return cleanup_result::already_gone;

@@ -19,7 +19,8 @@ namespace steward::tracker {
 /// `/dev/shm/sem.<name>` for semaphores (glibc's layout), the path itself for files and
 /// directories. Returns false when the name cannot be mapped (too long). @p out gets a
 /// NUL-terminated path.
-[[nodiscard]] bool object_path(resource_type type, std::string_view name, char* out, std::size_t out_size) noexcept;
+[[nodiscard]] bool object_path(resource_type type, std::string_view name, char* out,
+                               std::size_t out_size) noexcept;
 
 /// lstat() of the object behind @p name. std::nullopt when it does not exist (or cannot be
 /// looked up, reported through @p ec unless it is ENOENT/ENOTDIR).
@@ -32,8 +33,9 @@ namespace steward::tracker {
 /// one lstat per name. Gives up (returns false, having perhaps called on_entry for some) when
 /// /dev/shm is not a tmpfs (where d_ino might not be st_ino), cannot be read, or holds more than
 /// @p max_entries entries.
-bool scan_shm_directory(std::size_t max_entries,
-                        const std::function<void(resource_type, std::string_view, const file_identity&)>& on_entry);
+bool scan_shm_directory(
+    std::size_t max_entries,
+    const std::function<void(resource_type, std::string_view, const file_identity&)>& on_entry);
 
 enum class cleanup_result {
     removed,       // the object was removed
@@ -48,7 +50,8 @@ using failure_callback = std::function<void(std::string_view what, std::error_co
 /// Removes the object behind (@p type, @p name) if it is still @p expected (when given).
 /// Directories are removed as a whole tree (see remove_tree()).
 cleanup_result remove_resource(resource_type type, std::string_view name,
-                               const std::optional<file_identity>& expected, const failure_callback& on_failure);
+                               const std::optional<file_identity>& expected,
+                               const failure_callback& on_failure);
 
 /// Removes the directory tree at the absolute path @p path without following symlinks: the
 /// directory is opened with O_NOFOLLOW|O_DIRECTORY relative to its parent, checked against

@@ -67,8 +67,8 @@ decode_error decode_colon(std::string_view line, decoded_message& out, decode_sc
     const auto last_at = static_cast<std::size_t>(last - line.data());
     command cmd;
     if (!parse_command(line.substr(0, first_at), cmd)) return decode_error::unknown_command;
-    return finish_message(cmd, line.substr(last_at + 1), line.substr(first_at + 1, last_at - first_at - 1), out,
-                          scratch);
+    return finish_message(cmd, line.substr(last_at + 1), line.substr(first_at + 1, last_at - first_at - 1),
+                          out, scratch);
 }
 
 // A small JSON reader: exactly one object, string keys, values of any JSON type (only three keys
@@ -98,7 +98,10 @@ public:
             skip_ws();
             if (!eat(':')) return false;
             skip_ws();
-            field* target = key == "cmd" ? &cmd : key == "rtype" ? &rtype : key == "base64_name" ? &name : nullptr;
+            field* target = key == "cmd"           ? &cmd
+                            : key == "rtype"       ? &rtype
+                            : key == "base64_name" ? &name
+                                                   : nullptr;
             if (peek() == '"') {
                 std::string_view value;
                 if (!parse_string(value)) return false;
@@ -182,31 +185,48 @@ private:
             if (p_ == end_) return false;
             const char e = *p_++;
             switch (e) {
-            case '"': *out_++ = '"'; break;
-            case '\\': *out_++ = '\\'; break;
-            case '/': *out_++ = '/'; break;
-            case 'b': *out_++ = '\b'; break;
-            case 'f': *out_++ = '\f'; break;
-            case 'n': *out_++ = '\n'; break;
-            case 'r': *out_++ = '\r'; break;
-            case 't': *out_++ = '\t'; break;
-            case 'u': {
-                // "\uXXXX" is 6 bytes and yields at most 3; a surrogate pair is 12 and yields 4.
-                unsigned cp;
-                if (!hex4(cp)) return false;
-                if (cp >= 0xd800 && cp <= 0xdbff && end_ - p_ >= 6 && p_[0] == '\\' && p_[1] == 'u') {
-                    const char* save = p_;
-                    p_ += 2;
-                    unsigned low;
-                    if (hex4(low) && low >= 0xdc00 && low <= 0xdfff)
-                        cp = 0x10000 + ((cp - 0xd800) << 10) + (low - 0xdc00);
-                    else
-                        p_ = save;
+                case '"':
+                    *out_++ = '"';
+                    break;
+                case '\\':
+                    *out_++ = '\\';
+                    break;
+                case '/':
+                    *out_++ = '/';
+                    break;
+                case 'b':
+                    *out_++ = '\b';
+                    break;
+                case 'f':
+                    *out_++ = '\f';
+                    break;
+                case 'n':
+                    *out_++ = '\n';
+                    break;
+                case 'r':
+                    *out_++ = '\r';
+                    break;
+                case 't':
+                    *out_++ = '\t';
+                    break;
+                case 'u': {
+                    // "\uXXXX" is 6 bytes and yields at most 3; a surrogate pair is 12 and yields 4.
+                    unsigned cp;
+                    if (!hex4(cp)) return false;
+                    if (cp >= 0xd800 && cp <= 0xdbff && end_ - p_ >= 6 && p_[0] == '\\' && p_[1] == 'u') {
+                        const char* save = p_;
+                        p_ += 2;
+                        unsigned low;
+                        if (hex4(low) && low >= 0xdc00 && low <= 0xdfff)
+                            cp = 0x10000 + ((cp - 0xd800) << 10) + (low - 0xdc00);
+                        else
+                            p_ = save;
+                    }
+                    put_utf8(cp);
+                    break;
                 }
-                put_utf8(cp);
-                break;
-            }
-            default: return false;
+                default:
+                    return false;
             }
         }
         return false;
@@ -255,7 +275,8 @@ private:
         if (i == token.size() || token[i] < '0' || token[i] > '9') return false;
         for (; i < token.size(); ++i) {
             const char d = token[i];
-            if (!((d >= '0' && d <= '9') || d == '.' || d == 'e' || d == 'E' || d == '+' || d == '-')) return false;
+            if (!((d >= '0' && d <= '9') || d == '.' || d == 'e' || d == 'E' || d == '+' || d == '-'))
+                return false;
         }
         return true;
     }
@@ -313,32 +334,52 @@ constexpr auto b64_table = make_b64_table();
 
 std::string_view to_string(command cmd) noexcept {
     switch (cmd) {
-    case command::register_resource: return "REGISTER";
-    case command::unregister_resource: return "UNREGISTER";
-    case command::probe: return "PROBE";
+        case command::register_resource:
+            return "REGISTER";
+        case command::unregister_resource:
+            return "UNREGISTER";
+        case command::probe:
+            return "PROBE";
     }
     return "?";
 }
 
 std::string_view describe(decode_error error) noexcept {
     switch (error) {
-    case decode_error::none: return "no error";
-    case decode_error::too_long: return "message longer than 512 bytes";
-    case decode_error::partial_line: return "unterminated message at end of input";
-    case decode_error::empty_line: return "empty message";
-    case decode_error::not_ascii: return "non-ASCII byte in a colon-format message (use JSON)";
-    case decode_error::missing_separator: return "not CMD:NAME:TYPE (missing ':')";
-    case decode_error::unknown_command: return "unknown command (not REGISTER, UNREGISTER or PROBE)";
-    case decode_error::unknown_type: return "unknown resource type";
-    case decode_error::bad_json: return "malformed JSON";
-    case decode_error::missing_field: return "JSON message without \"cmd\", \"rtype\" or \"base64_name\"";
-    case decode_error::field_not_string: return "JSON field is not a string";
-    case decode_error::bad_base64: return "\"base64_name\" is not valid base64";
-    case decode_error::noop_registered: return "type noop is for PROBE only";
-    case decode_error::empty_name: return "empty name";
-    case decode_error::nul_in_name: return "NUL byte in name";
-    case decode_error::relative_path: return "file and directory names must be absolute paths";
-    case decode_error::unsafe_path: return "refusing \"/\" and paths with \".\" or \"..\" components";
+        case decode_error::none:
+            return "no error";
+        case decode_error::too_long:
+            return "message longer than 512 bytes";
+        case decode_error::partial_line:
+            return "unterminated message at end of input";
+        case decode_error::empty_line:
+            return "empty message";
+        case decode_error::not_ascii:
+            return "non-ASCII byte in a colon-format message (use JSON)";
+        case decode_error::missing_separator:
+            return "not CMD:NAME:TYPE (missing ':')";
+        case decode_error::unknown_command:
+            return "unknown command (not REGISTER, UNREGISTER or PROBE)";
+        case decode_error::unknown_type:
+            return "unknown resource type";
+        case decode_error::bad_json:
+            return "malformed JSON";
+        case decode_error::missing_field:
+            return "JSON message without \"cmd\", \"rtype\" or \"base64_name\"";
+        case decode_error::field_not_string:
+            return "JSON field is not a string";
+        case decode_error::bad_base64:
+            return "\"base64_name\" is not valid base64";
+        case decode_error::noop_registered:
+            return "type noop is for PROBE only";
+        case decode_error::empty_name:
+            return "empty name";
+        case decode_error::nul_in_name:
+            return "NUL byte in name";
+        case decode_error::relative_path:
+            return "file and directory names must be absolute paths";
+        case decode_error::unsafe_path:
+            return "refusing \"/\" and paths with \".\" or \"..\" components";
     }
     return "unknown error";
 }
@@ -348,50 +389,51 @@ decode_error canonical_name(resource_type type, std::string_view name, char* out
     if (name.empty()) return decode_error::empty_name;
     if (std::memchr(name.data(), '\0', name.size())) return decode_error::nul_in_name;
     switch (type) {
-    case resource_type::shared_memory:
-    case resource_type::semaphore:
-        if (name.front() == '/') {
-            result = name;
-        } else {
-            std::memmove(out + 1, name.data(), name.size());
-            out[0] = '/';
-            result = std::string_view(out, name.size() + 1);
-        }
-        return decode_error::none;
-    case resource_type::file:
-    case resource_type::directory: {
-        if (name.front() != '/') return decode_error::relative_path;
-        // Collapse "//" and drop a trailing '/', refusing "." and ".." components: cleanup must
-        // remove exactly the object that was named, never a parent reached through "..".
-        bool clean = true;
-        std::size_t components = 0;
-        for (std::size_t i = 0; i < name.size();) {
-            if (name[i] == '/') {
-                if (i + 1 == name.size() || name[i + 1] == '/') clean = false;
-                ++i;
-                continue;
+        case resource_type::shared_memory:
+        case resource_type::semaphore:
+            if (name.front() == '/') {
+                result = name;
+            } else {
+                std::memmove(out + 1, name.data(), name.size());
+                out[0] = '/';
+                result = std::string_view(out, name.size() + 1);
             }
-            std::size_t j = i;
-            while (j < name.size() && name[j] != '/') ++j;
-            const auto component = name.substr(i, j - i);
-            if (component == "." || component == "..") return decode_error::unsafe_path;
-            ++components;
-            i = j;
-        }
-        if (components == 0) return decode_error::unsafe_path;
-        if (clean) {
-            result = name;
+            return decode_error::none;
+        case resource_type::file:
+        case resource_type::directory: {
+            if (name.front() != '/') return decode_error::relative_path;
+            // Collapse "//" and drop a trailing '/', refusing "." and ".." components: cleanup must
+            // remove exactly the object that was named, never a parent reached through "..".
+            bool clean = true;
+            std::size_t components = 0;
+            for (std::size_t i = 0; i < name.size();) {
+                if (name[i] == '/') {
+                    if (i + 1 == name.size() || name[i + 1] == '/') clean = false;
+                    ++i;
+                    continue;
+                }
+                std::size_t j = i;
+                while (j < name.size() && name[j] != '/') ++j;
+                const auto component = name.substr(i, j - i);
+                if (component == "." || component == "..") return decode_error::unsafe_path;
+                ++components;
+                i = j;
+            }
+            if (components == 0) return decode_error::unsafe_path;
+            if (clean) {
+                result = name;
+                return decode_error::none;
+            }
+            std::size_t n = 0;
+            for (std::size_t i = 0; i < name.size(); ++i) {
+                if (name[i] == '/' && (i + 1 == name.size() || name[i + 1] == '/')) continue;
+                out[n++] = name[i];  // n <= i, so writing over the input is safe
+            }
+            result = std::string_view(out, n);
             return decode_error::none;
         }
-        std::size_t n = 0;
-        for (std::size_t i = 0; i < name.size(); ++i) {
-            if (name[i] == '/' && (i + 1 == name.size() || name[i + 1] == '/')) continue;
-            out[n++] = name[i];  // n <= i, so writing over the input is safe
-        }
-        result = std::string_view(out, n);
-        return decode_error::none;
-    }
-    case resource_type::noop: return decode_error::noop_registered;
+        case resource_type::noop:
+            return decode_error::noop_registered;
     }
     return decode_error::unknown_type;
 }
@@ -491,9 +533,11 @@ std::error_code encode_message(command cmd, resource_type type, std::string_view
         out.size = total;
         return {};
     }
-    constexpr std::string_view a = "{\"cmd\":\"", b = "\",\"rtype\":\"", c = "\",\"base64_name\":\"", d = "\"}\n";
+    constexpr std::string_view a = "{\"cmd\":\"", b = "\",\"rtype\":\"", c = "\",\"base64_name\":\"",
+                               d = "\"}\n";
     const std::size_t b64_size = (name.size() + 2) / 3 * 4;
-    const std::size_t total = a.size() + cmd_name.size() + b.size() + type_name.size() + c.size() + b64_size + d.size();
+    const std::size_t total =
+        a.size() + cmd_name.size() + b.size() + type_name.size() + c.size() + b64_size + d.size();
     if (total > max_message_size) return errc::message_too_long;
     char* p = buf;
     for (const auto part : {a, cmd_name, b, type_name, c}) {

@@ -64,7 +64,7 @@ struct decoded_message {
 /// Room for the bytes decode_line() cannot leave in place (decoded JSON strings, base64 output,
 /// a canonicalised name). Reuse one per reader: the decoded name lives until the next decode.
 struct decode_scratch {
-    std::array<char, max_message_size> strings;  // unescaped JSON strings
+    std::array<char, max_message_size> strings;   // unescaped JSON strings
     std::array<char, max_message_size + 1> name;  // canonical or base64-decoded name
 };
 
@@ -128,8 +128,10 @@ public:
         const char* p = chunk.data();
         const char* const end = p + chunk.size();
         while (p != end) {
-            const auto* nl = static_cast<const char*>(std::memchr(p, '\n', static_cast<std::size_t>(end - p)));
-            const std::size_t piece = nl ? static_cast<std::size_t>(nl - p) + 1 : static_cast<std::size_t>(end - p);
+            const auto* nl =
+                static_cast<const char*>(std::memchr(p, '\n', static_cast<std::size_t>(end - p)));
+            const std::size_t piece =
+                nl ? static_cast<std::size_t>(nl - p) + 1 : static_cast<std::size_t>(end - p);
             if (discarding_) {
                 if (nl) {
                     discarding_ = false;

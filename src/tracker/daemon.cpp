@@ -54,10 +54,14 @@ void append_errno(std::string& out, const std::error_code& ec) {
 
 bool valid_utf8_at(std::string_view s, std::size_t i, std::size_t& len) noexcept {
     const auto c = static_cast<unsigned char>(s[i]);
-    if (c >= 0xc2 && c <= 0xdf) len = 2;
-    else if (c >= 0xe0 && c <= 0xef) len = 3;
-    else if (c >= 0xf0 && c <= 0xf4) len = 4;
-    else return false;
+    if (c >= 0xc2 && c <= 0xdf)
+        len = 2;
+    else if (c >= 0xe0 && c <= 0xef)
+        len = 3;
+    else if (c >= 0xf0 && c <= 0xf4)
+        len = 4;
+    else
+        return false;
     if (i + len > s.size()) return false;
     for (std::size_t k = 1; k < len; ++k)
         if ((static_cast<unsigned char>(s[i + k]) & 0xc0) != 0x80) return false;
@@ -111,39 +115,40 @@ void daemon_core::on_line(std::string_view line) {
         return;
     }
     switch (msg.cmd) {
-    case command::register_resource:
-        try {
-            const auto [handle, fresh] = registry_.insert(msg.type, msg.name);
-            // A repeated REGISTER is about the object under the name now (it may have been
-            // unlinked and created again by the family since), so its identity is looked up again.
-            if (fresh || registry_.renew_identity(handle)) {
-                if (pending_identity_.empty()) pending_since_ = std::chrono::steady_clock::now();
-                pending_identity_.push_back(handle);
+        case command::register_resource:
+            try {
+                const auto [handle, fresh] = registry_.insert(msg.type, msg.name);
+                // A repeated REGISTER is about the object under the name now (it may have been
+                // unlinked and created again by the family since), so its identity is looked up again.
+                if (fresh || registry_.renew_identity(handle)) {
+                    if (pending_identity_.empty()) pending_since_ = std::chrono::steady_clock::now();
+                    pending_identity_.push_back(handle);
+                }
+            } catch (const std::exception& e) {
+                // Out of memory: this name cannot be tracked, but everything else still can, and the
+                // family is still alive — stopping now would remove resources still in use.
+                ++untracked_;
+                output_ += prefix;
+                output_ += "cannot track ";
+                append_quoted(output_, msg.name);
+                output_ += ": ";
+                output_ += e.what();
+                output_ += '\n';
             }
-        } catch (const std::exception& e) {
-            // Out of memory: this name cannot be tracked, but everything else still can, and the
-            // family is still alive — stopping now would remove resources still in use.
-            ++untracked_;
-            output_ += prefix;
-            output_ += "cannot track ";
-            append_quoted(output_, msg.name);
-            output_ += ": ";
-            output_ += e.what();
-            output_ += '\n';
-        }
-        break;
-    case command::unregister_resource:
-        if (!registry_.erase(msg.type, msg.name)) {
-            ++malformed_;
-            output_ += prefix;
-            output_ += "ignoring UNREGISTER of a ";
-            output_ += to_string(msg.type);
-            output_ += " name that is not registered: ";
-            append_quoted(output_, msg.name);
-            output_ += '\n';
-        }
-        break;
-    case command::probe: break;
+            break;
+        case command::unregister_resource:
+            if (!registry_.erase(msg.type, msg.name)) {
+                ++malformed_;
+                output_ += prefix;
+                output_ += "ignoring UNREGISTER of a ";
+                output_ += to_string(msg.type);
+                output_ += " name that is not registered: ";
+                append_quoted(output_, msg.name);
+                output_ += '\n';
+            }
+            break;
+        case command::probe:
+            break;
     }
 }
 
@@ -175,11 +180,12 @@ void daemon_core::resolve_identities() {
     }
     bool scanned = false;
     if (shm_like >= scan_threshold) {
-        scanned = scan_shm_directory(shm_like * 8 + 1024, [this](resource_type type, std::string_view name,
-                                                                 const file_identity& id) {
-            const auto handle = registry_.find(type, name);
-            if (handle != registry::no_handle && registry_.identity_pending(handle)) registry_.set_identity(handle, &id);
-        });
+        scanned = scan_shm_directory(
+            shm_like * 8 + 1024, [this](resource_type type, std::string_view name, const file_identity& id) {
+                const auto handle = registry_.find(type, name);
+                if (handle != registry::no_handle && registry_.identity_pending(handle))
+                    registry_.set_identity(handle, &id);
+            });
     }
     for (const auto handle : pending_identity_) {
         if (!registry_.live(handle) || !registry_.identity_pending(handle)) continue;
@@ -251,7 +257,8 @@ int daemon_core::finish() {
             if (remove_resource(type, name, registry_.identity(h), on_failure) == cleanup_result::replaced) {
                 output_ += prefix;
                 append_quoted(output_, name);
-                output_ += ": left alone: the name now refers to a different object than the one registered\n";
+                output_ +=
+                    ": left alone: the name now refers to a different object than the one registered\n";
             }
             if (output_.size() > flush_threshold) flush();
         });
@@ -306,7 +313,8 @@ void blocking_loop(int fd, daemon_core& core) {
         if (n <= 0) {
             if (n < 0) {
                 std::string msg(prefix);
-                msg += "reading the pipe failed (" + errno_code(errno).message() + "); treating it as end of input\n";
+                msg += "reading the pipe failed (" + errno_code(errno).message() +
+                       "); treating it as end of input\n";
                 write_all(STDERR_FILENO, msg);
             }
             return;
@@ -319,7 +327,8 @@ void blocking_loop(int fd, daemon_core& core) {
 }  // namespace
 
 int run_daemon(unique_fd fd, bool allow_io_uring) {
-    if (::fcntl(fd.get(), F_GETPIPE_SZ) < wanted_pipe_size) (void)::fcntl(fd.get(), F_SETPIPE_SZ, wanted_pipe_size);
+    if (::fcntl(fd.get(), F_GETPIPE_SZ) < wanted_pipe_size)
+        (void)::fcntl(fd.get(), F_SETPIPE_SZ, wanted_pipe_size);
     daemon_core core(STDERR_FILENO);
     std::error_code probe;
     std::string why;

@@ -13,7 +13,9 @@ constexpr std::uint64_t tombstone = 1;
 
 }  // namespace
 
-registry::registry() { table_.assign(1024, empty_slot); }
+registry::registry() {
+    table_.assign(1024, empty_slot);
+}
 
 std::uint64_t registry::hash(resource_type type, std::string_view name) noexcept {
     // Every message's name is hashed, and names are short: two overlapping 8-byte loads cover
@@ -28,7 +30,8 @@ std::uint64_t registry::hash(resource_type type, std::string_view name) noexcept
         std::memcpy(&w, p, 8);
         return w;
     };
-    constexpr std::uint64_t k0 = 0xa0761d6478bd642fULL, k1 = 0xe7037ed1a0b428dbULL, k2 = 0x8ebc6af09c88c6e3ULL;
+    constexpr std::uint64_t k0 = 0xa0761d6478bd642fULL, k1 = 0xe7037ed1a0b428dbULL,
+                            k2 = 0x8ebc6af09c88c6e3ULL;
     const char* p = name.data();
     std::size_t n = name.size();
     std::uint64_t seed = k0 ^ (static_cast<std::uint64_t>(type) * k2) ^ n;
@@ -55,7 +58,8 @@ std::uint64_t registry::hash(resource_type type, std::string_view name) noexcept
         b = y;
     } else if (n > 0) {
         a = (std::uint64_t{static_cast<unsigned char>(p[0])} << 16) |
-            (std::uint64_t{static_cast<unsigned char>(p[n >> 1])} << 8) | static_cast<unsigned char>(p[n - 1]);
+            (std::uint64_t{static_cast<unsigned char>(p[n >> 1])} << 8) |
+            static_cast<unsigned char>(p[n - 1]);
     }
     return fold(a ^ k1, b ^ seed) ^ fold(seed, k2);
 }
@@ -105,7 +109,8 @@ void registry::grow_table(std::size_t capacity) {
 
 std::uint32_t registry::store_name(std::string_view name) {
     if (arena_used_ + name.size() > arena_page_size) {
-        if (arena_pages_.size() >= 65536) throw std::length_error("steward tracker registry: name arena full");
+        if (arena_pages_.size() >= 65536)
+            throw std::length_error("steward tracker registry: name arena full");
         arena_pages_.push_back(std::make_unique_for_overwrite<char[]>(arena_page_size));
         arena_used_ = 0;
     }
@@ -190,7 +195,8 @@ bool registry::compact() {
     for (handle h = 0; h < old_count; ++h) {
         const entry& e = old_entries[h / entries_per_page][h % entries_per_page];
         if (!e.live) continue;
-        const std::string_view n{old_arena[e.name_offset >> 16].get() + (e.name_offset & 0xffff), e.name_size};
+        const std::string_view n{old_arena[e.name_offset >> 16].get() + (e.name_offset & 0xffff),
+                                 e.name_size};
         const auto [nh, fresh] = insert(static_cast<resource_type>(e.type), n);
         (void)fresh;
         entry& ne = entry_at(nh);

@@ -48,7 +48,9 @@ public:
 
     [[nodiscard]] bool live(handle h) const noexcept { return h < entry_count_ && entry_at(h).live; }
     [[nodiscard]] std::string_view name(handle h) const noexcept;
-    [[nodiscard]] resource_type type(handle h) const noexcept { return static_cast<resource_type>(entry_at(h).type); }
+    [[nodiscard]] resource_type type(handle h) const noexcept {
+        return static_cast<resource_type>(entry_at(h).type);
+    }
 
     /// Identity bookkeeping: a new entry is "pending" until the owner looked the object up once.
     [[nodiscard]] bool identity_pending(handle h) const noexcept { return entry_at(h).pending; }
@@ -99,7 +101,9 @@ private:
     static constexpr std::size_t arena_page_size = 65536;
 
     entry& entry_at(handle h) noexcept { return entry_pages_[h / entries_per_page][h % entries_per_page]; }
-    const entry& entry_at(handle h) const noexcept { return entry_pages_[h / entries_per_page][h % entries_per_page]; }
+    const entry& entry_at(handle h) const noexcept {
+        return entry_pages_[h / entries_per_page][h % entries_per_page];
+    }
     static std::uint64_t hash(resource_type type, std::string_view name) noexcept;
     std::size_t find_slot(resource_type type, std::string_view name, std::uint64_t h) const noexcept;
     void grow_table(std::size_t capacity);
@@ -108,7 +112,7 @@ private:
     std::vector<std::unique_ptr<entry[]>> entry_pages_;
     std::vector<std::unique_ptr<char[]>> arena_pages_;
     std::size_t arena_used_ = arena_page_size;  // bytes used in the last arena page
-    std::vector<std::uint64_t> table_;  // 0 empty, 1 tombstone, else (hash32 << 32) | (handle + 2)
+    std::vector<std::uint64_t> table_;          // 0 empty, 1 tombstone, else (hash32 << 32) | (handle + 2)
     std::size_t tombstones_ = 0;
     handle entry_count_ = 0;
     std::size_t live_ = 0;

@@ -33,10 +33,17 @@ std::optional<resource_type> parse_resource_type(std::string_view name) noexcept
     // confirm with one comparison.
     std::optional<resource_type> candidate;
     switch (name.size()) {
-    case 13: candidate = resource_type::shared_memory; break;
-    case 9: candidate = name[0] == 's' ? resource_type::semaphore : resource_type::directory; break;
-    case 4: candidate = name[0] == 'f' ? resource_type::file : resource_type::noop; break;
-    default: return std::nullopt;
+        case 13:
+            candidate = resource_type::shared_memory;
+            break;
+        case 9:
+            candidate = name[0] == 's' ? resource_type::semaphore : resource_type::directory;
+            break;
+        case 4:
+            candidate = name[0] == 'f' ? resource_type::file : resource_type::noop;
+            break;
+        default:
+            return std::nullopt;
     }
     if (to_string(*candidate) != name) return std::nullopt;
     return candidate;
