@@ -133,7 +133,7 @@ private:
 /// Supports `terminal`, `partial` and `total` cancellation. Nothing is taken from the socket
 /// until the single receive that completes the operation, so a cancelled operation completes with
 /// asio::error::operation_aborted, 0 bytes and no descriptors, and the pending data and
-/// descriptors stay queued for the next receive.
+/// descriptors stay queued for the next receive. `socket.cancel()` has the same effect.
 template <fd_passing_socket Socket,
           typename CompletionToken = asio::default_completion_token_t<typename Socket::executor_type>>
 auto async_recv_fds(

@@ -130,8 +130,8 @@ private:
 /// - steward::errc::too_many_fds: more than 253 descriptors; nothing was sent.
 /// - steward::errc::empty_payload: descriptors but no data byte to carry them; nothing was sent.
 /// - `std::errc::bad_file_descriptor` (EBADF): one of @p fds is not open; nothing was sent.
-/// - `std::errc::too_many_references` (ETOOMANYREFS): the sender's descriptors in flight exceed
-///   its RLIMIT_NOFILE; nothing was sent.
+/// - ETOOMANYREFS (`std::system_category()`): the sender's descriptors in flight exceed its
+///   RLIMIT_NOFILE; nothing was sent.
 /// - `std::errc::broken_pipe` (EPIPE, never a SIGPIPE), `std::errc::connection_reset`: the peer
 ///   is gone.
 /// - asio::error::operation_aborted: cancelled (see below).
@@ -143,9 +143,10 @@ private:
 /// asio::error::operation_aborted and 0 bytes, no data and no descriptor reached the peer, and the
 /// socket can be used again. Once the descriptors and part of the data are out, only `terminal`
 /// cancellation is honoured (`partial` and `total` are ignored and the operation keeps sending):
-/// it completes with asio::error::operation_aborted and the number of bytes sent; the peer has
-/// received the descriptors and a prefix of the data, so the connection is mid-message and should
-/// be closed.
+/// it completes with asio::error::operation_aborted and the number of bytes sent; the descriptors
+/// and a prefix of the data are already queued at the peer, so the connection is mid-message and
+/// should be closed. `socket.cancel()` and `socket.close()` abort a pending wait at any stage, like
+/// terminal cancellation.
 template <fd_passing_socket Socket,
           typename CompletionToken = asio::default_completion_token_t<typename Socket::executor_type>>
 auto async_send_fds(
