@@ -6,17 +6,22 @@
 #include <steward/unique_fd.hpp>
 
 #include <fcntl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <poll.h>
 #include <semaphore.h>
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstddef>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -84,14 +89,29 @@ std::string unreg(resource_type t, std::string_view n) {
     return line(command::unregister_resource, t, n);
 }
 
+// Installs a seccomp filter making io_uring_setup fail with EPERM (Docker's default profile does
+// the same). Async-signal-safe: used between fork and exec.
+bool forbid_io_uring_setup() {
+    sock_filter filter[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (EPERM & SECCOMP_RET_DATA)),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    sock_fprog program{static_cast<unsigned short>(sizeof filter / sizeof filter[0]), filter};
+    return ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
+           ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &program) == 0;
+}
+
 // One daemon under test. Its stdin is /dev/null, stdout ours, stderr a pipe we read at the end.
 class daemon_process {
 public:
     struct options {
         std::vector<std::string> argv;  // empty: {exe, "--fd", "9"}
         bool own_process_group = false;
-        bool block_signals = true;  // as a real spawner does
-        int stray_write_end = -1;   // also leave a copy of our write end open as this fd number
+        bool block_signals = true;     // as a real spawner does
+        int stray_write_end = -1;      // also leave a copy of our write end open as this fd number
+        bool forbid_io_uring = false;  // seccomp: io_uring_setup fails with EPERM, as under Docker
     };
 
     daemon_process() : daemon_process(options{}) {}
@@ -123,6 +143,7 @@ public:
             const int devnull = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
             if (devnull < 0 || ::dup2(devnull, 0) < 0 || ::dup2(err_w.get(), 2) < 0) ::_exit(126);
             if (opt.stray_write_end >= 0 && ::dup2(in[1], opt.stray_write_end) < 0) ::_exit(126);
+            if (opt.forbid_io_uring && !forbid_io_uring_setup()) ::_exit(125);
             if (in_r.get() == child_fd) {
                 ::fcntl(child_fd, F_SETFD, 0);
             } else if (::dup2(in_r.get(), child_fd) < 0) {
@@ -580,6 +601,25 @@ BOOST_AUTO_TEST_CASE(blocking_read_fallback_behaves_the_same) {
     daemon_process d(opt);
     d.write(reg(resource_type::shared_memory, s.name) + "oops\n");
     BOOST_TEST(d.finish() == 3);
+    BOOST_TEST(!shm_exists(s.name));
+}
+
+BOOST_AUTO_TEST_CASE(falls_back_to_blocking_reads_when_seccomp_forbids_io_uring) {
+    test_shm s("seccomp");
+    daemon_process::options opt;
+    opt.forbid_io_uring = true;
+    daemon_process d(opt);
+    d.write(reg(resource_type::shared_memory, s.name));
+    d.sync();
+    // No ring among its descriptors: it really is reading with read().
+    for (const auto& entry : fs::directory_iterator("/proc/" + std::to_string(d.pid()) + "/fd"))
+        BOOST_TEST(fs::read_symlink(entry.path()).string() != "anon_inode:[io_uring]");
+    BOOST_TEST(d.finish() == 1);
+    const auto lines = d.err_lines();
+    BOOST_REQUIRE_EQUAL(lines.size(), 2u);
+    BOOST_TEST(lines[0].starts_with("steward-tracker: io_uring unavailable ("), lines[0]);
+    BOOST_TEST(contains(lines[0], "reading with blocking read() instead"));
+    BOOST_TEST(lines[1] == leak_line("shared_memory", {s.name}));
     BOOST_TEST(!shm_exists(s.name));
 }
 
