@@ -828,6 +828,17 @@ BOOST_AUTO_TEST_CASE(send_cancelled_before_any_byte_sends_nothing,
         }
         BOOST_TEST(drained == filler);
         BOOST_TEST(fds_seen_total == 0);
+
+        // The cancelled sends left the socket usable: the next one goes through whole.
+        std::optional<std::error_code> result;
+        steward::io::async_send_fds(socket, fds, asio::buffer("payload", 7),
+                                    [&](std::error_code ec, std::size_t) { result = ec; });
+        io.run();
+        BOOST_TEST((result.has_value() && !*result));
+        int seen = 0;
+        BOOST_TEST(recv_counting_fds(peer.get(), buf.data(), buf.size(), seen) == 7);
+        BOOST_TEST(std::string(buf.data(), 7) == "payload");
+        BOOST_TEST(seen == 1);
     }
     BOOST_TEST(open_fd_count() == before);
 }
