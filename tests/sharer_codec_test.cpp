@@ -7,7 +7,10 @@
 
 #include "sharer/framing.hpp"
 #include "sharer/native_protocol.hpp"
+#include "sharer/native_stream.hpp"
 #include "sharer/pickle.hpp"
+
+#include <fcntl.h>
 
 #include <random>
 #include <sstream>
@@ -485,6 +488,17 @@ BOOST_AUTO_TEST_CASE(native_known_bytes) {
         BOOST_TEST((native::encode(m).front() != pickle::proto_opcode));
 }
 
+BOOST_AUTO_TEST_CASE(first_frame_classification) {
+    using kind = native::first_frame_kind;
+    BOOST_TEST((native::classify_first_frame(pickle::encode_request({0, 7}, 1)) == kind::cpython_pickle));
+    BOOST_TEST((native::classify_first_frame(pickle::encode_none()) == kind::cpython_pickle));
+    BOOST_TEST((native::classify_first_frame(native::encode(native::hello{})) == kind::native_hello));
+    BOOST_TEST((native::classify_first_frame(from_hex("01535457")) == kind::unknown));
+    BOOST_TEST((native::classify_first_frame(from_hex("0153545745")) == kind::unknown));
+    BOOST_TEST((native::classify_first_frame(native::encode(native::fetch{1, {}})) == kind::unknown));
+    BOOST_TEST((native::classify_first_frame({}) == kind::unknown));
+}
+
 BOOST_AUTO_TEST_CASE(native_round_trip) {
     std::vector<native::message> msgs = {
         native::hello{1, 3, 0},
@@ -599,10 +613,6 @@ BOOST_AUTO_TEST_CASE(native_rejects_truncation_and_garbage) {
 }
 
 // ---- native stream decoding with descriptor batches -------------------------------------------
-
-#include "sharer/native_stream.hpp"
-
-#include <fcntl.h>
 
 namespace {
 

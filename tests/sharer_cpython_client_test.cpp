@@ -5,20 +5,24 @@
 #include <steward/authkey.hpp>
 #include <steward/cpython_fetch.hpp>
 #include <steward/error.hpp>
+#include <steward/io/async_send_fds.hpp>
 
 #include "sharer/framing.hpp"
 #include "sharer/handshake_driver.hpp"
+#include "sharer/pickle.hpp"
 
 #include <asio/as_tuple.hpp>
 #include <asio/bind_cancellation_slot.hpp>
 #include <asio/cancellation_signal.hpp>
 #include <asio/deferred.hpp>
+#include <asio/experimental/awaitable_operators.hpp>
 #include <asio/local/stream_protocol.hpp>
 #include <asio/post.hpp>
 #include <asio/steady_timer.hpp>
 #include <asio/use_awaitable.hpp>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -218,6 +222,104 @@ STEWARD_CORO_TEST(silent_server_deadline_and_cancellation) {
         acceptor.close();
         co_await asio::post(ctx, asio::use_awaitable);  // let the accept loop see the close
         held.clear();
+    }
+    std::filesystem::remove_all(tmpl);
+    BOOST_TEST(steward::test::open_fd_count() == fds_before);
+}
+
+// ---- against a scripted server that checks what CPython 3.14's server checks --------------------
+
+namespace {
+
+struct scripted_reply {
+    std::byte data{1};
+    int fd_count = 1;
+};
+
+struct server_view {
+    std::error_code handshake;
+    steward::detail::pickle::decoded request;
+    std::error_code request_ec;
+    std::string ack;  // what the client sent after the descriptors (3.14 waits for "A")
+};
+
+// Accepts one connection and answers like CPython's resource_sharer server would, with the
+// given data byte and number of descriptors (memfds holding "scripted").
+asio::awaitable<server_view> scripted_server(asio::local::stream_protocol::acceptor& acceptor,
+                                             const steward::authkey& key, scripted_reply reply) {
+    server_view view;
+    auto [aec, socket] = co_await acceptor.async_accept(use_tuple);
+    BOOST_REQUIRE(!aec);
+    view.handshake = co_await steward::detail::authenticate_as_server(socket, key);
+    if (view.handshake) co_return view;
+    std::vector<std::byte> payload;
+    view.request_ec = co_await steward::detail::read_frame(socket, payload, 256);
+    if (view.request_ec) co_return view;
+    view.request = steward::detail::pickle::decode(payload, view.request_ec);
+    std::vector<steward::unique_fd> fds;
+    std::vector<int> numbers;
+    for (int i = 0; i < reply.fd_count; ++i) {
+        fds.emplace_back(::memfd_create("scripted", MFD_CLOEXEC));
+        BOOST_REQUIRE(fds.back());
+        BOOST_REQUIRE(::write(fds.back().get(), "scripted", 8) == 8);
+        numbers.push_back(fds.back().get());
+    }
+    auto [sec, sent] =
+        co_await steward::io::async_send_fds(socket, numbers, asio::buffer(&reply.data, 1), use_tuple);
+    BOOST_REQUIRE(!sec);
+    fds.clear();  // CPython's server closes its copy right after sending
+    char ack[4];
+    auto [rec, n] = co_await socket.async_receive(asio::buffer(ack), use_tuple);
+    if (!rec) view.ack.assign(ack, n);
+    co_return view;
+}
+
+}  // namespace
+
+STEWARD_CORO_TEST(scripted_server_checks) {
+    using namespace asio::experimental::awaitable_operators;
+    const int fds_before = fd_count_after_warm_up(ctx);
+    char tmpl[] = "/tmp/stw-cpy-XXXXXX";
+    BOOST_REQUIRE(::mkdtemp(tmpl));
+    const std::string path = std::string(tmpl) + "/s";
+    const auto key = steward::authkey::generate();
+    const steward::cpython_ident ident{path, "340282366920938463463374607431768211455"};
+    const asio::any_io_executor ex = ctx.get_executor();
+    {
+        asio::local::stream_protocol::acceptor acceptor(ctx, asio::local::stream_protocol::endpoint(path));
+
+        // The request is (key, os.getpid()) with the full 128-bit key; the client acknowledges.
+        auto [view, result] = co_await (scripted_server(acceptor, key, {std::byte{1}, 1}) &&
+                                        steward::async_fetch_cpython(ex, ident, key, use_tuple));
+        auto& [ec, fds] = result;
+        BOOST_TEST(!view.handshake);
+        BOOST_TEST(!view.request_ec);
+        BOOST_TEST((view.request.kind == steward::detail::pickle::value_kind::request));
+        BOOST_TEST((view.request.request.key == steward::share_key{~0ULL, ~0ULL}));
+        BOOST_TEST(view.request.request.pid == ::getpid());
+        BOOST_TEST(view.ack == "A");
+        BOOST_REQUIRE_MESSAGE(!ec, ec.message());
+        BOOST_REQUIRE(fds.size() == 1u);
+        BOOST_TEST(pread_all(fds[0].get()) == "scripted");
+
+        // Several descriptors with the matching count byte are accepted.
+        auto [view2, result2] = co_await (scripted_server(acceptor, key, {std::byte{2}, 2}) &&
+                                          steward::async_fetch_cpython(ex, ident, key, use_tuple));
+        BOOST_TEST(!std::get<0>(result2));
+        BOOST_TEST(std::get<1>(result2).size() == 2u);
+        BOOST_TEST(view2.ack == "A");
+
+        // A data byte that does not match the count, or no descriptors at all: refused, and
+        // whatever arrived is closed (checked by the descriptor count below).
+        auto [view3, result3] = co_await (scripted_server(acceptor, key, {std::byte{7}, 1}) &&
+                                          steward::async_fetch_cpython(ex, ident, key, use_tuple));
+        BOOST_TEST((std::get<0>(result3) == steward::errc::malformed_message));
+        BOOST_TEST(std::get<1>(result3).empty());
+        BOOST_TEST(view3.ack.empty());  // no acknowledgement for a refused reply
+        auto [view4, result4] = co_await (scripted_server(acceptor, key, {std::byte{1}, 0}) &&
+                                          steward::async_fetch_cpython(ex, ident, key, use_tuple));
+        BOOST_TEST((std::get<0>(result4) == steward::errc::malformed_message));
+        (void)view4;
     }
     std::filesystem::remove_all(tmpl);
     BOOST_TEST(steward::test::open_fd_count() == fds_before);

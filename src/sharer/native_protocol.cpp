@@ -73,6 +73,14 @@ bool valid_reply(const reply& r) noexcept {
 
 }  // namespace
 
+first_frame_kind classify_first_frame(std::span<const std::byte> payload) noexcept {
+    if (!payload.empty() && payload[0] == std::byte{0x80}) return first_frame_kind::cpython_pickle;
+    if (payload.size() >= 1 + magic.size() && payload[0] == static_cast<std::byte>(msg_type::hello) &&
+        std::equal(magic.begin(), magic.end(), payload.begin() + 1))
+        return first_frame_kind::native_hello;
+    return first_frame_kind::unknown;
+}
+
 std::uint32_t part_count_for(std::uint32_t total_fds) noexcept {
     if (total_fds == 0) return 1;
     return (total_fds - 1) / max_fds_per_part + 1;

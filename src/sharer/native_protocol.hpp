@@ -111,6 +111,14 @@ struct error {
 
 using message = std::variant<hello, hello_ack, fetch, reply, confirm, give_back, error>;
 
+/// What the first frame after the handshake asks for (docs/protocol.md section 3).
+enum class first_frame_kind {
+    cpython_pickle,  ///< starts with 0x80 (pickle PROTO): a resource_sharer request
+    native_hello,    ///< starts with HELLO (0x01) and the magic
+    unknown,         ///< anything else: close the connection
+};
+[[nodiscard]] first_frame_kind classify_first_frame(std::span<const std::byte> payload) noexcept;
+
 /// Number of REPLY parts for @p total_fds descriptors (at least 1).
 [[nodiscard]] std::uint32_t part_count_for(std::uint32_t total_fds) noexcept;
 /// Descriptors carried by part @p index of a reply of @p total_fds.
