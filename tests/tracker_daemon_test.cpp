@@ -109,9 +109,10 @@ public:
     struct options {
         std::vector<std::string> argv;  // empty: {exe, "--fd", "9"}
         bool own_process_group = false;
-        bool block_signals = true;     // as a real spawner does
-        int stray_write_end = -1;      // also leave a copy of our write end open as this fd number
-        bool forbid_io_uring = false;  // seccomp: io_uring_setup fails with EPERM, as under Docker
+        bool block_signals = true;          // as a real spawner does
+        int stray_write_end = -1;           // also leave a copy of our write end open as this fd number
+        bool forbid_io_uring = false;       // seccomp: io_uring_setup fails with EPERM, as under Docker
+        bool nonblocking_read_end = false;  // a careless spawner's O_NONBLOCK on the daemon's end
     };
 
     daemon_process() : daemon_process(options{}) {}
@@ -139,11 +140,13 @@ public:
         if (pid_ == 0) {
             // Child: only async-signal-safe calls until exec.
             ::sigprocmask(SIG_BLOCK, &blocked, nullptr);
+            ::signal(SIGPIPE, SIG_DFL);  // the test runner ignores it; the daemon must do so itself
             if (opt.own_process_group) ::setpgid(0, 0);
             const int devnull = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
             if (devnull < 0 || ::dup2(devnull, 0) < 0 || ::dup2(err_w.get(), 2) < 0) ::_exit(126);
             if (opt.stray_write_end >= 0 && ::dup2(in[1], opt.stray_write_end) < 0) ::_exit(126);
             if (opt.forbid_io_uring && !forbid_io_uring_setup()) ::_exit(125);
+            if (opt.nonblocking_read_end && ::fcntl(in_r.get(), F_SETFL, O_NONBLOCK) != 0) ::_exit(126);
             if (in_r.get() == child_fd) {
                 ::fcntl(child_fd, F_SETFD, 0);
             } else if (::dup2(in_r.get(), child_fd) < 0) {
@@ -263,6 +266,13 @@ std::string capture(const std::string& command) {
     BOOST_REQUIRE(::pclose(p) == 0);
     return out;
 }
+
+// A daemon that exits early makes our next write fail with EPIPE: a test failure, not a signal
+// that kills the test runner.
+struct ignore_sigpipe {
+    ignore_sigpipe() { ::signal(SIGPIPE, SIG_IGN); }
+};
+BOOST_TEST_GLOBAL_FIXTURE(ignore_sigpipe);
 
 }  // namespace
 
@@ -621,6 +631,28 @@ BOOST_AUTO_TEST_CASE(falls_back_to_blocking_reads_when_seccomp_forbids_io_uring)
     BOOST_TEST(contains(lines[0], "reading with blocking read() instead"));
     BOOST_TEST(lines[1] == leak_line("shared_memory", {s.name}));
     BOOST_TEST(!shm_exists(s.name));
+}
+
+BOOST_AUTO_TEST_CASE(a_non_blocking_read_end_is_not_mistaken_for_end_of_input) {
+    // Without care, the first empty read (EAGAIN) would look like the family's end: the daemon
+    // would clean up under live processes and exit. Both read paths must wait instead.
+    for (const bool io_uring : {true, false}) {
+        test_shm first("nonblock"), second("nonblock");
+        daemon_process::options opt;
+        opt.nonblocking_read_end = true;
+        if (!io_uring)
+            opt.argv = {STEWARD_TRACKER_EXE_FOR_TESTS, "--fd", std::to_string(child_fd), "--no-io-uring"};
+        daemon_process d(opt);
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));  // let it meet an empty pipe
+        d.write(reg(resource_type::shared_memory, first.name));
+        d.sync();
+        BOOST_TEST(shm_exists(first.name));  // not cleaned up early
+        d.write(reg(resource_type::shared_memory, second.name));
+        d.sync();
+        BOOST_TEST(d.finish() == 1, d.err());
+        BOOST_TEST(!shm_exists(first.name));
+        BOOST_TEST(!shm_exists(second.name));
+    }
 }
 
 // ---- CPython interoperability ------------------------------------------------------------------

@@ -10,6 +10,7 @@
 #include <asio/posix/stream_descriptor.hpp>
 
 #include <fcntl.h>
+#include <poll.h>
 #include <unistd.h>
 
 #include <array>
@@ -310,6 +311,13 @@ void blocking_loop(int fd, daemon_core& core) {
     for (;;) {
         const ssize_t n = ::read(fd, buffer.get(), read_chunk);
         if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && errno == EAGAIN) {
+            // A descriptor someone made non-blocking: wait for data instead of mistaking "nothing
+            // yet" for the end of the family.
+            pollfd p{fd, POLLIN, 0};
+            (void)::poll(&p, 1, -1);
+            continue;
+        }
         if (n <= 0) {
             if (n < 0) {
                 std::string msg(prefix);
@@ -327,6 +335,10 @@ void blocking_loop(int fd, daemon_core& core) {
 }  // namespace
 
 int run_daemon(unique_fd fd, bool allow_io_uring) {
+    // The daemon is the only reader: a non-blocking read end (a careless spawner) is made blocking,
+    // as io_uring reads and the fallback loop both expect.
+    if (const int fl = ::fcntl(fd.get(), F_GETFL); fl >= 0 && (fl & O_NONBLOCK))
+        (void)::fcntl(fd.get(), F_SETFL, fl & ~O_NONBLOCK);
     if (::fcntl(fd.get(), F_GETPIPE_SZ) < wanted_pipe_size)
         (void)::fcntl(fd.get(), F_SETPIPE_SZ, wanted_pipe_size);
     daemon_core core(STDERR_FILENO);
