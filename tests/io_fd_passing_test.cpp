@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstring>
 #include <optional>
 #include <set>
@@ -208,8 +209,8 @@ BOOST_AUTO_TEST_CASE(echo_over_passed_socket_callbacks,
         result = ec;
         sent = n;
     });
-    BOOST_TEST(!result.has_value());  // never completes inside the initiating call
-    io.run();
+    BOOST_TEST(!result.has_value());       // never completes inside the initiating call
+    io.run_for(std::chrono::seconds(30));  // a hang fails below, it does not stall CI
     BOOST_REQUIRE(result.has_value());
     BOOST_TEST(!*result);
     BOOST_TEST(sent == 1u);
@@ -514,7 +515,7 @@ BOOST_AUTO_TEST_CASE(ctrunc_at_rlimit_nofile_hands_over_what_arrived,
         std::optional<std::error_code> result;
         steward::io::async_send_fds(socket, fds, asio::buffer("T", 1),
                                     [&](std::error_code ec, std::size_t) { result = ec; });
-        io.run();
+        io.run_for(std::chrono::seconds(30));  // a hang fails below, it does not stall CI
         BOOST_REQUIRE(result.has_value());
         BOOST_TEST(!*result);
         mine = unique_fd{socket.release()};
@@ -652,7 +653,7 @@ BOOST_AUTO_TEST_CASE(scm_pidfd_is_unexpected_control_and_closed,
                                     BOOST_TEST(n == 1u);
                                     got = std::move(fds);
                                 });
-    io.run();
+    io.run_for(std::chrono::seconds(30));  // a hang fails below, it does not stall CI
     BOOST_REQUIRE(result.has_value());
     BOOST_TEST((*result == steward::errc::unexpected_control));
     BOOST_REQUIRE(got.size() == 1u);
@@ -806,7 +807,7 @@ BOOST_AUTO_TEST_CASE(send_cancelled_before_any_byte_sends_nothing,
             io.poll();
             BOOST_TEST(!result.has_value());  // stalled on a full buffer
             signal.emit(type);
-            io.run();
+            io.run_for(std::chrono::seconds(30));  // a hang fails below, it does not stall CI
             io.restart();
             BOOST_REQUIRE(result.has_value());
             BOOST_TEST((*result == asio::error::operation_aborted),
@@ -833,7 +834,7 @@ BOOST_AUTO_TEST_CASE(send_cancelled_before_any_byte_sends_nothing,
         std::optional<std::error_code> result;
         steward::io::async_send_fds(socket, fds, asio::buffer("payload", 7),
                                     [&](std::error_code ec, std::size_t) { result = ec; });
-        io.run();
+        io.run_for(std::chrono::seconds(30));  // a hang fails below, it does not stall CI
         BOOST_TEST((result.has_value() && !*result));
         int seen = 0;
         BOOST_TEST(recv_counting_fds(peer.get(), buf.data(), buf.size(), seen) == 7);
@@ -877,7 +878,8 @@ BOOST_AUTO_TEST_CASE(send_cancellation_after_partial_send,
         int fds_seen_total = 0;
         int fds_seen_first = 0;
         std::vector<char> buf(65536);
-        for (int idle = 0; idle < 1000;) {
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+        for (int idle = 0; idle < 1000 && std::chrono::steady_clock::now() < deadline;) {
             int seen = 0;
             const ssize_t n = recv_counting_fds(peer.get(), buf.data(), buf.size(), seen);
             if (n > 0) {

@@ -73,6 +73,7 @@ child_process fork_child(Body&& body) {
     std::fflush(nullptr);
     const pid_t pid = ::fork();
     if (pid == 0) {
+        ::alarm(60);  // a child that hangs dies (SIGALRM) and fails the test instead of stalling it
         int rc = 99;
         try {
             rc = body();
