@@ -217,6 +217,30 @@ void daemon_core::flush() {
     output_.clear();
 }
 
+void daemon_core::observe_dev_shm() {
+    // Many shared memory segments or semaphores left: one listing of /dev/shm tells which still
+    // exist and whether each is the registered object, so cleanup needs one unlink per existing
+    // object and nothing for the ones already gone. Only a complete listing proves absence.
+    const std::size_t count =
+        registry_.size(resource_type::shared_memory) + registry_.size(resource_type::semaphore);
+    if (count < scan_threshold) return;
+    const bool complete = scan_shm_directory(
+        count * 8 + 1024, [this](resource_type type, std::string_view name, const file_identity& id) {
+            const auto handle = registry_.find(type, name);
+            if (handle == registry::no_handle) return;
+            const auto expected = registry_.identity(handle);
+            registry_.observe(handle, !expected || *expected == id ? registry::observation::same_object
+                                                                   : registry::observation::other_object);
+        });
+    if (!complete) return;
+    registry_.for_each([this](registry::handle h) {
+        const auto type = registry_.type(h);
+        if ((type == resource_type::shared_memory || type == resource_type::semaphore) &&
+            registry_.observed(h) == registry::observation::unknown)
+            registry_.observe(h, registry::observation::absent);
+    });
+}
+
 int daemon_core::finish() {
     splitter_.finish([this](decode_error error) { on_bad_line(error, {}); });
     pending_identity_.clear();
@@ -231,6 +255,7 @@ int daemon_core::finish() {
         append_errno(output_, ec);
         output_ += '\n';
     };
+    observe_dev_shm();
     for (const auto type : {resource_type::shared_memory, resource_type::semaphore, resource_type::file,
                             resource_type::directory}) {
         const std::size_t count = registry_.size(type);
@@ -255,7 +280,23 @@ int daemon_core::finish() {
         registry_.for_each([&](registry::handle h) {
             if (registry_.type(h) != type) return;
             const auto name = registry_.name(h);
-            if (remove_resource(type, name, registry_.identity(h), on_failure) == cleanup_result::replaced) {
+            cleanup_result result;
+            switch (registry_.observed(h)) {
+                case registry::observation::absent:
+                    result = cleanup_result::already_gone;
+                    break;
+                case registry::observation::other_object:
+                    result = cleanup_result::replaced;
+                    break;
+                case registry::observation::same_object:
+                    // Already compared through the listing: unlink without another lookup.
+                    result = remove_resource(type, name, std::nullopt, on_failure);
+                    break;
+                default:
+                    result = remove_resource(type, name, registry_.identity(h), on_failure);
+                    break;
+            }
+            if (result == cleanup_result::replaced) {
                 output_ += prefix;
                 append_quoted(output_, name);
                 output_ +=

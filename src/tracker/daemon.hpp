@@ -54,6 +54,7 @@ private:
     void on_bad_line(decode_error error, std::string_view line);
     void flush();
     void resolve_identities();
+    void observe_dev_shm();
 
     registry registry_;
     line_splitter splitter_;

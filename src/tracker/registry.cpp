@@ -143,6 +143,7 @@ std::pair<registry::handle, bool> registry::insert(resource_type type, std::stri
     e.live = 1;
     e.pending = 1;
     e.has_identity = 0;
+    e.observed = 0;
     table_[i] = ((h >> 32) << 32) | (std::uint64_t{hd} + 2);
     ++live_;
     ++per_type_[static_cast<std::size_t>(type)];

@@ -65,6 +65,15 @@ public:
     }
     [[nodiscard]] std::optional<file_identity> identity(handle h) const noexcept;
 
+    /// What a listing of the object's directory said about it, for cleanup without a lookup each.
+    enum class observation : std::uint8_t { unknown, same_object, other_object, absent };
+    void observe(handle h, observation o) noexcept {
+        entry_at(h).observed = static_cast<std::uint8_t>(o) & 3;
+    }
+    [[nodiscard]] observation observed(handle h) const noexcept {
+        return static_cast<observation>(entry_at(h).observed);
+    }
+
     [[nodiscard]] std::size_t size() const noexcept { return live_; }
     [[nodiscard]] std::size_t size(resource_type type) const noexcept {
         return per_type_[static_cast<std::size_t>(type)];
@@ -94,6 +103,7 @@ private:
         std::uint8_t live : 1;
         std::uint8_t pending : 1;
         std::uint8_t has_identity : 1;
+        std::uint8_t observed : 2;  // an observation, see observation
     };
     static_assert(sizeof(entry) == 24);
 
