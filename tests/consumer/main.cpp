@@ -1,6 +1,7 @@
 // A program outside steward's tree: built against the installed package (find_package) or the
 // source tree (add_subdirectory) by run_consumer.cmake, it proves the exported target carries
 // everything a consumer needs: include paths, C++20, Asio's backend definitions, the libraries.
+#include <steward/io/backend_probe.hpp>  // from the io_uring/ header set, installed beside include/
 #include <steward/io_uring_check.hpp>
 #include <steward/unique_fd.hpp>
 
@@ -38,6 +39,7 @@ int main() {
         std::printf("STEWARD_CONSUMER_SKIPPED: %s\n", why.c_str());
         return 0;
     }
+    if (steward::io::io_uring_status() != ec) return 1;
     steward::unique_fd fd{::open("/dev/null", O_RDONLY | O_CLOEXEC)};
     if (!fd) return 1;
     asio::io_context ctx;

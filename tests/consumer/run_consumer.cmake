@@ -43,7 +43,7 @@ if(MODE STREQUAL "package")
     step("installing to ${WORK_DIR}/prefix" ${CMAKE_COMMAND} --install "${STEWARD_BINARY_DIR}"
          ${config_args} --prefix "${WORK_DIR}/prefix")
     foreach(installed lib/cmake/steward/steward-config.cmake lib/cmake/steward/steward-config-version.cmake
-                      include/steward/unique_fd.hpp bin/steward libexec/steward-tracker)
+                      include/steward/unique_fd.hpp include/steward/io/backend_probe.hpp bin/steward libexec/steward-tracker)
         if(NOT EXISTS "${WORK_DIR}/prefix/${installed}")
             message(FATAL_ERROR "consumer (package): ${installed} was not installed")
         endif()
