@@ -28,6 +28,7 @@
 #include <array>
 #include <chrono>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <set>
 #include <string>
@@ -276,6 +277,37 @@ STEWARD_CORO_TEST(passes_253_fds_in_one_message_deferred) {
     BOOST_TEST(distinct.size() == 253u);
     fds.clear();
     socket.close();
+    BOOST_TEST(open_fd_count() == before);
+}
+
+// The descriptor numbers are copied by the initiating call: a deferred send still passes the
+// right descriptors after the caller's container is gone (ASan would flag a dangling read).
+// The socket's default token (here use_awaitable via as_default_on) is honoured.
+STEWARD_CORO_TEST(deferred_send_copies_fd_numbers_and_default_token_works) {
+    using awaitable_socket = asio::use_awaitable_t<>::as_default_on_t<stream_socket>;
+    start_io_service(ctx);
+    const int before = open_fd_count();
+    {
+        auto [a, b] = steward::test::socket_pair();
+        awaitable_socket sender(ctx);
+        sender.assign(asio::local::stream_protocol(), a.get());
+        (void)a.release();
+        awaitable_socket receiver(ctx);
+        receiver.assign(asio::local::stream_protocol(), b.get());
+        (void)b.release();
+        unique_fd memfd = make_memfd("copied");
+        auto fds = std::make_unique<std::vector<int>>(1, memfd.get());
+        auto op = steward::io::async_send_fds(sender, *fds, asio::buffer("d", 1), asio::deferred);
+        fds.reset();
+        const std::size_t sent = co_await std::move(op)(asio::use_awaitable);
+        BOOST_TEST(sent == 1u);
+
+        char c = 0;
+        auto [n, got] = co_await steward::io::async_recv_fds(receiver, asio::buffer(&c, 1));
+        BOOST_TEST(n == 1u);
+        BOOST_REQUIRE(got.size() == 1u);
+        BOOST_TEST(read_contents(got[0].get()) == "copied");
+    }
     BOOST_TEST(open_fd_count() == before);
 }
 
