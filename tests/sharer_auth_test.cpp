@@ -1,4 +1,5 @@
 #define BOOST_TEST_MODULE sharer_auth_test
+#include "support/cloexec_socket.hpp"
 #include "support/python3.hpp"
 #include "support/test_support.hpp"
 
@@ -449,10 +450,10 @@ STEWARD_CPYTHON_CORO_TEST(cpython_client_against_our_server) {
     const std::string path = (dir.path / "s").string();
     for (const bool right_key : {true, false}) {
         const auto key = steward::authkey::generate();
-        asio::local::stream_protocol::acceptor acceptor(ctx, asio::local::stream_protocol::endpoint(path));
+        auto acceptor = steward::test::cloexec_listener(ctx, path);
         steward::test::python_process py({steward::test::python_script("mp_auth_peer.py"), "connect", path,
                                           right_key ? key.to_hex() : steward::authkey::generate().to_hex()});
-        auto [aec, s] = co_await acceptor.async_accept(asio::as_tuple(asio::use_awaitable));
+        auto [aec, s] = co_await steward::test::accept_cloexec(acceptor);
         BOOST_REQUIRE(!aec);
         const auto ec = co_await steward::detail::authenticate_as_server(s, key);
         if (right_key) {

@@ -1,4 +1,5 @@
 #define BOOST_TEST_MODULE sharer_cpython_client_test
+#include "support/cloexec_socket.hpp"
 #include "support/python3.hpp"
 #include "support/test_support.hpp"
 
@@ -193,11 +194,11 @@ STEWARD_CORO_TEST(silent_server_deadline_and_cancellation) {
     BOOST_REQUIRE(::mkdtemp(tmpl));
     const std::string path = std::string(tmpl) + "/s";
     {
-        asio::local::stream_protocol::acceptor acceptor(ctx, asio::local::stream_protocol::endpoint(path));
+        auto acceptor = steward::test::cloexec_listener(ctx, path);
         std::vector<asio::local::stream_protocol::socket> held;
         auto accept_loop = [&]() -> asio::awaitable<void> {
             for (;;) {
-                auto [ec, s] = co_await acceptor.async_accept(use_tuple);
+                auto [ec, s] = co_await steward::test::accept_cloexec(acceptor);
                 if (ec) co_return;
                 held.push_back(std::move(s));
             }
@@ -248,7 +249,7 @@ struct server_view {
 asio::awaitable<server_view> scripted_server(asio::local::stream_protocol::acceptor& acceptor,
                                              const steward::authkey& key, scripted_reply reply) {
     server_view view;
-    auto [aec, socket] = co_await acceptor.async_accept(use_tuple);
+    auto [aec, socket] = co_await steward::test::accept_cloexec(acceptor);
     BOOST_REQUIRE(!aec);
     view.handshake = co_await steward::detail::authenticate_as_server(socket, key);
     if (view.handshake) co_return view;
@@ -286,7 +287,7 @@ STEWARD_CORO_TEST(scripted_server_checks) {
     const steward::cpython_ident ident{path, "340282366920938463463374607431768211455"};
     const asio::any_io_executor ex = ctx.get_executor();
     {
-        asio::local::stream_protocol::acceptor acceptor(ctx, asio::local::stream_protocol::endpoint(path));
+        auto acceptor = steward::test::cloexec_listener(ctx, path);
 
         // The request is (key, os.getpid()) with the full 128-bit key; the client acknowledges.
         auto [view, result] = co_await (scripted_server(acceptor, key, {std::byte{1}, 1}) &&
