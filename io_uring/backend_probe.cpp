@@ -8,7 +8,6 @@
 
 #include <atomic>
 #include <fstream>
-#include <mutex>
 #include <string>
 
 namespace steward {
@@ -101,16 +100,24 @@ void check_io_uring() {
 namespace io {
 
 std::error_code io_uring_status() noexcept {
-    // Keyed by pid so a forked child (possibly under a new seccomp filter) probes again.
-    static std::mutex mutex;
-    static pid_t probed_in = 0;
-    static std::error_code result;
-    std::lock_guard lock(mutex);
-    if (probed_in != ::getpid()) {
-        check_io_uring(result);
-        probed_in = ::getpid();
+    // Keyed by pid so a forked child (possibly under a new seccomp filter) probes again. No mutex: a
+    // fork() while another thread held it would leave the child's copy locked forever. Threads that
+    // race here each probe and store the same answer; the code is packed into one word (value * 2 +
+    // "is steward's category") so a reader never pairs one thread's value with another's category.
+    static std::atomic<pid_t> probed_in{0};
+    static std::atomic<int> packed{0};
+    const pid_t self = ::getpid();
+    if (probed_in.load(std::memory_order_acquire) != self) {
+        std::error_code ec;
+        check_io_uring(ec);
+        packed.store(ec.value() * 2 + (ec.category() == error_category() ? 1 : 0), std::memory_order_relaxed);
+        probed_in.store(self, std::memory_order_release);
+        return ec;
     }
-    return result;
+    const int word = packed.load(std::memory_order_relaxed);
+    if (word == 0) return {};
+    if (word % 2 == 1) return {word / 2, error_category()};
+    return errno_code(word / 2);
 }
 
 }  // namespace io
