@@ -16,6 +16,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
@@ -24,6 +25,7 @@
 #include <optional>
 #include <string>
 #include <system_error>
+#include <thread>
 #include <vector>
 
 // The probe is exercised in forked children: a seccomp filter cannot be removed once installed,
@@ -303,6 +305,35 @@ BOOST_AUTO_TEST_CASE(other_errors_keep_their_errno_and_still_name_the_fix,
     BOOST_TEST(r.thrown_value == EINVAL);
     BOOST_TEST(r.cached_value == EINVAL);
     BOOST_TEST(contains(r.explanation, "STEWARD_IO_BACKEND=epoll"), r.explanation);
+}
+
+BOOST_AUTO_TEST_CASE(threads_racing_for_the_cached_probe_agree,
+                     *boost::unit_test::precondition(seccomp_available)) {
+    const pid_t pid = ::fork();
+    BOOST_REQUIRE(pid >= 0);
+    if (pid == 0) {
+        int status = 2;
+        try {
+            if (install_io_uring_setup_filter(EPERM) == 0) {
+                const std::error_code want = steward::errc::io_uring_blocked;
+                std::atomic<int> agreed{0};
+                std::vector<std::thread> threads;
+                for (int i = 0; i < 8; ++i)
+                    threads.emplace_back([&] {
+                        if (steward::io::io_uring_status() == want) ++agreed;
+                    });
+                for (auto& t : threads) t.join();
+                status = agreed == 8 && steward::io::io_uring_status() == want ? 0 : 1;
+            }
+        } catch (...) {
+            status = 3;
+        }
+        ::_exit(status);
+    }
+    int status = 0;
+    BOOST_REQUIRE(::waitpid(pid, &status, 0) == pid);
+    BOOST_TEST(WIFEXITED(status));
+    BOOST_TEST(WEXITSTATUS(status) == 0, "child exit status " << WEXITSTATUS(status) << " (1: disagreement)");
 }
 
 #else  // epoll build: the probe has nothing to check and must not fail even where io_uring is blocked
