@@ -1,0 +1,216 @@
+// Cost of co_await-ing a steward operation that completes at once, against a liburing NOP round
+// trip (the cheapest thing a ring can do: one io_uring_enter that submits and reaps).
+//
+// scenario coawait_send:  co_await io::async_send_fds(socket, {}, 1 byte) on a socketpair whose
+//                         peer is drained every 128 sends (one recv takes them all)
+// scenario coawait_write: co_await io::async_write_message(pipe, 40-byte message) on a pipe whose
+//                         read end is drained every 1000 writes
+// variants:
+//   steward  the co_await (one coroutine on an io_context with steward's io_uring backend)
+//   nop      liburing: get_sqe + prep_nop + submit_and_wait(1) + cqe_seen
+//   raw      the same syscall the operation makes (sendmsg / write), blocking, no library
+//   post     co_await asio::post(use_awaitable): the executor round trip alone
+// value: nanoseconds per operation.
+
+#include "bench_common.hpp"
+
+#include <steward/io/async_send_fds.hpp>
+#include <steward/io/async_write_message.hpp>
+#include <steward/io_uring_check.hpp>
+
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+#include <asio/io_context.hpp>
+#include <asio/local/stream_protocol.hpp>
+#include <asio/posix/stream_descriptor.hpp>
+#include <asio/post.hpp>
+#include <asio/use_awaitable.hpp>
+
+#include <liburing.h>
+#include <sys/socket.h>
+
+namespace {
+
+constexpr std::size_t send_drain_every = 128;
+constexpr std::size_t write_drain_every = 1000;
+constexpr char message[] = "REGISTER:/psm_0123456789:shared_memory\n";  // 39 bytes + NUL
+constexpr std::size_t message_size = sizeof message - 1;
+
+void drain(int fd) {
+    static char sink[1 << 16];
+    while (::recv(fd, sink, sizeof sink, MSG_DONTWAIT) > 0) {
+    }
+}
+
+void drain_pipe(int fd) {
+    static char sink[1 << 16];
+    const int queued = bench::pipe_bytes_queued(fd);
+    if (queued > 0) bench::read_all(fd, sink, static_cast<std::size_t>(queued));
+}
+
+double run_nop(std::size_t n) {
+    io_uring ring{};
+    if (const int rc = ::io_uring_queue_init(64, &ring, 0); rc < 0) {
+        errno = -rc;
+        bench::die("io_uring_queue_init");
+    }
+    auto once = [&] {
+        io_uring_sqe* sqe = ::io_uring_get_sqe(&ring);
+        ::io_uring_prep_nop(sqe);
+        ::io_uring_submit_and_wait(&ring, 1);
+        io_uring_cqe* cqe = nullptr;
+        ::io_uring_peek_cqe(&ring, &cqe);
+        ::io_uring_cqe_seen(&ring, cqe);
+    };
+    for (std::size_t i = 0; i < 1000; ++i) once();
+    const auto t0 = bench::clock::now();
+    for (std::size_t i = 0; i < n; ++i) once();
+    const double s = bench::seconds_since(t0);
+    ::io_uring_queue_exit(&ring);
+    return s;
+}
+
+double run_raw_send(std::size_t n) {
+    int sv[2];
+    bench::check(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0, "socketpair");
+    char byte = 'x';
+    auto once = [&](std::size_t i) {
+        iovec iov{&byte, 1};
+        msghdr msg{};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        bench::check(::sendmsg(sv[0], &msg, MSG_NOSIGNAL) == 1, "sendmsg");
+        if (i % send_drain_every == send_drain_every - 1) drain(sv[1]);
+    };
+    for (std::size_t i = 0; i < 1024; ++i) once(i);
+    const auto t0 = bench::clock::now();
+    for (std::size_t i = 0; i < n; ++i) once(i);
+    const double s = bench::seconds_since(t0);
+    ::close(sv[0]);
+    ::close(sv[1]);
+    return s;
+}
+
+double run_raw_write(std::size_t n) {
+    int p[2];
+    bench::check(::pipe2(p, O_CLOEXEC) == 0, "pipe2");
+    auto once = [&](std::size_t i) {
+        bench::check(::write(p[1], message, message_size) == static_cast<ssize_t>(message_size), "write");
+        if (i % write_drain_every == write_drain_every - 1) drain_pipe(p[0]);
+    };
+    for (std::size_t i = 0; i < 1000; ++i) once(i);
+    const auto t0 = bench::clock::now();
+    for (std::size_t i = 0; i < n; ++i) once(i);
+    const double s = bench::seconds_since(t0);
+    ::close(p[0]);
+    ::close(p[1]);
+    return s;
+}
+
+double run_steward_send(std::size_t n) {
+    int sv[2];
+    bench::check(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0, "socketpair");
+    asio::io_context ctx(1);
+    asio::local::stream_protocol::socket sock(ctx, asio::local::stream_protocol(), sv[0]);
+    double seconds = 0;
+    std::exception_ptr error;
+    asio::co_spawn(
+        ctx,
+        [&]() -> asio::awaitable<void> {
+            char byte = 'x';
+            auto loop = [&](std::size_t count) -> asio::awaitable<void> {
+                for (std::size_t i = 0; i < count; ++i) {
+                    co_await steward::io::async_send_fds(sock, {}, asio::buffer(&byte, 1), asio::use_awaitable);
+                    if (i % send_drain_every == send_drain_every - 1) drain(sv[1]);
+                }
+            };
+            co_await loop(1024);
+            const auto t0 = bench::clock::now();
+            co_await loop(n);
+            seconds = bench::seconds_since(t0);
+        },
+        [&](std::exception_ptr e) { error = e; });
+    ctx.run();
+    ::close(sv[1]);
+    if (error) std::rethrow_exception(error);
+    return seconds;
+}
+
+double run_steward_write(std::size_t n) {
+    int p[2];
+    bench::check(::pipe2(p, O_CLOEXEC) == 0, "pipe2");
+    asio::io_context ctx(1);
+    asio::posix::stream_descriptor pipe(ctx, p[1]);
+    double seconds = 0;
+    std::exception_ptr error;
+    asio::co_spawn(
+        ctx,
+        [&]() -> asio::awaitable<void> {
+            auto loop = [&](std::size_t count) -> asio::awaitable<void> {
+                for (std::size_t i = 0; i < count; ++i) {
+                    co_await steward::io::async_write_message(pipe, asio::buffer(message, message_size),
+                                                              asio::use_awaitable);
+                    if (i % write_drain_every == write_drain_every - 1) drain_pipe(p[0]);
+                }
+            };
+            co_await loop(1000);
+            const auto t0 = bench::clock::now();
+            co_await loop(n);
+            seconds = bench::seconds_since(t0);
+        },
+        [&](std::exception_ptr e) { error = e; });
+    ctx.run();
+    ::close(p[0]);
+    if (error) std::rethrow_exception(error);
+    return seconds;
+}
+
+double run_post(std::size_t n) {
+    asio::io_context ctx(1);
+    double seconds = 0;
+    asio::co_spawn(
+        ctx,
+        [&]() -> asio::awaitable<void> {
+            for (std::size_t i = 0; i < 1000; ++i) co_await asio::post(ctx, asio::use_awaitable);
+            const auto t0 = bench::clock::now();
+            for (std::size_t i = 0; i < n; ++i) co_await asio::post(ctx, asio::use_awaitable);
+            seconds = bench::seconds_since(t0);
+        },
+        asio::detached);
+    ctx.run();
+    return seconds;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const bench::args a = bench::parse_args(argc, argv, 1000000);
+    try {
+        std::error_code ec;
+        std::string why;
+        steward::check_io_uring(ec, &why);
+        if (ec) return bench::not_measured(a, "io_uring unavailable: " + why);
+
+        double seconds = 0;
+        const bool send = a.scenario == "coawait_send";
+        if (!send && a.scenario != "coawait_write") return bench::failed(a, "unknown scenario");
+        if (a.variant == "nop")
+            seconds = run_nop(a.n);
+        else if (a.variant == "raw")
+            seconds = send ? run_raw_send(a.n) : run_raw_write(a.n);
+        else if (a.variant == "steward")
+            seconds = send ? run_steward_send(a.n) : run_steward_write(a.n);
+        else if (a.variant == "post")
+            seconds = run_post(a.n);
+        else
+            return bench::failed(a, "unknown variant");
+        bench::result r(a, "ns/op", false);
+        r.value(seconds * 1e9 / static_cast<double>(a.n));
+        r.count(a.n);
+        r.seconds(seconds);
+        r.print();
+        return 0;
+    } catch (const std::exception& e) {
+        return bench::failed(a, e.what());
+    }
+}

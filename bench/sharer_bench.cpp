@@ -1,0 +1,300 @@
+// Sharer benchmarks: a process that holds one-shot descriptors (the server) and another process
+// that fetches them (the client, which keeps the clock). The server prepares each round's
+// descriptors (dup of /dev/null, or shares in steward's cache) before the clock starts; in the
+// timed window it sends each one and closes its copy, the client receives each one and closes it.
+//
+// scenario fetch_pipelined   1 descriptor per id, one connection, many ids in flight
+//   floor    a one-way stream: blocking sendmsg (1 byte + 1 fd) / recvmsg over a socketpair
+//   steward  steward's native client pipelining fetches on one connection to steward's sharer
+// scenario fetch_batch       253 descriptors per id (value: descriptors per second)
+//   floor    blocking sendmsg of 1 byte + 253 fds per message / recvmsg
+//   steward  one fetch of a 253-descriptor share at a time, pipelined
+// scenario fetch_connect     a new connection per fetch (CPython's shape); latency per fetch
+//   floor    connect + 16-byte key + recvmsg of the fd, server accept4/recv/sendmsg, no auth
+//   steward  connect + HMAC handshake + request + descriptor, against steward's sharer
+//   (cpython: bench/python/sharer_fetch.py, run by bench/run)
+// scenario fetch_warm        one fetch in flight at a time on a warm connection; latency per fetch
+//   floor    send 16-byte key, server recv + sendmsg of the fd, recvmsg
+//   steward  steward's native client, one fetch awaited at a time
+
+#include "bench_common.hpp"
+
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <array>
+#include <csignal>
+#include <cstdint>
+
+namespace {
+
+struct key16 {
+    std::uint64_t index = 0;
+    std::uint64_t pad = 0;
+};
+
+// Sends one data byte carrying @p count descriptors from @p fds; blocking.
+void send_fds(int sock, const int* fds, std::size_t count) {
+    char byte = static_cast<char>(count % 256);
+    iovec iov{&byte, 1};
+    alignas(cmsghdr) char control[CMSG_SPACE(253 * sizeof(int))];
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = CMSG_SPACE(count * sizeof(int));
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(count * sizeof(int));
+    std::memcpy(CMSG_DATA(c), fds, count * sizeof(int));
+    ssize_t n;
+    do {
+        n = ::sendmsg(sock, &msg, MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    bench::check(n == 1, "sendmsg");
+}
+
+// Receives one data byte and its descriptors, closes them; returns how many came. Blocking.
+std::size_t receive_and_close(int sock) {
+    char byte = 0;
+    iovec iov{&byte, 1};
+    alignas(cmsghdr) char control[CMSG_SPACE(253 * sizeof(int))];
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    ssize_t n;
+    do {
+        n = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    bench::check(n == 1, "recvmsg");
+    std::size_t got = 0;
+    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        int fds[253];
+        std::memcpy(fds, CMSG_DATA(c), count * sizeof(int));
+        for (std::size_t i = 0; i < count; ++i) ::close(fds[i]);
+        got += count;
+    }
+    bench::check(got > 0 && (msg.msg_flags & MSG_CTRUNC) == 0, "recvmsg: descriptors missing");
+    return got;
+}
+
+std::vector<int> dup_many(int base, std::size_t count) {
+    std::vector<int> fds(count);
+    for (auto& fd : fds) {
+        fd = ::fcntl(base, F_DUPFD_CLOEXEC, 0);
+        bench::check(fd >= 0, "dup");
+    }
+    return fds;
+}
+
+// The floor of fetch_pipelined and fetch_batch: a one-way stream of messages carrying
+// `fds_per_msg` descriptors each.
+int floor_stream(const bench::args& a, std::size_t fds_per_msg, std::size_t msgs_per_round) {
+    int sv[2];
+    bench::check(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0, "socketpair");
+    const int base = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    bench::channel ch = bench::channel::make();
+    const pid_t server = bench::fork_child([&] {
+        ch.in_child();
+        ::close(sv[1]);
+        for (std::uint32_t msgs = 0; ch.receive_from_parent(msgs) && msgs > 0;) {
+            std::vector<int> fds = dup_many(base, msgs * fds_per_msg);
+            ch.send_to_parent('r');
+            for (std::size_t m = 0; m < msgs; ++m) {
+                send_fds(sv[0], fds.data() + m * fds_per_msg, fds_per_msg);
+                for (std::size_t i = 0; i < fds_per_msg; ++i) ::close(fds[m * fds_per_msg + i]);
+            }
+        }
+    });
+    ch.in_parent();
+    ::close(sv[0]);
+    const std::size_t total_msgs = std::max<std::size_t>(1, a.n / fds_per_msg);
+    double seconds = 0;
+    std::size_t received = 0;
+    for (std::size_t done = 0; done < total_msgs;) {
+        const auto msgs = static_cast<std::uint32_t>(std::min(msgs_per_round, total_msgs - done));
+        ch.send_to_child(msgs);
+        (void)ch.receive_from_child<char>();
+        const auto t0 = bench::clock::now();
+        for (std::uint32_t m = 0; m < msgs; ++m) received += receive_and_close(sv[1]);
+        seconds += bench::seconds_since(t0);
+        done += msgs;
+    }
+    ch.send_to_child(std::uint32_t{0});
+    const int status = bench::wait_child(server);
+    bench::result r(a, fds_per_msg == 1 ? "fetch/s" : "fd/s", true);
+    r.value(static_cast<double>(received) / seconds);
+    r.count(received);
+    r.seconds(seconds);
+    r.print();
+    return status;
+}
+
+std::string temp_socket_path() {
+    char dir[] = "/tmp/stwbench-XXXXXX";
+    bench::check(::mkdtemp(dir) != nullptr, "mkdtemp");
+    return std::string(dir) + "/s";
+}
+
+sockaddr_un address_of(const std::string& path) {
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    return addr;
+}
+
+// The floor of fetch_connect: connect + key + fd per fetch, no authentication.
+int floor_connect(const bench::args& a, std::size_t per_round) {
+    const std::string path = temp_socket_path();
+    const sockaddr_un addr = address_of(path);
+    const int listener = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    bench::check(listener >= 0, "socket");
+    bench::check(::bind(listener, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0, "bind");
+    bench::check(::listen(listener, 128) == 0, "listen");
+    const int base = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    bench::channel ch = bench::channel::make();
+    const pid_t server = bench::fork_child([&] {
+        ch.in_child();
+        for (std::uint32_t count = 0; ch.receive_from_parent(count) && count > 0;) {
+            std::vector<int> fds = dup_many(base, count);
+            ch.send_to_parent('r');
+            for (std::uint32_t i = 0; i < count; ++i) {
+                const int conn = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+                bench::check(conn >= 0, "accept4");
+                key16 key;
+                bench::check(::recv(conn, &key, sizeof key, MSG_WAITALL) == sizeof key, "recv key");
+                bench::check(key.index < count && fds[key.index] >= 0, "bad key");
+                send_fds(conn, &fds[key.index], 1);
+                ::close(fds[key.index]);
+                fds[key.index] = -1;
+                ::close(conn);
+            }
+        }
+    });
+    ch.in_parent();
+    ::close(listener);
+    std::vector<double> latencies;
+    latencies.reserve(a.n);
+    double seconds = 0;
+    for (std::size_t done = 0; done < a.n;) {
+        const auto count = static_cast<std::uint32_t>(std::min(per_round, a.n - done));
+        ch.send_to_child(count);
+        (void)ch.receive_from_child<char>();
+        const auto t0 = bench::clock::now();
+        for (std::uint32_t i = 0; i < count; ++i) {
+            const auto f0 = bench::clock::now();
+            const int s = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            bench::check(s >= 0, "socket");
+            bench::check(::connect(s, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0, "connect");
+            const key16 key{i, 0};
+            bench::check(::send(s, &key, sizeof key, MSG_NOSIGNAL) == sizeof key, "send key");
+            receive_and_close(s);
+            ::close(s);
+            latencies.push_back(std::chrono::duration<double, std::nano>(bench::clock::now() - f0).count());
+        }
+        seconds += bench::seconds_since(t0);
+        done += count;
+    }
+    ch.send_to_child(std::uint32_t{0});
+    const int status = bench::wait_child(server);
+    ::unlink(path.c_str());
+    ::rmdir(path.substr(0, path.size() - 2).c_str());
+    bench::result r(a, "fetch/s", true);
+    r.value(static_cast<double>(a.n) / seconds);
+    r.count(a.n);
+    r.seconds(seconds);
+    r.latencies_ns(std::move(latencies));
+    r.print();
+    return status;
+}
+
+// The floor of fetch_warm: one request at a time on a persistent connection.
+int floor_warm(const bench::args& a, std::size_t per_round) {
+    int sv[2];
+    bench::check(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0, "socketpair");
+    const int base = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    bench::channel ch = bench::channel::make();
+    const pid_t server = bench::fork_child([&] {
+        ch.in_child();
+        ::close(sv[1]);
+        for (std::uint32_t count = 0; ch.receive_from_parent(count) && count > 0;) {
+            std::vector<int> fds = dup_many(base, count);
+            ch.send_to_parent('r');
+            for (std::uint32_t i = 0; i < count; ++i) {
+                key16 key;
+                bench::check(::recv(sv[0], &key, sizeof key, MSG_WAITALL) == sizeof key, "recv key");
+                bench::check(key.index < count && fds[key.index] >= 0, "bad key");
+                send_fds(sv[0], &fds[key.index], 1);
+                ::close(fds[key.index]);
+                fds[key.index] = -1;
+            }
+        }
+    });
+    ch.in_parent();
+    ::close(sv[0]);
+    std::vector<double> latencies;
+    latencies.reserve(a.n);
+    double seconds = 0;
+    for (std::size_t done = 0; done < a.n;) {
+        const auto count = static_cast<std::uint32_t>(std::min(per_round, a.n - done));
+        ch.send_to_child(count);
+        (void)ch.receive_from_child<char>();
+        const auto t0 = bench::clock::now();
+        for (std::uint32_t i = 0; i < count; ++i) {
+            const auto f0 = bench::clock::now();
+            const key16 key{i, 0};
+            bench::check(::send(sv[1], &key, sizeof key, MSG_NOSIGNAL) == sizeof key, "send key");
+            receive_and_close(sv[1]);
+            latencies.push_back(std::chrono::duration<double, std::nano>(bench::clock::now() - f0).count());
+        }
+        seconds += bench::seconds_since(t0);
+        done += count;
+    }
+    ch.send_to_child(std::uint32_t{0});
+    const int status = bench::wait_child(server);
+    bench::result r(a, "fetch/s", true);
+    r.value(static_cast<double>(a.n) / seconds);
+    r.count(a.n);
+    r.seconds(seconds);
+    r.latencies_ns(std::move(latencies));
+    r.print();
+    return status;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    bench::args a = bench::parse_args(argc, argv, 0);
+    std::signal(SIGPIPE, SIG_IGN);
+    bench::raise_nofile_limit();
+    try {
+        const std::string& s = a.scenario;
+        const std::string& v = a.variant;
+        const std::size_t per_round = a.get_size("per-round", 5000);
+        if (s == "fetch_pipelined") {
+            if (a.n == 0) a.n = 200000;
+            if (v == "floor") return floor_stream(a, 1, per_round);
+            if (v == "steward") return bench::not_measured(a, "steward's sharer server and native client not built yet");
+        } else if (s == "fetch_batch") {
+            if (a.n == 0) a.n = 253 * 2000;
+            if (v == "floor") return floor_stream(a, 253, std::max<std::size_t>(1, per_round / 100));
+            if (v == "steward") return bench::not_measured(a, "steward's sharer server and native client not built yet");
+        } else if (s == "fetch_connect") {
+            if (a.n == 0) a.n = 20000;
+            if (v == "floor") return floor_connect(a, per_round);
+            if (v == "steward") return bench::not_measured(a, "steward's sharer server and native client not built yet");
+        } else if (s == "fetch_warm") {
+            if (a.n == 0) a.n = 50000;
+            if (v == "floor") return floor_warm(a, per_round);
+            if (v == "steward") return bench::not_measured(a, "steward's sharer server and native client not built yet");
+        }
+        return bench::failed(a, "unknown scenario or variant");
+    } catch (const std::exception& e) {
+        return bench::failed(a, e.what());
+    }
+}
