@@ -19,6 +19,21 @@
 
 #include "bench_common.hpp"
 
+#if defined(STEWARD_BENCH_HAVE_SHARER)
+#include <steward/authkey.hpp>
+#include <steward/cpython_fetch.hpp>
+#include <steward/fetch.hpp>
+#include <steward/share_id.hpp>
+#include <steward/sharer.hpp>
+#endif
+
+#include <asio/as_tuple.hpp>
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+#include <asio/io_context.hpp>
+#include <asio/steady_timer.hpp>
+#include <asio/use_awaitable.hpp>
+
 #include <sys/socket.h>
 #include <sys/un.h>
 
@@ -266,7 +281,156 @@ int floor_warm(const bench::args& a, std::size_t per_round) {
     return status;
 }
 
+#if defined(STEWARD_BENCH_HAVE_SHARER)
+// ---- steward: a sharer in a child process, the native client (or CPython's protocol) here ----
+
+// The child: a steward::sharer running in its background thread. Per round it shares `count`
+// ids of `fds_per_id` descriptors each (dups of /dev/null, made by share()), sends the keys to
+// the parent and waits for the next round (0 ends it).
+pid_t start_steward_server(bench::channel& ch, std::size_t fds_per_id, const steward::authkey& key,
+                           std::string& address) {
+    const pid_t pid = bench::fork_child([&] {
+        ch.in_child();
+        const int base = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+        steward::sharer_options options;
+        options.key = key;
+        options.max_pending_shares = 1u << 20;
+        steward::sharer server(options);
+        server.start_background();
+        bool first = true;
+        for (std::uint32_t count = 0; ch.receive_from_parent(count) && count > 0;) {
+            const std::vector<int> fds(fds_per_id, base);
+            std::vector<steward::share_key> keys;
+            keys.reserve(count);
+            for (std::uint32_t i = 0; i < count; ++i) keys.push_back(server.share(fds).key());
+            if (first) {
+                const std::string addr = server.address();
+                const auto len = static_cast<std::uint32_t>(addr.size());
+                bench::write_all(ch.child_write, &len, sizeof len);
+                bench::write_all(ch.child_write, addr.data(), addr.size());
+                first = false;
+            }
+            bench::write_all(ch.child_write, keys.data(), keys.size() * sizeof(steward::share_key));
+        }
+        server.stop(std::chrono::seconds(5));
+    });
+    ch.in_parent();
+    (void)address;
+    return pid;
+}
+
+// Asks the server child for `count` fresh ids.
+std::vector<steward::share_id> next_round(bench::channel& ch, std::uint32_t count, std::string& address) {
+    ch.send_to_child(count);
+    if (address.empty()) {
+        const auto len = ch.receive_from_child<std::uint32_t>();
+        address.resize(len);
+        if (!bench::read_all(ch.parent_read, address.data(), len)) throw std::runtime_error("server went away");
+    }
+    std::vector<steward::share_key> keys(count);
+    if (!bench::read_all(ch.parent_read, keys.data(), keys.size() * sizeof(steward::share_key)))
+        throw std::runtime_error("server went away");
+    std::vector<steward::share_id> ids;
+    ids.reserve(count);
+    for (const auto& k : keys) ids.emplace_back(address, k);
+    return ids;
+}
+
+enum class steward_shape {
+    pipelined,    // `in_flight` fetches outstanding on the pooled connection
+    sequential,   // one fetch awaited at a time on the pooled (warm) connection
+    cpython_connect,  // async_fetch_cpython: a new connection + handshake + pickle per fetch
+};
+
+int steward_fetch(const bench::args& a, std::size_t fds_per_id, std::size_t per_round, steward_shape shape,
+                  std::size_t in_flight) {
+    const steward::authkey key = steward::authkey::generate();
+    bench::channel ch = bench::channel::make();
+    std::string address;
+    const pid_t server = start_steward_server(ch, fds_per_id, key, address);
+    asio::io_context ctx(1);
+    const asio::any_io_executor ex = ctx.get_executor();
+    steward::fetch_options options;
+    options.key = key;
+    const std::size_t total_ids = std::max<std::size_t>(1, a.n / fds_per_id);
+    std::vector<double> latencies;
+    const bool record_latency = shape != steward_shape::pipelined;
+    if (record_latency) latencies.reserve(total_ids);
+    double seconds = 0;
+    std::size_t received = 0;
+    std::exception_ptr error;
+
+    // Fetches `ids` with the shape asked for; returns the seconds taken.
+    auto fetch_all = [&](const std::vector<steward::share_id>& ids, bool timed) -> asio::awaitable<void> {
+        std::size_t next = 0;
+        std::size_t running = in_flight;
+        const auto t0 = bench::clock::now();
+        auto worker = [&]() -> asio::awaitable<void> {
+            while (next < ids.size()) {
+                const steward::share_id& id = ids[next++];
+                const auto f0 = bench::clock::now();
+                std::vector<steward::unique_fd> fds;
+                if (shape == steward_shape::cpython_connect)
+                    fds = co_await steward::async_fetch_cpython(ex, id.to_cpython(), key, asio::use_awaitable);
+                else
+                    fds = co_await steward::async_fetch(ex, id, asio::use_awaitable, options);
+                if (timed && record_latency)
+                    latencies.push_back(std::chrono::duration<double, std::nano>(bench::clock::now() - f0).count());
+                if (timed) received += fds.size();
+            }
+        };
+        if (shape == steward_shape::pipelined) {
+            // `in_flight` workers on this one coroutine chain: all use the pooled connection.
+            auto done = std::make_shared<asio::steady_timer>(ctx, asio::steady_timer::time_point::max());
+            for (std::size_t w = 0; w < in_flight; ++w)
+                asio::co_spawn(ctx, worker(), [&, done](std::exception_ptr e) {
+                    if (e && !error) error = e;
+                    if (--running == 0) done->cancel();
+                });
+            co_await done->async_wait(asio::as_tuple(asio::use_awaitable));
+        } else {
+            co_await worker();
+        }
+        if (timed) seconds += bench::seconds_since(t0);
+    };
+
+    asio::co_spawn(
+        ctx,
+        [&]() -> asio::awaitable<void> {
+            // Warm-up (untimed): connects and authenticates the pooled connection.
+            co_await fetch_all(next_round(ch, 2, address), false);
+            for (std::size_t done = 0; done < total_ids && !error;) {
+                const auto count = static_cast<std::uint32_t>(std::min(per_round, total_ids - done));
+                const auto ids = next_round(ch, count, address);
+                co_await fetch_all(ids, true);
+                done += count;
+            }
+        },
+        [&](std::exception_ptr e) {
+            if (e && !error) error = e;
+        });
+    ctx.run();
+    ch.send_to_child(std::uint32_t{0});
+    const int status = bench::wait_child(server);
+    if (error) std::rethrow_exception(error);
+    bench::result r(a, fds_per_id == 1 ? "fetch/s" : "fd/s", true);
+    r.value(static_cast<double>(received) / seconds);
+    r.count(received);
+    r.seconds(seconds);
+    if (shape == steward_shape::pipelined) r.extra("in_flight", static_cast<double>(in_flight));
+    if (record_latency) r.latencies_ns(std::move(latencies));
+    r.print();
+    return status;
+}
+#endif
+
 }  // namespace
+
+#if defined(STEWARD_BENCH_HAVE_SHARER)
+#define STEWARD_FETCH(...) return steward_fetch(__VA_ARGS__)
+#else
+#define STEWARD_FETCH(...) return bench::not_measured(a, "steward's sharer server / native fetch client not in the tree yet")
+#endif
 
 int main(int argc, char** argv) {
     bench::args a = bench::parse_args(argc, argv, 0);
@@ -279,19 +443,20 @@ int main(int argc, char** argv) {
         if (s == "fetch_pipelined") {
             if (a.n == 0) a.n = 200000;
             if (v == "floor") return floor_stream(a, 1, per_round);
-            if (v == "steward") return bench::not_measured(a, "steward's sharer server and native client not built yet");
+            if (v == "steward") STEWARD_FETCH(a, 1, per_round, steward_shape::pipelined, a.get_size("in-flight", 64));
         } else if (s == "fetch_batch") {
             if (a.n == 0) a.n = 253 * 2000;
             if (v == "floor") return floor_stream(a, 253, std::max<std::size_t>(1, per_round / 100));
-            if (v == "steward") return bench::not_measured(a, "steward's sharer server and native client not built yet");
+            if (v == "steward") STEWARD_FETCH(a, 253, std::max<std::size_t>(1, per_round / 100), steward_shape::pipelined,
+                                     a.get_size("in-flight", 4));
         } else if (s == "fetch_connect") {
             if (a.n == 0) a.n = 20000;
             if (v == "floor") return floor_connect(a, per_round);
-            if (v == "steward") return bench::not_measured(a, "steward's sharer server and native client not built yet");
+            if (v == "steward") STEWARD_FETCH(a, 1, per_round, steward_shape::cpython_connect, 1);
         } else if (s == "fetch_warm") {
             if (a.n == 0) a.n = 50000;
             if (v == "floor") return floor_warm(a, per_round);
-            if (v == "steward") return bench::not_measured(a, "steward's sharer server and native client not built yet");
+            if (v == "steward") STEWARD_FETCH(a, 1, per_round, steward_shape::sequential, 1);
         }
         return bench::failed(a, "unknown scenario or variant");
     } catch (const std::exception& e) {

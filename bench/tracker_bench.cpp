@@ -26,7 +26,7 @@
 
 #include <steward/resource_type.hpp>
 
-#if __has_include(<steward/tracker.hpp>)
+#if defined(STEWARD_BENCH_HAVE_TRACKER_CLIENT)
 #include <steward/tracker.hpp>
 #endif
 
@@ -157,7 +157,7 @@ int register_floor(const bench::args& a, bool batched) {
     return status == 0 ? 0 : 1;
 }
 
-#if __has_include(<steward/tracker.hpp>) && defined(STEWARD_BENCH_HAVE_TRACKER_CLIENT)
+#if defined(STEWARD_BENCH_HAVE_TRACKER_CLIENT)
 int register_steward(const bench::args& a, std::size_t coroutines) {
     asio::io_context ctx(1);
     steward::tracker_options options;
@@ -326,10 +326,10 @@ int main(int argc, char** argv) {
             const bool concurrent = s == "register_concurrent";
             if (v == "floor") return register_floor(a, concurrent);
             if (v == "steward") {
-#if __has_include(<steward/tracker.hpp>) && defined(STEWARD_BENCH_HAVE_TRACKER_CLIENT)
+#if defined(STEWARD_BENCH_HAVE_TRACKER_CLIENT)
                 return register_steward(a, concurrent ? a.get_size("coroutines", 1000) : 1);
 #else
-                return bench::not_measured(a, "steward::tracker client not built yet");
+                return bench::not_measured(a, "steward::tracker client not in the tree yet");
 #endif
             }
         } else if (s == "daemon_ingest") {
