@@ -51,6 +51,11 @@ int devnull() {
     return fd;
 }
 
+std::uint16_t claimed_fds(const native::message& m) {
+    const auto* r = std::get_if<native::reply>(&m);
+    return r ? r->part_fds : 0;
+}
+
 struct reference_frame {
     std::uint64_t offset;
     std::uint64_t size;
@@ -92,7 +97,9 @@ native::message decode_checked(std::span<const std::byte> payload, std::error_co
     return m;
 }
 
-reference_walk walk(std::span<const std::byte> stream) {
+// @p fds_expected: false when no read carries descriptors, so a REPLY part that declares some
+// is a protocol error of the stream ("declared descriptors never came").
+reference_walk walk(std::span<const std::byte> stream, bool fds_expected) {
     reference_walk w;
     while (true) {
         const auto rest = stream.subspan(static_cast<std::size_t>(w.consumed));
@@ -114,15 +121,14 @@ reference_walk walk(std::span<const std::byte> stream) {
             w.end_error = ec;
             break;
         }
+        if (!fds_expected && claimed_fds(m) > 0) {
+            w.end_error = steward::errc::malformed_message;
+            break;
+        }
         w.frames.push_back({w.consumed, p.total_size(), std::move(m)});
         w.consumed += p.total_size();
     }
     return w;
-}
-
-std::uint16_t claimed_fds(const native::message& m) {
-    const auto* r = std::get_if<native::reply>(&m);
-    return r ? r->part_fds : 0;
 }
 
 struct planned_read {
@@ -177,7 +183,7 @@ std::vector<planned_read> plan_reads(std::span<const std::byte> stream, const re
 }
 
 void check_stream(std::span<const std::byte> stream, unsigned mode, std::size_t max_read, std::uint32_t seed) {
-    const reference_walk ref = walk(stream);
+    const reference_walk ref = walk(stream, mode != 0);
     steward::fuzz::chunker cuts(seed);
     std::vector<int> all_fds;
     {
@@ -189,7 +195,8 @@ void check_stream(std::span<const std::byte> stream, unsigned mode, std::size_t 
         std::error_code failure;
         std::size_t pos = 0;
         std::size_t given = 0;
-        for (std::size_t i = 0; i < reads.size() && !failure; ++i) {
+        std::size_t i = 0;
+        for (; i < reads.size() && !failure; ++i) {
             const planned_read& r = reads[i];
             const auto room = decoder.prepare(r.size + cuts.next(16) - 1);
             FUZZ_CHECK(room.size() >= r.size);
@@ -242,6 +249,9 @@ void check_stream(std::span<const std::byte> stream, unsigned mode, std::size_t 
                 events.push_back(std::move(*ev));
             }
         }
+        // Reads never made after a failure: their descriptors were never handed over.
+        for (; i < reads.size(); ++i)
+            for (int fd : reads[i].fds) unique_fd{fd};
         if (!failure) {
             // A defect the reference found lies in bytes the decoder was given: it must have
             // stopped there. Otherwise every whole frame came out and what is left is exactly the
