@@ -582,7 +582,8 @@ private:
                 if (!fd) {
                     if (errno == EINTR || errno == ECONNABORTED || errno == EAGAIN) continue;
                     // EMFILE and friends: back off instead of spinning on a readable listener.
-                    asio::steady_timer t(co_await asio::this_coro::executor, std::chrono::milliseconds(50));
+                    const asio::any_io_executor ex = co_await asio::this_coro::executor;
+                    asio::steady_timer t(ex, std::chrono::milliseconds(50));
                     co_await t.async_wait(use_tuple);
                     break;
                 }
@@ -740,8 +741,8 @@ private:
         conn->socket.close(ignored);
     }
 
-    static asio::awaitable<void> serve_connection(std::shared_ptr<sharer_impl> self,
-                                                  std::shared_ptr<sharer_connection> conn) {
+    static asio::awaitable<void> serve_connection(const std::shared_ptr<sharer_impl>& self,
+                                                  const std::shared_ptr<sharer_connection>& conn) {
         // 1. The peer's credentials, from the kernel.
         ucred cred{};
         socklen_t len = sizeof cred;
@@ -873,8 +874,8 @@ private:
         co_return 0;
     }
 
-    static asio::awaitable<void> serve_cpython(std::shared_ptr<sharer_impl> self,
-                                               std::shared_ptr<sharer_connection> conn,
+    static asio::awaitable<void> serve_cpython(const std::shared_ptr<sharer_impl>& self,
+                                               const std::shared_ptr<sharer_connection>& conn,
                                                std::span<const std::byte> payload) {
         std::error_code ec;
         const pickle::decoded request = pickle::decode(payload, ec);
@@ -929,8 +930,8 @@ private:
         (void)co_await send_fully(socket, out, {});
     }
 
-    static asio::awaitable<void> serve_native(std::shared_ptr<sharer_impl> self,
-                                              std::shared_ptr<sharer_connection> conn, connection_reader& reader,
+    static asio::awaitable<void> serve_native(const std::shared_ptr<sharer_impl>& self,
+                                              const std::shared_ptr<sharer_connection>& conn, connection_reader& reader,
                                               std::span<const std::byte> first) {
         std::error_code ec;
         const native::message hello_msg = native::decode(first, ec);
@@ -1105,8 +1106,8 @@ private:
                 }
             }
             if (!busy || clock::now() >= deadline) break;
-            asio::steady_timer t(co_await asio::this_coro::executor,
-                                 std::min<clock::duration>(std::chrono::milliseconds(5), deadline - clock::now()));
+            const asio::any_io_executor ex = co_await asio::this_coro::executor;
+            asio::steady_timer t(ex, std::min<clock::duration>(std::chrono::milliseconds(5), deadline - clock::now()));
             co_await t.async_wait(use_tuple);
         }
         for (auto& c : conns) {

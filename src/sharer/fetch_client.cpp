@@ -1,0 +1,578 @@
+// The native client: one authenticated connection per (io_context, server address, authkey),
+// shared by every fetch on that context, requests pipelined with ids, confirmations batched,
+// writes coalesced. All connection state lives on the connection's strand.
+
+#include <steward/fetch.hpp>
+
+#include <steward/error.hpp>
+#include <steward/io/detail/scm_rights.hpp>
+
+#include "sharer/handshake_driver.hpp"
+#include "sharer/native_protocol.hpp"
+#include "sharer/native_stream.hpp"
+#include "sharer/sharer_wire.hpp"
+
+#include <asio/append.hpp>
+#include <asio/as_tuple.hpp>
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+#include <asio/dispatch.hpp>
+#include <asio/execution_context.hpp>
+#include <asio/io_context.hpp>
+#include <asio/post.hpp>
+#include <asio/steady_timer.hpp>
+#include <asio/strand.hpp>
+#include <asio/use_awaitable.hpp>
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <deque>
+#include <map>
+#include <mutex>
+
+namespace steward::detail {
+namespace {
+
+using clock = std::chrono::steady_clock;
+using strand_type = asio::strand<asio::any_io_executor>;
+constexpr auto use_tuple = asio::as_tuple(asio::use_awaitable);
+constexpr std::size_t max_address = 107;
+// A pooled connection unused for this long is closed instead of reused (the server closes idle
+// connections too, after its own, longer timeout).
+constexpr clock::duration client_idle_timeout = std::chrono::seconds(10);
+constexpr std::size_t read_chunk = 16 * 1024;
+
+void complete(fetch_handler& h, std::error_code ec, std::vector<unique_fd> fds) {
+    // Through the handler's associated executor (inline when that is the running one).
+    asio::dispatch(asio::append(std::move(h), ec, std::move(fds)));
+}
+
+class fetch_service;
+
+class fetch_connection : public std::enable_shared_from_this<fetch_connection> {
+public:
+    struct request {
+        std::uint64_t id = 0;
+        share_key key;
+        clock::time_point deadline;
+        fetch_handler handler;  // empty once completed early (cancelled, timed out)
+        clock::duration reply_timeout{};
+        std::uint64_t serial = 0;  // names it for cancellation
+    };
+
+    fetch_connection(const asio::any_io_executor& ex, std::string address, const authkey& key)
+        : strand_(asio::make_strand(ex)), socket_(strand_), timer_(strand_), address_(std::move(address)),
+          key_(key), control_(io::detail::scm_rights_control::for_receive()) {
+        out_.reserve(4096);
+        sending_.reserve(4096);
+    }
+
+    const std::string& address() const noexcept { return address_; }
+    const authkey& key() const noexcept { return key_; }
+
+    // Thread-safe (called under the service's mutex): may a new fetch use this connection?
+    bool usable(clock::time_point now) const noexcept {
+        return !dead_.load(std::memory_order_acquire) &&
+               clock::time_point(clock::duration(last_used_.load(std::memory_order_relaxed))) +
+                       client_idle_timeout >
+                   now;
+    }
+
+    void touch(clock::time_point now) noexcept {
+        last_used_.store(now.time_since_epoch().count(), std::memory_order_relaxed);
+    }
+
+    void start(clock::duration handshake_timeout) {
+        touch(clock::now());
+        asio::co_spawn(strand_, setup(shared_from_this(), handshake_timeout), asio::detached);
+    }
+
+    // Runs on the strand.
+    const strand_type& strand() const noexcept { return strand_; }
+
+    void submit(request r) {
+        if (state_ == state::dead) {
+            finish(r, dead_error_ ? dead_error_ : std::make_error_code(std::errc::connection_reset));
+            return;
+        }
+        attach_cancellation(r);
+        waiting_.push_back(std::move(r));
+        if (state_ == state::ready) send_waiting();
+    }
+
+    // Drops everything without running any handler (the io_context is shutting down).
+    void shutdown() {
+        dead_.store(true);
+        waiting_.clear();
+        in_flight_.clear();
+        std::error_code ignored;
+        socket_.close(ignored);
+        timer_.cancel();
+    }
+
+private:
+    enum class state { connecting, hello_sent, ready, dead };
+
+    void attach_cancellation(request& r) {
+        auto slot = asio::get_associated_cancellation_slot(r.handler);
+        if (!slot.is_connected()) return;
+        r.serial = ++serial_;
+        slot.assign([weak = weak_from_this(), strand = strand_, serial = r.serial](asio::cancellation_type type) {
+            if ((type & asio::cancellation_type::terminal) == asio::cancellation_type::none) return;
+            asio::post(strand, [weak, serial] {
+                if (auto self = weak.lock()) self->cancel(serial);
+            });
+        });
+    }
+
+    static void finish(request& r, std::error_code ec, std::vector<unique_fd> fds = {}) {
+        if (!r.handler) return;
+        auto slot = asio::get_associated_cancellation_slot(r.handler);
+        if (slot.is_connected()) slot.clear();
+        fetch_handler h = std::move(r.handler);
+        r.handler = fetch_handler();
+        complete(h, ec, std::move(fds));
+    }
+
+    void cancel(std::uint64_t serial) {
+        auto match = [serial](const request& r) { return r.serial == serial && r.handler; };
+        // Not yet sent: simply forget it. Sent: the reply, when it comes, is given back.
+        if (auto it = std::find_if(waiting_.begin(), waiting_.end(), match); it != waiting_.end()) {
+            finish(*it, asio::error::operation_aborted);
+            waiting_.erase(it);
+        } else if (auto jt = std::find_if(in_flight_.begin(), in_flight_.end(), match); jt != in_flight_.end()) {
+            finish(*jt, asio::error::operation_aborted);
+        }
+    }
+
+    void send_waiting() {
+        while (!waiting_.empty() && in_flight_.size() < max_in_flight_) {
+            request r = std::move(waiting_.front());
+            waiting_.pop_front();
+            if (!r.handler) continue;
+            r.id = next_id_++;
+            r.deadline = clock::now() + r.reply_timeout;
+            const std::size_t at = out_.size();
+            out_.resize(at + wire::fetch_frame_size);
+            wire::put_fetch(out_.data() + at, r.id, r.key);
+            in_flight_.push_back(std::move(r));
+        }
+        schedule_flush();
+        ensure_reader();
+        arm_timer();
+    }
+
+    void schedule_flush() {
+        if (flush_scheduled_ || writing_ || out_.empty()) return;
+        flush_scheduled_ = true;
+        // Posted, so every request submitted in this round goes out in one send.
+        asio::post(strand_, [self = shared_from_this()] {
+            self->flush_scheduled_ = false;
+            self->flush();
+        });
+    }
+
+    void flush() {
+        if (state_ == state::dead) return;
+        for (;;) {
+            if (sending_.empty()) {
+                if (out_.empty()) {
+                    writing_ = false;
+                    return;
+                }
+                sending_.swap(out_);
+                sent_ = 0;
+            }
+            while (sent_ < sending_.size()) {
+                const wire::attempt r =
+                    wire::send_with_fds(socket_.native_handle(), std::span(sending_).subspan(sent_), {});
+                if (r.err == EAGAIN) {
+                    writing_ = true;
+                    socket_.async_wait(asio::socket_base::wait_write, [self = shared_from_this()](std::error_code ec) {
+                        if (ec) return self->fail(wire::normalize(ec));
+                        self->flush();
+                    });
+                    return;
+                }
+                if (r.err) return fail(errno_code(r.err));
+                sent_ += r.bytes;
+            }
+            sending_.clear();
+        }
+    }
+
+    void ensure_reader() {
+        if (reader_running_ || state_ == state::dead) return;
+        reader_running_ = true;
+        asio::co_spawn(strand_, reader(shared_from_this()), asio::detached);
+    }
+
+    // One timer for the reply deadlines of the requests in flight; not armed while nothing is in
+    // flight, so an idle pooled connection keeps no work on the io_context.
+    void arm_timer() {
+        if (timer_armed_ || state_ == state::dead) return;
+        auto live = std::find_if(in_flight_.begin(), in_flight_.end(),
+                                 [](const request& r) { return static_cast<bool>(r.handler); });
+        if (live == in_flight_.end()) return;
+        timer_armed_ = true;
+        timer_.expires_at(live->deadline);
+        timer_.async_wait([self = shared_from_this()](std::error_code ec) {
+            self->timer_armed_ = false;
+            if (ec || self->state_ == state::dead) return;
+            const auto now = clock::now();
+            for (auto& r : self->in_flight_)
+                if (r.handler && r.deadline <= now) finish(r, errc::timed_out);
+            self->arm_timer();
+        });
+    }
+
+    void disarm_timer_if_idle() {
+        if (!timer_armed_) return;
+        if (std::none_of(in_flight_.begin(), in_flight_.end(), [](const request& r) { return static_cast<bool>(r.handler); }))
+            timer_.cancel();
+    }
+
+    void fail(std::error_code ec) {
+        if (state_ == state::dead) return;
+        state_ = state::dead;
+        dead_.store(true, std::memory_order_release);
+        dead_error_ = ec;
+        std::error_code ignored;
+        socket_.close(ignored);
+        timer_.cancel();
+        auto fail_queue = [&](std::deque<request>& q) {
+            std::deque<request> doomed;
+            doomed.swap(q);
+            for (auto& r : doomed) finish(r, ec);
+        };
+        fail_queue(in_flight_);
+        fail_queue(waiting_);
+        out_.clear();
+        sending_.clear();
+    }
+
+    static asio::awaitable<void> setup(std::shared_ptr<fetch_connection> self, clock::duration handshake_timeout) {
+        std::error_code ec;
+        unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+        if (!fd) co_return self->fail(errno_code(errno));
+        self->socket_.assign(asio::local::stream_protocol(), fd.get(), ec);
+        if (ec) co_return self->fail(wire::normalize(ec));
+        (void)fd.release();
+        const asio::local::stream_protocol::endpoint endpoint(self->address_);
+        auto [cec] = co_await self->socket_.async_connect(endpoint, use_tuple);
+        if (cec) co_return self->fail(wire::normalize(cec));
+        ec = co_await authenticate_as_client(self->socket_, self->key_, handshake_timeout);
+        if (ec) {
+            // A server that refuses the peer (uid) closes before its challenge.
+            if (ec == asio::error::eof || ec == asio::error::connection_reset || ec == asio::error::broken_pipe)
+                ec = errc::authentication_failed;
+            co_return self->fail(wire::normalize(ec));
+        }
+        if (self->state_ == state::dead) co_return;
+        native::append_frame(self->out_, native::hello{});
+        self->state_ = state::hello_sent;
+        self->schedule_flush();
+        self->ensure_reader();
+    }
+
+    static asio::awaitable<void> reader(std::shared_ptr<fetch_connection> self) {
+        std::vector<unique_fd> batch;
+        for (;;) {
+            if (self->state_ == state::dead) break;
+            if (self->state_ != state::hello_sent && self->in_flight_.empty() &&
+                !self->assembler_.in_progress() && self->decoder_.buffered() == 0)
+                break;  // nothing expected: no pending read keeps the io_context busy
+            const std::span<std::byte> room = self->decoder_.prepare(read_chunk);
+            batch.clear();
+            const io::detail::attempt_result r =
+                io::detail::recv_attempt(self->socket_.native_handle(), asio::buffer(room.data(), room.size()),
+                                         self->control_, io::detail::socket_kind::stream, batch);
+            if (r.would_block) {
+                auto [ec] = co_await self->socket_.async_wait(asio::socket_base::wait_read, use_tuple);
+                if (ec) {
+                    self->fail(wire::normalize(ec));
+                    break;
+                }
+                continue;
+            }
+
+            const bool truncated = r.ec == errc::control_truncated;
+            if ((r.ec && !truncated && r.ec != errc::unexpected_control) || r.bytes == 0) {
+                self->fail(r.ec == asio::error::eof || r.bytes == 0 ? std::make_error_code(std::errc::connection_reset)
+                                                                    : wire::normalize(r.ec));
+                break;
+            }
+            self->decoder_.commit(r.bytes, std::move(batch), truncated);
+            batch = std::vector<unique_fd>();
+            std::error_code ec;
+            while (auto ev = self->decoder_.next(ec)) {
+                self->handle(std::move(*ev));
+                if (self->state_ == state::dead) break;
+            }
+            if (ec && self->state_ != state::dead) self->fail(ec);
+            // Confirm before handing the descriptors over, so that a caller that tears down its
+            // io_context right after its fetch completed does not leave the delivery unconfirmed
+            // (the server would offer the share again).
+            if (self->state_ != state::dead) self->send_confirmations();
+            self->complete_delivered();
+            if (self->state_ == state::dead) break;
+            self->send_waiting();
+            self->disarm_timer_if_idle();
+        }
+        self->reader_running_ = false;
+    }
+
+    void handle(native::stream_decoder::event ev) {
+        if (auto* ack = std::get_if<native::hello_ack>(&ev.msg)) {
+            if (state_ != state::hello_sent) return fail(errc::malformed_message);
+            state_ = state::ready;
+            max_in_flight_ = std::max<std::uint32_t>(1, ack->max_in_flight);
+            return;
+        }
+        if (auto* part = std::get_if<native::reply>(&ev.msg)) {
+            if (state_ != state::ready) return fail(errc::malformed_message);
+            std::error_code ec;
+            auto done = assembler_.add(*part, std::move(ev.fds), ev.truncated, ec);
+            if (ec) return fail(ec);
+            if (!done) return;
+            auto it = std::find_if(in_flight_.begin(), in_flight_.end(),
+                                   [id = done->request_id](const request& r) { return r.id == id; });
+            if (it == in_flight_.end()) return fail(errc::malformed_message);
+            request r = std::move(*it);
+            in_flight_.erase(it);
+            switch (done->status) {
+                case native::reply_status::ok:
+                    if (done->error) {
+                        give_back(r.id, native::give_back_reason::control_truncated);
+                        finish(r, done->error);
+                    } else if (!r.handler) {
+                        // Nobody wants it any more (cancelled, timed out): back to the server.
+                        done->fds.clear();
+                        give_back(r.id, native::give_back_reason::other);
+                    } else {
+                        // Completed after the CONFIRM is written (see reader()).
+                        confirmed_.push_back(r.id);
+                        delivered_.push_back(delivered_reply{std::move(r), std::move(done->fds)});
+                    }
+                    return;
+                case native::reply_status::not_available:
+                    finish(r, errc::share_not_available);
+                    return;
+                case native::reply_status::busy:
+                    if (r.handler) waiting_.push_front(std::move(r));
+                    return;
+                case native::reply_status::server_error:
+                    finish(r, errc::limit_exceeded);
+                    return;
+            }
+            return fail(errc::malformed_message);
+        }
+        if (auto* err = std::get_if<native::error>(&ev.msg)) {
+            return fail(err->code == native::error_code_value::limit_exceeded
+                            ? std::error_code(errc::limit_exceeded)
+                            : std::make_error_code(std::errc::connection_reset));
+        }
+        fail(errc::malformed_message);
+    }
+
+    void complete_delivered() {
+        if (delivered_.empty()) return;
+        std::vector<delivered_reply> ready;
+        ready.swap(delivered_);
+        for (auto& d : ready) finish(d.r, {}, std::move(d.fds));
+        ready.clear();
+        if (delivered_.empty()) delivered_.swap(ready);  // keep the capacity
+    }
+
+    void give_back(std::uint64_t id, native::give_back_reason reason) {
+        // A GIVE_BACK must precede any CONFIRM whose up_to covers it: confirmations collected so
+        // far only name ids that were delivered, and they are written after this.
+        native::append_frame(out_, native::give_back{id, reason});
+    }
+
+    void send_confirmations() {
+        if (confirmed_.empty()) return;
+        // up_to may only cover ids that are not still in flight (a later GIVE_BACK for one of
+        // them would come after a CONFIRM covering it).
+        const std::uint64_t floor = in_flight_.empty() ? ~std::uint64_t{0} : in_flight_.front().id;
+        native::confirm c;
+        for (std::uint64_t id : confirmed_) {
+            if (id < floor)
+                c.up_to = std::max(c.up_to, id);
+            else
+                c.ids.push_back(id);
+        }
+        confirmed_.clear();
+        // Ids below up_to that were refused or given back are not "delivered": the server ignores them.
+        if (c.ids.size() > native::max_confirm_ids) c.ids.resize(native::max_confirm_ids);  // never in practice
+        if (c.ids.empty()) {
+            const std::size_t at = out_.size();
+            out_.resize(at + 4 + 13);
+            std::byte* p = wire::put_be<std::uint32_t>(out_.data() + at, 13);
+            p = wire::put_u8(p, static_cast<std::uint8_t>(native::msg_type::confirm));
+            p = wire::put_be(p, c.up_to);
+            wire::put_be<std::uint32_t>(p, 0);
+        } else {
+            native::append_frame(out_, c);
+        }
+        // Written now (not posted): see reader().
+        if (!writing_) flush();
+    }
+
+    strand_type strand_;
+    local_socket socket_;
+    asio::steady_timer timer_;
+    std::string address_;
+    authkey key_;
+    io::detail::scm_rights_control control_;
+    native::stream_decoder decoder_;
+    native::reply_assembler assembler_;
+
+    state state_ = state::connecting;
+    std::atomic<bool> dead_{false};
+    std::atomic<clock::rep> last_used_{0};
+    std::error_code dead_error_;
+    std::deque<request> waiting_;
+    std::deque<request> in_flight_;
+    std::vector<std::uint64_t> confirmed_;
+    struct delivered_reply {
+        request r;
+        std::vector<unique_fd> fds;
+    };
+    std::vector<delivered_reply> delivered_;
+    std::uint64_t next_id_ = 1;
+    std::uint32_t max_in_flight_ = 1;
+    std::vector<std::byte> out_;
+    std::vector<std::byte> sending_;
+    std::size_t sent_ = 0;
+    bool writing_ = false;
+    bool flush_scheduled_ = false;
+    bool reader_running_ = false;
+    bool timer_armed_ = false;
+    std::uint64_t serial_ = 0;
+};
+
+// Per execution context: the pool of connections, by address.
+class fetch_service : public asio::execution_context::service {
+public:
+    using key_type = fetch_service;
+    static inline asio::execution_context::id id;
+
+    explicit fetch_service(asio::execution_context& ctx) : asio::execution_context::service(ctx) {}
+
+    std::shared_ptr<fetch_connection> connection_for(const asio::any_io_executor& ex, const std::string& address,
+                                                     const authkey& key, clock::duration handshake_timeout) {
+        const auto now = clock::now();
+        std::shared_ptr<fetch_connection> created;
+        {
+            std::lock_guard lock(mutex_);
+            auto [first, last] = pool_.equal_range(address);
+            for (auto it = first; it != last;) {
+                if (!it->second->usable(now)) {
+                    // Dead or idle too long: closed on its strand once its last user lets go.
+                    auto stale = std::move(it->second);
+                    it = pool_.erase(it);
+                    asio::post(stale->strand(), [stale] { stale->shutdown(); });
+                    continue;
+                }
+                if (it->second->key() == key) {
+                    it->second->touch(now);
+                    return it->second;
+                }
+                ++it;
+            }
+            created = std::make_shared<fetch_connection>(ex, address, key);
+            pool_.emplace(address, created);
+        }
+        created->start(handshake_timeout);
+        return created;
+    }
+
+private:
+    void shutdown() override {
+        std::multimap<std::string, std::shared_ptr<fetch_connection>, std::less<>> pool;
+        {
+            std::lock_guard lock(mutex_);
+            pool.swap(pool_);
+        }
+        for (auto& [a, c] : pool) c->shutdown();
+    }
+
+    std::mutex mutex_;
+    std::multimap<std::string, std::shared_ptr<fetch_connection>, std::less<>> pool_;
+};
+
+}  // namespace
+
+void start_fetch(const asio::any_io_executor& executor, const share_id& id, const fetch_options& options,
+                 fetch_handler handler) {
+    std::error_code refused;
+    if (id.empty() || id.address().empty() || id.address()[0] != '/')
+        refused = std::make_error_code(std::errc::invalid_argument);
+    else if (id.address().size() > max_address)
+        refused = std::make_error_code(std::errc::filename_too_long);
+    if (refused) {
+        asio::post(executor, asio::append(std::move(handler), refused, std::vector<unique_fd>{}));
+        return;
+    }
+    try {
+        const authkey& key = options.key ? *options.key : authkey::family();
+        asio::execution_context& ctx = asio::query(executor, asio::execution::context);
+        auto& service = asio::use_service<fetch_service>(ctx);
+        auto conn = service.connection_for(executor, id.address(), key, options.handshake_timeout);
+        fetch_connection::request r;
+        r.key = id.key();
+        r.reply_timeout = options.reply_timeout;
+        r.handler = std::move(handler);
+        const strand_type strand = conn->strand();
+        asio::post(strand, [conn = std::move(conn), r = std::move(r)]() mutable { conn->submit(std::move(r)); });
+    } catch (const std::system_error& e) {
+        if (handler) asio::post(executor, asio::append(std::move(handler), e.code(), std::vector<unique_fd>{}));
+    }
+}
+
+}  // namespace steward::detail
+
+namespace steward {
+
+std::vector<unique_fd> fetch(const share_id& id, std::error_code& ec, const fetch_options& options) noexcept {
+    try {
+        asio::io_context ctx(1);
+        std::vector<unique_fd> out;
+        bool done = false;
+        ec = make_error_code(errc::timed_out);
+        async_fetch(
+            ctx.get_executor(), id,
+            [&](std::error_code result, std::vector<unique_fd> fds) {
+                ec = result;
+                out = std::move(fds);
+                done = true;
+            },
+            options);
+        while (!done && ctx.run_one() != 0) {
+        }
+        // Let a confirmation or give-back still queued reach the socket before it closes.
+        while (ctx.poll() != 0) {
+        }
+        return out;
+    } catch (const std::system_error& e) {
+        ec = e.code();
+    } catch (const std::bad_alloc&) {
+        ec = std::make_error_code(std::errc::not_enough_memory);
+    } catch (...) {
+        ec = std::make_error_code(std::errc::io_error);
+    }
+    return {};
+}
+
+std::vector<unique_fd> fetch(const share_id& id, const fetch_options& options) {
+    std::error_code ec;
+    std::vector<unique_fd> fds = fetch(id, ec, options);
+    throw_if(ec, "steward::fetch");
+    return fds;
+}
+
+}  // namespace steward
