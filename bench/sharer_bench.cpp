@@ -12,6 +12,8 @@
 // scenario fetch_connect     a new connection per fetch (CPython's shape); latency per fetch
 //   floor    connect + 16-byte key + recvmsg of the fd, server accept4/recv/sendmsg, no auth
 //   steward  connect + HMAC handshake + request + descriptor, against steward's sharer
+//   floor_auth  the same plus CPython's handshake (mutual HMAC-SHA256 challenge/response, framed
+//            request, 'A' acknowledgement): the eight-message exchange with blocking syscalls
 //   (cpython: bench/python/sharer_fetch.py, run by bench/run)
 // scenario fetch_warm        one fetch in flight at a time on a warm connection; latency per fetch
 //   floor    send 16-byte key, server recv + sendmsg of the fd, recvmsg
@@ -34,6 +36,10 @@
 #include <asio/steady_timer.hpp>
 #include <asio/use_awaitable.hpp>
 
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 
@@ -209,6 +215,160 @@ int floor_connect(const bench::args& a, std::size_t per_round) {
             const key16 key{i, 0};
             bench::check(::send(s, &key, sizeof key, MSG_NOSIGNAL) == sizeof key, "send key");
             receive_and_close(s);
+            ::close(s);
+            latencies.push_back(std::chrono::duration<double, std::nano>(bench::clock::now() - f0).count());
+        }
+        seconds += bench::seconds_since(t0);
+        done += count;
+    }
+    ch.send_to_child(std::uint32_t{0});
+    const int status = bench::wait_child(server);
+    ::unlink(path.c_str());
+    ::rmdir(path.substr(0, path.size() - 2).c_str());
+    bench::result r(a, "fetch/s", true);
+    r.value(static_cast<double>(a.n) / seconds);
+    r.count(a.n);
+    r.seconds(seconds);
+    r.latencies_ns(std::move(latencies));
+    r.print();
+    return status;
+}
+
+// ---- floor with CPython's authentication: the same eight-message exchange as a CPython-protocol
+// fetch (mutual HMAC-SHA256 challenge/response, request, descriptor, 'A' acknowledgement), written
+// with blocking syscalls and OpenSSL's one-shot HMAC. It shows what the protocol itself costs.
+
+void send_frame(int sock, const void* payload, std::size_t size) {
+    unsigned char buf[512];
+    const auto n = static_cast<std::uint32_t>(size);
+    buf[0] = static_cast<unsigned char>(n >> 24);
+    buf[1] = static_cast<unsigned char>(n >> 16);
+    buf[2] = static_cast<unsigned char>(n >> 8);
+    buf[3] = static_cast<unsigned char>(n);
+    std::memcpy(buf + 4, payload, size);
+    bench::check(::send(sock, buf, size + 4, MSG_NOSIGNAL) == static_cast<ssize_t>(size + 4), "send frame");
+}
+
+// Reads frames off a socket, keeping what a recv returned beyond the current frame (the client
+// sends its #WELCOME# and its request back to back).
+struct frame_reader {
+    int sock;
+    unsigned char buf[1024];
+    std::size_t have = 0;
+
+    std::size_t next(unsigned char* out, std::size_t cap) {
+        auto frame_end = [&]() -> std::size_t {
+            if (have < 4) return 0;
+            const std::size_t size = (std::size_t{buf[0]} << 24) | (std::size_t{buf[1]} << 16) |
+                                     (std::size_t{buf[2]} << 8) | buf[3];
+            bench::check(size <= cap && size + 4 <= sizeof buf, "frame too large");
+            return have >= size + 4 ? size + 4 : 0;
+        };
+        std::size_t end = 0;
+        while ((end = frame_end()) == 0) {
+            const ssize_t n = ::recv(sock, buf + have, sizeof buf - have, 0);
+            bench::check(n > 0, "recv frame");
+            have += static_cast<std::size_t>(n);
+        }
+        std::memcpy(out, buf + 4, end - 4);
+        std::memmove(buf, buf + end, have - end);
+        have -= end;
+        return end - 4;
+    }
+};
+
+constexpr char sha_prefix[] = "{sha256}";
+constexpr std::size_t sha_prefix_size = sizeof sha_prefix - 1;
+
+void deliver_challenge(frame_reader& in, const unsigned char* key) {
+    const int sock = in.sock;
+    unsigned char msg[11 + sha_prefix_size + 40];
+    std::memcpy(msg, "#CHALLENGE#", 11);
+    std::memcpy(msg + 11, sha_prefix, sha_prefix_size);
+    bench::check(::getrandom(msg + 11 + sha_prefix_size, 40, 0) == 40, "getrandom");
+    send_frame(sock, msg, sizeof msg);
+    unsigned char answer[256];
+    const std::size_t n = in.next(answer, sizeof answer);
+    unsigned char expected[EVP_MAX_MD_SIZE];
+    unsigned int len = 0;
+    HMAC(EVP_sha256(), key, 32, msg + 11, sizeof msg - 11, expected, &len);
+    const bool ok = n == sha_prefix_size + len && CRYPTO_memcmp(answer + sha_prefix_size, expected, len) == 0;
+    bench::check(ok, "authentication failed");
+    send_frame(sock, "#WELCOME#", 9);
+}
+
+void answer_challenge(frame_reader& in, const unsigned char* key) {
+    const int sock = in.sock;
+    unsigned char msg[256];
+    const std::size_t n = in.next(msg, sizeof msg);
+    bench::check(n > 11 + sha_prefix_size && std::memcmp(msg, "#CHALLENGE#", 11) == 0, "bad challenge");
+    unsigned char answer[sha_prefix_size + EVP_MAX_MD_SIZE];
+    std::memcpy(answer, sha_prefix, sha_prefix_size);
+    unsigned int len = 0;
+    HMAC(EVP_sha256(), key, 32, msg + 11, n - 11, answer + sha_prefix_size, &len);
+    send_frame(sock, answer, sha_prefix_size + len);
+    unsigned char welcome[64];
+    const std::size_t w = in.next(welcome, sizeof welcome);
+    bench::check(w == 9 && std::memcmp(welcome, "#WELCOME#", 9) == 0, "not welcomed");
+}
+
+int floor_connect_auth(const bench::args& a, std::size_t per_round) {
+    unsigned char key[32];
+    bench::check(::getrandom(key, sizeof key, 0) == sizeof key, "getrandom");
+    const std::string path = temp_socket_path();
+    const sockaddr_un addr = address_of(path);
+    const int listener = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    bench::check(listener >= 0, "socket");
+    bench::check(::bind(listener, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0, "bind");
+    bench::check(::listen(listener, 128) == 0, "listen");
+    const int base = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    bench::channel ch = bench::channel::make();
+    const pid_t server = bench::fork_child([&] {
+        ch.in_child();
+        for (std::uint32_t count = 0; ch.receive_from_parent(count) && count > 0;) {
+            std::vector<int> fds = dup_many(base, count);
+            ch.send_to_parent('r');
+            for (std::uint32_t i = 0; i < count; ++i) {
+                const int conn = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+                bench::check(conn >= 0, "accept4");
+                frame_reader in{conn};
+                deliver_challenge(in, key);
+                answer_challenge(in, key);
+                key16 k;
+                bench::check(in.next(reinterpret_cast<unsigned char*>(&k), sizeof k) == sizeof k, "request");
+                bench::check(in.have == 0, "unexpected bytes after the request");
+                bench::check(k.index < count && fds[k.index] >= 0, "bad key");
+                send_fds(conn, &fds[k.index], 1);
+                char ack = 0;
+                (void)::recv(conn, &ack, 1, 0);  // 'A' or end of file, as a 3.14-compatible server
+                ::close(fds[k.index]);
+                fds[k.index] = -1;
+                ::close(conn);
+            }
+        }
+    });
+    ch.in_parent();
+    ::close(listener);
+    std::vector<double> latencies;
+    latencies.reserve(a.n);
+    double seconds = 0;
+    for (std::size_t done = 0; done < a.n;) {
+        const auto count = static_cast<std::uint32_t>(std::min(per_round, a.n - done));
+        ch.send_to_child(count);
+        (void)ch.receive_from_child<char>();
+        const auto t0 = bench::clock::now();
+        for (std::uint32_t i = 0; i < count; ++i) {
+            const auto f0 = bench::clock::now();
+            const int s = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            bench::check(s >= 0, "socket");
+            bench::check(::connect(s, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0, "connect");
+            frame_reader in{s};
+            answer_challenge(in, key);
+            deliver_challenge(in, key);
+            const key16 k{i, 0};
+            send_frame(s, &k, sizeof k);
+            receive_and_close(s);
+            (void)::send(s, "A", 1, MSG_NOSIGNAL);
             ::close(s);
             latencies.push_back(std::chrono::duration<double, std::nano>(bench::clock::now() - f0).count());
         }
@@ -452,6 +612,7 @@ int main(int argc, char** argv) {
         } else if (s == "fetch_connect") {
             if (a.n == 0) a.n = 20000;
             if (v == "floor") return floor_connect(a, per_round);
+            if (v == "floor_auth") return floor_connect_auth(a, per_round);
             if (v == "steward") STEWARD_FETCH(a, 1, per_round, steward_shape::cpython_connect, 1);
         } else if (s == "fetch_warm") {
             if (a.n == 0) a.n = 50000;
