@@ -131,6 +131,49 @@ reference_walk walk(std::span<const std::byte> stream, bool fds_expected) {
     return w;
 }
 
+// The assembler on its own, fed every REPLY part of the reference in stream order, each with
+// exactly the descriptors it declares (empty placeholders: only their number matters here). A
+// reply it completes must be one all of whose parts agree: same request id, status, total_fds
+// and part_count, indexes 0..part_count-1, and the declared total delivered.
+void check_assembler(const reference_walk& ref) {
+    native::reply_assembler assembler;
+    std::vector<native::reply> parts;  // of the reply in progress
+    for (const auto& f : ref.frames) {
+        const auto* part = std::get_if<native::reply>(&f.msg);
+        if (!part) continue;
+        if (!assembler.in_progress()) parts.clear();
+        parts.push_back(*part);
+        std::error_code ec;
+        auto done = assembler.add(*part, std::vector<unique_fd>(part->part_fds), false, ec);
+        if (ec) {
+            FUZZ_CHECK(ec == steward::errc::malformed_message && !done && !assembler.in_progress());
+            continue;
+        }
+        if (!done) {
+            FUZZ_CHECK(assembler.in_progress());
+            continue;
+        }
+        FUZZ_CHECK(!assembler.in_progress());
+        const native::reply& first = parts.front();
+        FUZZ_CHECK(done->request_id == first.request_id && done->status == first.status);
+        if (done->status != native::reply_status::ok) {
+            FUZZ_CHECK(done->fds.empty() && parts.size() == 1);
+            continue;
+        }
+        FUZZ_CHECK(!done->error);
+        FUZZ_CHECK(parts.size() == first.part_count);
+        std::uint64_t delivered = 0;
+        for (std::size_t i = 0; i < parts.size(); ++i) {
+            const native::reply& p = parts[i];
+            FUZZ_CHECK(p.request_id == first.request_id && p.status == first.status);
+            FUZZ_CHECK(p.part_index == i);
+            FUZZ_CHECK(p.total_fds == first.total_fds && p.part_count == first.part_count);
+            delivered += p.part_fds;
+        }
+        FUZZ_CHECK(delivered == first.total_fds && done->fds.size() == first.total_fds);
+    }
+}
+
 struct planned_read {
     std::size_t size;
     std::vector<int> fds;  // numbers only; ownership passes to the decoder at commit
@@ -184,6 +227,7 @@ std::vector<planned_read> plan_reads(std::span<const std::byte> stream, const re
 
 void check_stream(std::span<const std::byte> stream, unsigned mode, std::size_t max_read, std::uint32_t seed) {
     const reference_walk ref = walk(stream, mode != 0);
+    check_assembler(ref);
     steward::fuzz::chunker cuts(seed);
     std::vector<int> all_fds;
     {
