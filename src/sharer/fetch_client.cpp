@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <atomic>
 #include <deque>
+#include <optional>
 #include <map>
 #include <mutex>
 
@@ -60,6 +61,7 @@ public:
         clock::time_point deadline;
         fetch_handler handler;  // empty once completed early (cancelled, timed out)
         clock::duration reply_timeout{};
+        clock::duration handshake_timeout{};
         std::uint64_t serial = 0;  // names it for cancellation
     };
 
@@ -99,8 +101,13 @@ public:
             return;
         }
         attach_cancellation(r);
+        // Until it is sent, a request is bounded by the session set-up plus its reply time.
+        r.deadline = clock::now() + r.handshake_timeout + r.reply_timeout;
         waiting_.push_back(std::move(r));
-        if (state_ == state::ready) send_waiting();
+        if (state_ == state::ready)
+            send_waiting();
+        else
+            arm_timer();
     }
 
     // Drops everything without running any handler (the io_context is shutting down).
@@ -214,24 +221,30 @@ private:
     // flight, so an idle pooled connection keeps no work on the io_context.
     void arm_timer() {
         if (timer_armed_ || state_ == state::dead) return;
-        auto live = std::find_if(in_flight_.begin(), in_flight_.end(),
-                                 [](const request& r) { return static_cast<bool>(r.handler); });
-        if (live == in_flight_.end()) return;
+        std::optional<clock::time_point> next;
+        for (const auto* q : {&in_flight_, &waiting_})
+            for (const request& r : *q)
+                if (r.handler && (!next || r.deadline < *next)) next = r.deadline;
+        if (!next) return;
         timer_armed_ = true;
-        timer_.expires_at(live->deadline);
+        timer_.expires_at(*next);
         timer_.async_wait([self = shared_from_this()](std::error_code ec) {
             self->timer_armed_ = false;
             if (ec || self->state_ == state::dead) return;
             const auto now = clock::now();
-            for (auto& r : self->in_flight_)
-                if (r.handler && r.deadline <= now) finish(r, errc::timed_out);
+            for (auto* q : {&self->in_flight_, &self->waiting_})
+                for (auto& r : *q)
+                    if (r.handler && r.deadline <= now) finish(r, errc::timed_out);
+            std::erase_if(self->waiting_, [](const request& r) { return !r.handler; });
             self->arm_timer();
         });
     }
 
     void disarm_timer_if_idle() {
         if (!timer_armed_) return;
-        if (std::none_of(in_flight_.begin(), in_flight_.end(), [](const request& r) { return static_cast<bool>(r.handler); }))
+        auto live = [](const request& r) { return static_cast<bool>(r.handler); };
+        if (std::none_of(in_flight_.begin(), in_flight_.end(), live) &&
+            std::none_of(waiting_.begin(), waiting_.end(), live))
             timer_.cancel();
     }
 
@@ -526,6 +539,7 @@ void start_fetch(const asio::any_io_executor& executor, const share_id& id, cons
         fetch_connection::request r;
         r.key = id.key();
         r.reply_timeout = options.reply_timeout;
+        r.handshake_timeout = options.handshake_timeout;
         r.handler = std::move(handler);
         const strand_type strand = conn->strand();
         asio::post(strand, [conn = std::move(conn), r = std::move(r)]() mutable { conn->submit(std::move(r)); });
