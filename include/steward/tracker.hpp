@@ -1,0 +1,219 @@
+#pragma once
+/// @file
+/// steward::tracker: the client of the `steward-tracker` daemon.
+///
+/// Promise: once a registration has completed (the awaited async_register() returned, or
+/// register_resource() returned without error), the resource is removed when the last process of
+/// the family that holds the tracker's pipe is gone (normal exit, exception or kill -9), unless it was
+/// unregistered first.
+///
+/// @par Families of processes
+/// - fork(): the child inherits the object and keeps using it (the same daemon, through the
+///   inherited write end). The child never waits on or signals the parent's daemon, and it forgets
+///   the parent's registrations (a daemon the child relaunches must not clean up the parent's
+///   resources). Fork from a thread while no other thread is inside a tracker call.
+/// - exec: the write end must be inherited and named to the new program. Recommended: spawn the
+///   program with steward::io::async_spawn() mapping fd() to a fixed number and adding
+///   environment_entry(that number) to its environment, e.g.
+///   `opts.fds.push_back({t.fd(), 3}); opts.environment.push_back(t.environment_entry(3));`.
+///   After a plain fork(), call export_environment() in the child, then exec. The new program calls
+///   tracker::from_environment().
+///
+/// @par Threads and signals
+/// Every member function is thread-safe. Nothing may be called from a signal handler.
+
+#include <steward/error.hpp>
+#include <steward/resource_type.hpp>
+
+#include <asio/any_completion_handler.hpp>
+#include <asio/any_io_executor.hpp>
+#include <asio/async_result.hpp>
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <system_error>
+
+namespace steward {
+
+/// How a tracker finds and starts its daemon.
+struct tracker_options {
+    /// Path of the `steward-tracker` program. Empty (the default): the environment variable
+    /// STEWARD_TRACKER_EXE, then the installed location compiled into the library, then the build
+    /// tree's. When set, only this path is tried.
+    std::string executable;
+};
+
+namespace detail {
+class tracker_impl;
+}
+
+/// Client of `steward-tracker` (see the file comment for the promise and the family rules).
+///
+/// The daemon is started on first use (or by async_ensure_running()). It gets the read end of a
+/// CLOEXEC pipe as its fd 3 plus stdio, nothing else, and starts with SIGINT and SIGTERM blocked
+/// (the caller's signal mask is never touched). This process keeps the write end; children inherit
+/// it.
+///
+/// @par Group commit
+/// Registrations that are concurrent on one tracker (many coroutines, several threads, blocking
+/// calls) are coalesced into writes of whole messages, each write at most PIPE_BUF (4096) bytes, so
+/// the daemon never sees a torn line. Only one write is outstanding at a time and writes happen in
+/// the order the calls were made, so the messages of one coroutine or thread keep their order. A
+/// call completes when the write holding its message has completed.
+///
+/// @par Liveness
+/// If the daemon has died (its pidfd reports an exit, or a write fails with EPIPE), the next
+/// operation starts a new one and first sends it REGISTER for every name this process has
+/// registered and not unregistered, including the registration that discovered the death; a
+/// one-time warning goes to stderr.
+///
+/// Copies are not allowed; moving transfers the daemon and the registrations.
+class tracker {
+public:
+    using executor_type = asio::any_io_executor;
+
+    /// Name of the environment variable of the exec convention ("STEWARD_TRACKER_FD").
+    static constexpr const char* environment_variable = "STEWARD_TRACKER_FD";
+
+    /// A tracker whose daemon is started on first use. Nothing happens until then.
+    explicit tracker(executor_type ex, tracker_options options = {});
+    /// Adopts the write end named by STEWARD_TRACKER_FD (set by a parent, see the file comment).
+    /// The descriptor becomes owned (and CLOEXEC) and the variable is removed from the environment,
+    /// so grandchildren get it only when passed on explicitly. This process does not own the daemon.
+    /// @throws std::system_error: std::errc::invalid_argument when the variable is absent or not a
+    ///   number, std::errc::bad_file_descriptor when it names no open descriptor, steward::errc::not_a_pipe
+    ///   when it is not the write end of a pipe.
+    static tracker from_environment(executor_type ex);
+    /// As from_environment(ex), reporting errors in @p ec (the returned tracker then starts its own
+    /// daemon on first use).
+    static tracker from_environment(executor_type ex, std::error_code& ec);
+
+    tracker(tracker&&) noexcept;
+    tracker& operator=(tracker&&) noexcept;
+    tracker(const tracker&) = delete;
+    tracker& operator=(const tracker&) = delete;
+    /// Closes this process's write end (the daemon cleans up once every process of the family has
+    /// closed its own). Does not wait for the daemon: use async_stop() for that.
+    ~tracker();
+
+    [[nodiscard]] executor_type get_executor() const noexcept;
+
+    /// Starts the daemon unless it runs. Concurrent callers share one start.
+    ///
+    /// @par Completion Signature
+    /// @code void(std::error_code ec) @endcode
+    ///
+    /// @par Errors
+    /// - steward::errc::executable_not_found: no `steward-tracker` at any candidate path;
+    ///   last_error_detail() names every path tried.
+    /// - system errors of pipe2/posix_spawn/pidfd_open.
+    ///
+    /// @par Per-Operation Cancellation
+    /// Not supported.
+    template <typename CompletionToken = asio::default_completion_token_t<executor_type>>
+    auto async_ensure_running(CompletionToken&& token = asio::default_completion_token_t<executor_type>()) {
+        return asio::async_initiate<CompletionToken, void(std::error_code)>(
+            [this](auto handler) { initiate_ensure_running(std::move(handler)); }, token);
+    }
+
+    /// Registers @p name: the daemon removes it at shutdown unless it is unregistered first.
+    ///
+    /// For shared_memory and semaphore `abc` and `/abc` are the same name. The message is written in
+    /// colon format when the name is printable ASCII without ':', as JSON otherwise.
+    ///
+    /// @par Completion Signature
+    /// @code void(std::error_code ec) @endcode
+    ///
+    /// @par Errors
+    /// - steward::errc::message_too_long: the message would exceed 512 bytes; nothing was written.
+    /// - std::errc::invalid_argument: empty name, NUL byte, relative path for file/directory, type
+    ///   noop; nothing was written.
+    /// - the errors of async_ensure_running() (the daemon is started on first use).
+    /// - other system errors of the write (not EPIPE, which relaunches the daemon).
+    ///
+    /// @par Per-Operation Cancellation
+    /// Not supported: a message once accepted is written.
+    template <typename CompletionToken = asio::default_completion_token_t<executor_type>>
+    auto async_register(std::string_view name, resource_type type,
+                        CompletionToken&& token = asio::default_completion_token_t<executor_type>()) {
+        return asio::async_initiate<CompletionToken, void(std::error_code)>(
+            [this, name, type](auto handler) { initiate_message(true, name, type, std::move(handler)); }, token);
+    }
+
+    /// Unregisters @p name (it will not be removed at shutdown). As async_register() otherwise.
+    template <typename CompletionToken = asio::default_completion_token_t<executor_type>>
+    auto async_unregister(std::string_view name, resource_type type,
+                          CompletionToken&& token = asio::default_completion_token_t<executor_type>()) {
+        return asio::async_initiate<CompletionToken, void(std::error_code)>(
+            [this, name, type](auto handler) { initiate_message(false, name, type, std::move(handler)); },
+            token);
+    }
+
+    /// Closes this process's write end and, when this process started the daemon, waits up to
+    /// @p timeout for it to exit. Messages accepted before are written first. Never hangs because
+    /// another process (e.g. a forked child) still holds the pipe.
+    ///
+    /// @par Completion Signature
+    /// @code void(std::error_code ec, std::optional<int> daemon_exit_status) @endcode
+    /// The daemon's exit code (0 nothing leaked, 1 leaks cleaned, 2 a cleanup failed, 3 bad input),
+    /// 128 + signal number when it was killed; std::nullopt when this process did not start it (or
+    /// it was not running).
+    ///
+    /// @par Errors
+    /// - steward::errc::timed_out: the daemon still runs after @p timeout (other writers are
+    ///   alive); status std::nullopt. A later async_stop() waits for it again.
+    ///
+    /// A later registration starts a new daemon.
+    ///
+    /// @par Per-Operation Cancellation
+    /// Not supported (bounded by @p timeout).
+    template <typename CompletionToken = asio::default_completion_token_t<executor_type>>
+    auto async_stop(std::chrono::milliseconds timeout,
+                    CompletionToken&& token = asio::default_completion_token_t<executor_type>()) {
+        return asio::async_initiate<CompletionToken, void(std::error_code, std::optional<int>)>(
+            [this, timeout](auto handler) { initiate_stop(timeout, std::move(handler)); }, token);
+    }
+
+    /// Blocking ensure_running for code outside coroutines. @throws std::system_error whose message
+    /// names every path tried when the program is not found.
+    void ensure_running();
+    void ensure_running(std::error_code& ec);
+
+    /// Blocking registration (e.g. in destructors): returns once the write holding the message has
+    /// completed. Errors as async_register(); the throwing form's message carries last_error_detail().
+    /// Must not be called from a signal handler.
+    void register_resource(std::string_view name, resource_type type);
+    void register_resource(std::string_view name, resource_type type, std::error_code& ec);
+    /// Blocking unregistration, as register_resource().
+    void unregister_resource(std::string_view name, resource_type type);
+    void unregister_resource(std::string_view name, resource_type type, std::error_code& ec);
+
+    /// The write end of the pipe (CLOEXEC, owned by this object), -1 before the daemon was started
+    /// or after async_stop(). Map it into exec'd children (see the file comment).
+    [[nodiscard]] int fd() const noexcept;
+    /// "STEWARD_TRACKER_FD=<child_fd>", for spawn_options::environment with fd() mapped to child_fd.
+    [[nodiscard]] static std::string environment_entry(int child_fd);
+    /// For a forked child about to exec: starts the daemon if needed, clears FD_CLOEXEC on fd() and
+    /// sets STEWARD_TRACKER_FD in this process's environment. Calling it in a long-lived process
+    /// hands the write end to every program it execs later. @throws std::system_error.
+    void export_environment();
+    /// The pid of the daemon this process started (-1 if none, or after fork in the child).
+    [[nodiscard]] int daemon_pid() const noexcept;
+    /// Human-readable detail of the last failure to start the daemon (e.g. every path tried), empty
+    /// if none.
+    [[nodiscard]] std::string last_error_detail() const;
+
+private:
+    void initiate_ensure_running(asio::any_completion_handler<void(std::error_code)> handler);
+    void initiate_message(bool register_it, std::string_view name, resource_type type,
+                          asio::any_completion_handler<void(std::error_code)> handler);
+    void initiate_stop(std::chrono::milliseconds timeout,
+                       asio::any_completion_handler<void(std::error_code, std::optional<int>)> handler);
+
+    std::shared_ptr<detail::tracker_impl> impl_;
+};
+
+}  // namespace steward

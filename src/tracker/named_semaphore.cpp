@@ -1,0 +1,194 @@
+// steward::named_semaphore: register before create, unlink before unregister (see the header).
+#include <steward/named_semaphore.hpp>
+#include <steward/shared_memory.hpp>
+
+#include <asio/append.hpp>
+#include <asio/associated_executor.hpp>
+#include <asio/dispatch.hpp>
+#include <asio/post.hpp>
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <utility>
+
+namespace steward {
+
+namespace {
+
+std::error_code check_name(const std::string& canonical) {
+    if (canonical.size() < 2 || canonical.find('/', 1) != std::string::npos ||
+        canonical.find('\0') != std::string::npos)
+        return std::make_error_code(std::errc::invalid_argument);
+    return {};
+}
+
+}  // namespace
+
+named_semaphore::named_semaphore(named_semaphore&& other) noexcept
+    : name_(std::move(other.name_)),
+      sem_(std::exchange(other.sem_, nullptr)),
+      tracker_(std::exchange(other.tracker_, nullptr)),
+      creator_(std::exchange(other.creator_, -1)) {}
+
+named_semaphore& named_semaphore::operator=(named_semaphore&& other) noexcept {
+    if (this != &other) {
+        reset();
+        name_ = std::move(other.name_);
+        sem_ = std::exchange(other.sem_, nullptr);
+        tracker_ = std::exchange(other.tracker_, nullptr);
+        creator_ = std::exchange(other.creator_, -1);
+    }
+    return *this;
+}
+
+named_semaphore::~named_semaphore() { reset(); }
+
+void named_semaphore::reset() noexcept {
+    if (tracker_ && creator_ == ::getpid()) {
+        std::error_code ec;
+        unlink(ec);
+    }
+    if (sem_) ::sem_close(sem_);
+    sem_ = nullptr;
+    tracker_ = nullptr;
+    creator_ = -1;
+}
+
+named_semaphore named_semaphore::create_registered(tracker& t, std::string name, unsigned value,
+                                                   std::error_code& ec) {
+    named_semaphore sem;
+    sem_t* s = ::sem_open(name.c_str(), O_CREAT | O_EXCL, 0600, value);
+    if (s == SEM_FAILED) {
+        ec = errno_code(errno);
+        std::error_code ignore;
+        t.unregister_resource(name, resource_type::semaphore, ignore);
+        return {};
+    }
+    sem.sem_ = s;
+    sem.name_ = std::move(name);
+    sem.tracker_ = &t;
+    sem.creator_ = ::getpid();
+    return sem;
+}
+
+named_semaphore named_semaphore::create(tracker& t, std::string_view name, unsigned value, std::error_code& ec) {
+    std::string canonical = shared_memory::canonical_name(name);
+    ec = check_name(canonical);
+    if (ec) return {};
+    t.register_resource(canonical, resource_type::semaphore, ec);
+    if (ec) return {};
+    return create_registered(t, std::move(canonical), value, ec);
+}
+
+named_semaphore named_semaphore::create(tracker& t, std::string_view name, unsigned value) {
+    std::error_code ec;
+    named_semaphore sem = create(t, name, value, ec);
+    if (ec) throw std::system_error(ec, "named_semaphore::create " + shared_memory::canonical_name(name));
+    return sem;
+}
+
+named_semaphore named_semaphore::open_existing(tracker* t, std::string_view name, std::error_code& ec) {
+    std::string canonical = shared_memory::canonical_name(name);
+    ec = check_name(canonical);
+    if (ec) return {};
+    named_semaphore sem;
+    sem_t* s = ::sem_open(canonical.c_str(), 0);
+    if (s == SEM_FAILED) {
+        ec = errno_code(errno);
+        return {};
+    }
+    sem.sem_ = s;
+    sem.name_ = std::move(canonical);
+    if (t) {
+        t->register_resource(sem.name_, resource_type::semaphore, ec);
+        if (ec) return {};
+        sem.tracker_ = t;
+    }
+    return sem;
+}
+
+named_semaphore named_semaphore::attach(std::string_view name, std::error_code& ec) {
+    return open_existing(nullptr, name, ec);
+}
+named_semaphore named_semaphore::attach(std::string_view name) {
+    std::error_code ec;
+    named_semaphore sem = attach(name, ec);
+    if (ec) throw std::system_error(ec, "named_semaphore::attach " + shared_memory::canonical_name(name));
+    return sem;
+}
+named_semaphore named_semaphore::attach(tracker& t, std::string_view name, std::error_code& ec) {
+    return open_existing(&t, name, ec);
+}
+named_semaphore named_semaphore::attach(tracker& t, std::string_view name) {
+    std::error_code ec;
+    named_semaphore sem = attach(t, name, ec);
+    if (ec) throw std::system_error(ec, "named_semaphore::attach " + shared_memory::canonical_name(name));
+    return sem;
+}
+
+void named_semaphore::unlink(std::error_code& ec) {
+    ec.clear();
+    if (name_.empty()) {
+        ec = std::make_error_code(std::errc::invalid_argument);
+        return;
+    }
+    if (::sem_unlink(name_.c_str()) != 0) ec = errno_code(errno);
+    if (tracker_) {
+        std::error_code uec;
+        tracker_->unregister_resource(name_, resource_type::semaphore, uec);
+        tracker_ = nullptr;
+        if (!ec) ec = uec;
+    }
+}
+
+void named_semaphore::unlink() {
+    std::error_code ec;
+    unlink(ec);
+    if (ec) throw std::system_error(ec, "named_semaphore::unlink " + name_);
+}
+
+void named_semaphore::post() {
+    if (!sem_ || ::sem_post(sem_) != 0) throw std::system_error(errno_code(sem_ ? errno : EINVAL), "sem_post");
+}
+
+void named_semaphore::wait() {
+    if (!sem_) throw std::system_error(errno_code(EINVAL), "sem_wait");
+    while (::sem_wait(sem_) != 0) {
+        if (errno != EINTR) throw std::system_error(errno_code(errno), "sem_wait");
+    }
+}
+
+bool named_semaphore::try_wait() {
+    if (!sem_) throw std::system_error(errno_code(EINVAL), "sem_trywait");
+    while (::sem_trywait(sem_) != 0) {
+        if (errno == EAGAIN) return false;
+        if (errno != EINTR) throw std::system_error(errno_code(errno), "sem_trywait");
+    }
+    return true;
+}
+
+namespace detail {
+
+void async_create_named_semaphore(tracker& t, std::string name, unsigned value,
+                                  asio::any_completion_handler<void(std::error_code, named_semaphore)> handler) {
+    std::string canonical = shared_memory::canonical_name(name);
+    std::error_code bad = check_name(canonical);
+    if (bad) {
+        asio::post(t.get_executor(), asio::append(std::move(handler), bad, named_semaphore()));
+        return;
+    }
+    const std::string key = canonical;
+    t.async_register(key, resource_type::semaphore,
+                     [&t, canonical = std::move(canonical), value, h = std::move(handler)](std::error_code rec) mutable {
+                         std::error_code ec = rec;
+                         named_semaphore sem;
+                         if (!ec) sem = named_semaphore::create_registered(t, std::move(canonical), value, ec);
+                         asio::dispatch(t.get_executor(), asio::append(std::move(h), ec, std::move(sem)));
+                     });
+}
+
+}  // namespace detail
+
+}  // namespace steward

@@ -1,0 +1,228 @@
+// steward::shared_memory: register before create, unlink before unregister (see the header).
+#include <steward/shared_memory.hpp>
+
+#include <asio/append.hpp>
+#include <asio/associated_executor.hpp>
+#include <asio/dispatch.hpp>
+#include <asio/post.hpp>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <utility>
+
+namespace steward {
+
+namespace {
+
+std::error_code check_name(const std::string& canonical) {
+    if (canonical.size() < 2 || canonical.find('/', 1) != std::string::npos ||
+        canonical.find('\0') != std::string::npos)
+        return std::make_error_code(std::errc::invalid_argument);
+    return {};
+}
+
+// shm_open + ftruncate + mmap of a new segment; on failure nothing is left behind but the name's
+// registration (the caller withdraws it).
+std::error_code make_segment(const std::string& name, std::size_t size, unique_fd& fd, void*& data) {
+    const int raw = ::shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (raw < 0) return errno_code(errno);
+    fd.reset(raw);
+    std::error_code ec;
+    if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) {
+        ec = errno_code(errno);
+    } else {
+        data = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+        if (data == MAP_FAILED) {
+            data = nullptr;
+            ec = errno_code(errno);
+        }
+    }
+    if (ec) {
+        ::shm_unlink(name.c_str());
+        fd.reset();
+    }
+    return ec;
+}
+
+}  // namespace
+
+std::string shared_memory::canonical_name(std::string_view name) {
+    std::string out;
+    if (name.empty() || name.front() != '/') out.push_back('/');
+    out.append(name);
+    return out;
+}
+
+shared_memory::shared_memory(shared_memory&& other) noexcept
+    : name_(std::move(other.name_)),
+      fd_(std::move(other.fd_)),
+      data_(std::exchange(other.data_, nullptr)),
+      size_(std::exchange(other.size_, 0)),
+      tracker_(std::exchange(other.tracker_, nullptr)),
+      creator_(std::exchange(other.creator_, -1)) {}
+
+shared_memory& shared_memory::operator=(shared_memory&& other) noexcept {
+    if (this != &other) {
+        reset();
+        name_ = std::move(other.name_);
+        fd_ = std::move(other.fd_);
+        data_ = std::exchange(other.data_, nullptr);
+        size_ = std::exchange(other.size_, 0);
+        tracker_ = std::exchange(other.tracker_, nullptr);
+        creator_ = std::exchange(other.creator_, -1);
+    }
+    return *this;
+}
+
+shared_memory::~shared_memory() { reset(); }
+
+void shared_memory::reset() noexcept {
+    // Only the creating process removes the segment; forked children share the object's memory
+    // image but not its ownership.
+    if (tracker_ && creator_ == ::getpid()) {
+        std::error_code ec;
+        unlink(ec);
+    }
+    if (data_) ::munmap(data_, size_);
+    data_ = nullptr;
+    size_ = 0;
+    fd_.reset();
+    tracker_ = nullptr;
+    creator_ = -1;
+}
+
+shared_memory shared_memory::create_registered(tracker& t, std::string name, std::size_t size,
+                                               std::error_code& ec) {
+    shared_memory shm;
+    ec = make_segment(name, size, shm.fd_, shm.data_);
+    if (ec) {
+        std::error_code ignore;
+        t.unregister_resource(name, resource_type::shared_memory, ignore);
+        return {};
+    }
+    shm.name_ = std::move(name);
+    shm.size_ = size;
+    shm.tracker_ = &t;
+    shm.creator_ = ::getpid();
+    return shm;
+}
+
+shared_memory shared_memory::create(tracker& t, std::string_view name, std::size_t size, std::error_code& ec) {
+    std::string canonical = canonical_name(name);
+    ec = check_name(canonical);
+    if (!ec && size == 0) ec = std::make_error_code(std::errc::invalid_argument);
+    if (ec) return {};
+    t.register_resource(canonical, resource_type::shared_memory, ec);
+    if (ec) return {};
+    return create_registered(t, std::move(canonical), size, ec);
+}
+
+shared_memory shared_memory::create(tracker& t, std::string_view name, std::size_t size) {
+    std::error_code ec;
+    shared_memory shm = create(t, name, size, ec);
+    if (ec) throw std::system_error(ec, "shared_memory::create " + canonical_name(name));
+    return shm;
+}
+
+shared_memory shared_memory::open_existing(tracker* t, std::string_view name, std::error_code& ec) {
+    std::string canonical = canonical_name(name);
+    ec = check_name(canonical);
+    if (ec) return {};
+    shared_memory shm;
+    const int raw = ::shm_open(canonical.c_str(), O_RDWR | O_CLOEXEC, 0);
+    if (raw < 0) {
+        ec = errno_code(errno);
+        return {};
+    }
+    shm.fd_.reset(raw);
+    struct stat st {};
+    if (::fstat(raw, &st) != 0) {
+        ec = errno_code(errno);
+        return {};
+    }
+    shm.size_ = static_cast<std::size_t>(st.st_size);
+    if (shm.size_ != 0) {
+        shm.data_ = ::mmap(nullptr, shm.size_, PROT_READ | PROT_WRITE, MAP_SHARED, raw, 0);
+        if (shm.data_ == MAP_FAILED) {
+            shm.data_ = nullptr;
+            ec = errno_code(errno);
+            return {};
+        }
+    }
+    shm.name_ = std::move(canonical);
+    if (t) {
+        t->register_resource(shm.name_, resource_type::shared_memory, ec);
+        if (ec) return {};
+        shm.tracker_ = t;
+    }
+    return shm;
+}
+
+shared_memory shared_memory::attach(std::string_view name, std::error_code& ec) {
+    return open_existing(nullptr, name, ec);
+}
+shared_memory shared_memory::attach(std::string_view name) {
+    std::error_code ec;
+    shared_memory shm = attach(name, ec);
+    if (ec) throw std::system_error(ec, "shared_memory::attach " + canonical_name(name));
+    return shm;
+}
+shared_memory shared_memory::attach(tracker& t, std::string_view name, std::error_code& ec) {
+    return open_existing(&t, name, ec);
+}
+shared_memory shared_memory::attach(tracker& t, std::string_view name) {
+    std::error_code ec;
+    shared_memory shm = attach(t, name, ec);
+    if (ec) throw std::system_error(ec, "shared_memory::attach " + canonical_name(name));
+    return shm;
+}
+
+void shared_memory::unlink(std::error_code& ec) {
+    ec.clear();
+    if (name_.empty()) {
+        ec = std::make_error_code(std::errc::invalid_argument);
+        return;
+    }
+    if (::shm_unlink(name_.c_str()) != 0) ec = errno_code(errno);
+    if (tracker_) {
+        std::error_code uec;
+        tracker_->unregister_resource(name_, resource_type::shared_memory, uec);
+        tracker_ = nullptr;
+        if (!ec) ec = uec;
+    }
+}
+
+void shared_memory::unlink() {
+    std::error_code ec;
+    unlink(ec);
+    if (ec) throw std::system_error(ec, "shared_memory::unlink " + name_);
+}
+
+namespace detail {
+
+void async_create_shared_memory(tracker& t, std::string name, std::size_t size,
+                                asio::any_completion_handler<void(std::error_code, shared_memory)> handler) {
+    std::string canonical = shared_memory::canonical_name(name);
+    std::error_code bad = check_name(canonical);
+    if (!bad && size == 0) bad = std::make_error_code(std::errc::invalid_argument);
+    if (bad) {
+        asio::post(t.get_executor(), asio::append(std::move(handler), bad, shared_memory()));
+        return;
+    }
+    const std::string key = canonical;  // the lambda below takes canonical; async_register copies key
+    t.async_register(key, resource_type::shared_memory,
+                     [&t, canonical = std::move(canonical), size, h = std::move(handler)](std::error_code rec) mutable {
+                         std::error_code ec = rec;
+                         shared_memory shm;
+                         if (!ec) shm = shared_memory::create_registered(t, std::move(canonical), size, ec);
+                         asio::dispatch(t.get_executor(), asio::append(std::move(h), ec, std::move(shm)));
+                     });
+}
+
+}  // namespace detail
+
+}  // namespace steward

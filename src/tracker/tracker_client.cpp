@@ -1,0 +1,832 @@
+// steward::tracker: spawning the daemon, group commit of messages, relaunch after a death, stop.
+//
+// Concurrency model. One mutex guards all state. Writing is a "role" held by at most one thread at a
+// time (role_): the holder takes the oldest batch, drops the mutex only for the one non-blocking
+// write, and takes the mutex back to complete the batch. The role is never held while waiting: an
+// asynchronous writer that finds the pipe full releases it and waits for room on the executor; a
+// blocking caller holds it across poll(). So writes go out strictly in queue order (messages of one
+// caller keep their order) with one write outstanding at a time, and a blocking call made on the
+// executor's own thread never waits for something only that thread could do.
+//
+// Group commit. A call encodes its message straight into the batch being filled (4096 bytes, whole
+// messages only) and, unless a writer is already active or scheduled, posts one flush. Everything
+// that arrives before the flush runs shares its writes. Batches and their handler vectors are
+// recycled, so a message costs no allocation of its own beyond what the completion handler needs.
+//
+// Registrations this process made (and has not unregistered) are remembered from the moment the call
+// is accepted. Whenever a daemon is (re)started, that set is written first as REGISTER lines, and the
+// bytes of every batch still queued are dropped (their effect is already in the set; replaying an
+// UNREGISTER the new daemon never saw would only produce a warning). Their callers complete once the
+// set has been written.
+#include <steward/tracker.hpp>
+
+#include "tracker/tracker_client_codec.hpp"
+
+#include <steward/io/async_spawn.hpp>
+#include <steward/io/async_write_message.hpp>
+#include <steward/io/child_process.hpp>
+#include <steward/unique_fd.hpp>
+
+#include <asio/any_completion_handler.hpp>
+#include <asio/append.hpp>
+#include <asio/associated_executor.hpp>
+#include <asio/bind_executor.hpp>
+#include <asio/dispatch.hpp>
+#include <asio/error.hpp>
+#include <asio/posix/stream_descriptor.hpp>
+#include <asio/post.hpp>
+#include <asio/steady_timer.hpp>
+#include <asio/strand.hpp>
+
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <array>
+#include <atomic>
+#include <cerrno>
+#include <charconv>
+#include <condition_variable>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory_resource>
+#include <mutex>
+#include <string>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#ifndef STEWARD_INSTALLED_TRACKER
+#define STEWARD_INSTALLED_TRACKER ""
+#endif
+#ifndef STEWARD_BUILD_TREE_TRACKER
+#define STEWARD_BUILD_TREE_TRACKER ""
+#endif
+
+namespace steward {
+namespace detail {
+namespace {
+
+using handler_type = asio::any_completion_handler<void(std::error_code)>;
+using stop_handler_type = asio::any_completion_handler<void(std::error_code, std::optional<int>)>;
+
+constexpr std::size_t batch_capacity = io::max_atomic_write;
+constexpr int daemon_fd = 3;
+
+// Bumped in every child of fork(): a cheap way for each call to notice it runs in a new process
+// without a getpid() system call per message.
+std::atomic<unsigned> fork_generation{0};
+void on_fork_child() noexcept { fork_generation.fetch_add(1, std::memory_order_relaxed); }
+void install_fork_hook() {
+    static std::once_flag once;
+    std::call_once(once, [] { ::pthread_atfork(nullptr, nullptr, on_fork_child); });
+}
+
+struct sync_waiter {
+    sync_waiter* next = nullptr;
+    std::error_code ec;
+    bool done = false;
+};
+
+struct batch {
+    batch* next = nullptr;
+    std::size_t size = 0;
+    std::vector<handler_type> handlers;
+    sync_waiter* waiters = nullptr;
+    std::array<char, batch_capacity> bytes;
+};
+
+struct string_hash {
+    using is_transparent = void;
+    std::size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
+};
+
+// Key of a registration: one byte for the type, then the canonical name.
+std::string_view make_key(resource_type type, std::string_view name, char* out) noexcept {
+    out[0] = static_cast<char>('0' + static_cast<int>(type));
+    std::memcpy(out + 1, name.data(), name.size());
+    return {out, name.size() + 1};
+}
+
+std::optional<int> status_code(const io::exit_status& st) {
+    if (st.exited()) return st.code();
+    if (st.killed()) return 128 + st.signal();
+    return std::nullopt;
+}
+
+}  // namespace
+
+class tracker_impl : public std::enable_shared_from_this<tracker_impl> {
+public:
+    tracker_impl(asio::any_io_executor ex, tracker_options options)
+        : ex_(std::move(ex)), options_(std::move(options)), registered_(&pool_) {
+        install_fork_hook();
+        generation_ = fork_generation.load(std::memory_order_relaxed);
+        owner_pid_ = ::getpid();
+    }
+
+    ~tracker_impl() {
+        for (batch* b = free_; b;) delete std::exchange(b, b->next);
+        for (batch* b = head_; b;) delete std::exchange(b, b->next);
+        delete inflight_;
+    }
+
+    const asio::any_io_executor& executor() const noexcept { return ex_; }
+
+    // ---- entry points -----------------------------------------------------------------------
+
+    void async_message(bool reg, std::string_view name, resource_type type, handler_type handler) {
+        encoded msg;
+        if (auto ec = encode(reg, name, type, msg)) {
+            post_completion(std::move(handler), ec);
+            return;
+        }
+        std::unique_lock lk(m_);
+        check_fork_locked();
+        remember_locked(reg, type, msg.canonical);
+        batch& b = room_locked(msg.size);
+        std::memcpy(b.bytes.data() + b.size, msg.bytes.data(), msg.size);
+        b.size += msg.size;
+        b.handlers.push_back(std::move(handler));
+        schedule_flush_locked();
+    }
+
+    void async_barrier(handler_type handler) {
+        std::unique_lock lk(m_);
+        check_fork_locked();
+        room_locked(0).handlers.push_back(std::move(handler));
+        schedule_flush_locked();
+    }
+
+    std::error_code sync_message(bool reg, std::string_view name, resource_type type) {
+        encoded msg;
+        if (auto ec = encode(reg, name, type, msg)) return ec;
+        std::unique_lock lk(m_);
+        check_fork_locked();
+        remember_locked(reg, type, msg.canonical);
+        batch& b = room_locked(msg.size);
+        std::memcpy(b.bytes.data() + b.size, msg.bytes.data(), msg.size);
+        b.size += msg.size;
+        return wait_sync_locked(lk, b);
+    }
+
+    std::error_code sync_barrier() {
+        std::unique_lock lk(m_);
+        check_fork_locked();
+        return wait_sync_locked(lk, room_locked(0));
+    }
+
+    void async_stop(std::chrono::milliseconds timeout, stop_handler_type handler) {
+        std::unique_lock lk(m_);
+        check_fork_locked();
+        if (state_ == state::idle) {
+            io::child_process child = std::move(stopping_);
+            lk.unlock();
+            finish_stop(std::move(child), timeout, std::move(handler));
+            return;
+        }
+        // Messages accepted before the stop are written before the write end is closed.
+        auto self = shared_from_this();
+        room_locked(0).handlers.push_back(handler_type(
+            [self, timeout, h = std::move(handler)](std::error_code) mutable { self->close_for_stop(timeout, std::move(h)); }));
+        schedule_flush_locked();
+    }
+
+    int fd() {
+        std::lock_guard lk(m_);
+        check_fork_locked();
+        return write_fd_.get();
+    }
+
+    int daemon_pid() {
+        std::lock_guard lk(m_);
+        check_fork_locked();
+        return owns_daemon_ ? daemon_.pid() : -1;
+    }
+
+    std::string last_error_detail() {
+        std::lock_guard lk(m_);
+        return last_error_;
+    }
+
+    void adopt_fd(unique_fd fd) {
+        std::lock_guard lk(m_);
+        write_fd_ = std::move(fd);
+        state_ = state::running;
+        owns_daemon_ = false;
+    }
+
+    void export_environment() {
+        std::lock_guard lk(m_);
+        check_fork_locked();
+        const int fd = write_fd_.get();
+        if (fd < 0) throw std::system_error(make_error_code(errc::tracker_not_running), "tracker::export_environment");
+        if (::fcntl(fd, F_SETFD, 0) != 0) throw std::system_error(errno_code(errno), "tracker::export_environment");
+        const std::string value = std::to_string(fd);
+        if (::setenv(tracker::environment_variable, value.c_str(), 1) != 0)
+            throw std::system_error(errno_code(errno), "tracker::export_environment: setenv");
+    }
+
+private:
+    enum class state { idle, running, dead };
+
+    struct encoded {
+        std::array<char, tracker_max_message> bytes;
+        std::size_t size = 0;
+        std::array<char, tracker_max_message + 2> canonical_buf;
+        std::string_view canonical;
+    };
+
+    static std::error_code encode(bool reg, std::string_view name, resource_type type, encoded& out) {
+        // A name this long cannot fit a 512-byte line in either format.
+        if (name.size() >= tracker_max_message) return errc::message_too_long;
+        if (auto ec = tracker_canonical_name(type, name, out.canonical_buf.data(), out.canonical)) return ec;
+        return tracker_encode(reg, type, out.canonical, out.bytes.data(), out.size);
+    }
+
+    // ---- queue ------------------------------------------------------------------------------
+
+    batch* new_batch_locked() {
+        batch* b = free_;
+        if (b) {
+            free_ = b->next;
+            b->next = nullptr;
+        } else {
+            b = new batch;
+        }
+        return b;
+    }
+
+    void recycle_locked(batch* b) {
+        b->size = 0;
+        b->handlers.clear();
+        b->waiters = nullptr;
+        b->next = free_;
+        free_ = b;
+    }
+
+    // The batch being filled, with room for @p size more bytes.
+    batch& room_locked(std::size_t size) {
+        if (!tail_ || tail_->size + size > batch_capacity) {
+            batch* b = new_batch_locked();
+            if (tail_)
+                tail_->next = b;
+            else
+                head_ = b;
+            tail_ = b;
+        }
+        return *tail_;
+    }
+
+    batch* pop_head_locked() {
+        batch* b = head_;
+        head_ = b->next;
+        if (!head_) tail_ = nullptr;
+        b->next = nullptr;
+        return b;
+    }
+
+    void remember_locked(bool reg, resource_type type, std::string_view name) {
+        std::array<char, tracker_max_message + 3> buf;
+        const std::string_view key = make_key(type, name, buf.data());
+        if (reg) {
+            if (registered_.find(key) == registered_.end()) registered_.emplace(key);
+        } else {
+            auto it = registered_.find(key);
+            if (it != registered_.end()) registered_.erase(it);
+        }
+    }
+
+    void schedule_flush_locked() {
+        if (role_ || flush_posted_ || waiting_room_) return;
+        flush_posted_ = true;
+        asio::post(ex_, [self = shared_from_this()] { self->flush(); });
+    }
+
+    void flush() {
+        std::unique_lock lk(m_);
+        flush_posted_ = false;
+        if (!role_) drain_locked(lk, nullptr);
+    }
+
+    std::error_code wait_sync_locked(std::unique_lock<std::mutex>& lk, batch& b) {
+        sync_waiter mine;
+        mine.next = b.waiters;
+        b.waiters = &mine;
+        ++sync_waiting_;
+        while (!mine.done) {
+            if (!role_)
+                drain_locked(lk, &mine);
+            else
+                cv_.wait(lk);
+        }
+        --sync_waiting_;
+        return mine.ec;
+    }
+
+    void release_role_locked() {
+        role_ = false;
+        if (sync_waiting_) cv_.notify_all();
+    }
+
+    // Writes queued batches in order. @p mine: a blocking caller, which waits for room with poll()
+    // and returns once its own message is written; nullptr: the executor, which waits for room
+    // asynchronously and yields after a few batches so other work on the executor runs too.
+    void drain_locked(std::unique_lock<std::mutex>& lk, sync_waiter* mine) {
+        role_ = true;
+        int batches = 0;
+        std::vector<handler_type> done;
+        for (;;) {
+            check_fork_locked();
+            if (!inflight_) {
+                if (!head_) break;
+                inflight_ = pop_head_locked();
+            }
+            if (state_ == state::running && owns_daemon_ && daemon_.valid()) {
+                std::error_code wait_ec;
+                if (auto st = daemon_.try_wait(wait_ec); st || wait_ec) {
+                    state_ = state::dead;
+                    dead_status_ = st ? st->to_string() : wait_ec.message();
+                }
+            }
+            if (state_ != state::running) {
+                if (auto ec = start_daemon_locked()) fail_all_locked(ec, done);
+                if (!done.empty()) {
+                    release_role_locked();
+                    complete_all(lk, done, mine != nullptr);
+                    if ((mine && mine->done) || role_) return;
+                    role_ = true;
+                }
+                continue;
+            }
+            batch* b = inflight_;
+            const int fd = write_fd_.get();
+            std::error_code ec;
+            if (b->size != 0) {
+                lk.unlock();
+                io::detail::write_whole(fd, b->bytes.data(), b->size, ec);
+                lk.lock();
+            }
+            if (ec == asio::error::would_block) {
+                if (mine) {
+                    lk.unlock();
+                    pollfd p{fd, POLLOUT, 0};
+                    (void)::poll(&p, 1, -1);
+                    lk.lock();
+                    continue;
+                }
+                start_room_wait_locked();
+                release_role_locked();
+                return;
+            }
+            if (ec == std::errc::broken_pipe) {
+                state_ = state::dead;
+                dead_status_ = "its pipe has no reader";
+                continue;
+            }
+            inflight_ = nullptr;
+            take_locked(b, ec, done);
+            recycle_locked(b);
+            release_role_locked();
+            complete_all(lk, done, mine != nullptr);
+            if (mine && mine->done) return;
+            if (role_) return;  // another thread took over while the lock was released
+            if (!mine && ++batches >= 16) {
+                schedule_flush_locked();
+                return;
+            }
+            role_ = true;
+        }
+        release_role_locked();
+        // A blocking caller that leaves work behind hands it to the executor.
+        if (mine && (head_ || inflight_)) schedule_flush_locked();
+    }
+
+    void take_locked(batch* b, std::error_code ec, std::vector<handler_type>& done) {
+        done.swap(b->handlers);
+        for (sync_waiter* w = b->waiters; w; w = w->next) {
+            w->ec = ec;
+            w->done = true;
+        }
+        b->waiters = nullptr;
+        last_ec_ = ec;
+    }
+
+    // Completes @p done with last_ec_ (set by take_locked/fail_all_locked) outside the lock.
+    void complete_all(std::unique_lock<std::mutex>& lk, std::vector<handler_type>& done, bool post_only) {
+        const std::error_code ec = last_ec_;
+        if (done.empty()) return;
+        lk.unlock();
+        for (auto& h : done) {
+            if (post_only)
+                asio::post(ex_, asio::append(std::move(h), ec));
+            else
+                asio::dispatch(ex_, asio::append(std::move(h), ec));
+        }
+        done.clear();
+        lk.lock();
+    }
+
+    void fail_all_locked(std::error_code ec, std::vector<handler_type>& done) {
+        auto fail = [&](batch* b) {
+            for (auto& h : b->handlers) done.push_back(std::move(h));
+            for (sync_waiter* w = b->waiters; w; w = w->next) {
+                w->ec = ec;
+                w->done = true;
+            }
+            recycle_locked(b);
+        };
+        if (inflight_) fail(std::exchange(inflight_, nullptr));
+        while (head_) fail(pop_head_locked());
+        last_ec_ = ec;
+    }
+
+    void start_room_wait_locked() {
+        if (!waiter_) {
+            std::error_code ec;
+#if defined(ASIO_HAS_IO_URING_AS_DEFAULT)
+            // POLL_ADD leaves the shared description's flags alone.
+            int dup = ::fcntl(write_fd_.get(), F_DUPFD_CLOEXEC, 3);
+            unique_fd fd(dup);
+            if (dup < 0) ec = errno_code(errno);
+#else
+            // Reactor backends set O_NONBLOCK on what they wait on: wait on a private description.
+            unique_fd fd = io::detail::open_private_write_end(write_fd_.get(), ec);
+#endif
+            if (ec) {
+                // Cannot wait on the executor: fall back to a short timer-free retry via post.
+                flush_posted_ = true;
+                asio::post(ex_, [self = shared_from_this()] { self->flush(); });
+                return;
+            }
+            waiter_ = std::make_unique<asio::posix::stream_descriptor>(ex_, fd.release());
+        }
+        waiting_room_ = true;
+        waiter_->async_wait(asio::posix::descriptor_base::wait_write,
+                            [self = shared_from_this()](std::error_code) {
+                                std::unique_lock lk(self->m_);
+                                self->waiting_room_ = false;
+                                if (!self->role_) self->drain_locked(lk, nullptr);
+                            });
+    }
+
+    // ---- daemon -----------------------------------------------------------------------------
+
+    std::string find_executable_locked(std::error_code& ec) {
+        std::vector<std::string> candidates;
+        if (!options_.executable.empty()) {
+            candidates.push_back(options_.executable);
+        } else {
+            if (const char* env = std::getenv("STEWARD_TRACKER_EXE"); env && *env) candidates.emplace_back(env);
+            if (*STEWARD_INSTALLED_TRACKER) candidates.emplace_back(STEWARD_INSTALLED_TRACKER);
+            if (*STEWARD_BUILD_TREE_TRACKER) candidates.emplace_back(STEWARD_BUILD_TREE_TRACKER);
+        }
+        std::string tried;
+        for (const auto& c : candidates) {
+            struct stat st {};
+            int err = 0;
+            if (::stat(c.c_str(), &st) != 0)
+                err = errno;
+            else if (!S_ISREG(st.st_mode))
+                err = EISDIR;
+            else if (::access(c.c_str(), X_OK) != 0)
+                err = errno;
+            if (err == 0) return c;
+            if (!tried.empty()) tried += ", ";
+            tried += c + " (" + std::strerror(err) + ")";
+        }
+        ec = errc::executable_not_found;
+        last_error_ = "steward-tracker not found; tried: " + (tried.empty() ? std::string("no candidate path") : tried) +
+                      ". Set tracker_options::executable or STEWARD_TRACKER_EXE.";
+        return {};
+    }
+
+    std::error_code start_daemon_locked() {
+        std::error_code ec;
+        const std::string exe = find_executable_locked(ec);
+        if (ec) return ec;
+        int fds[2];
+        if (::pipe2(fds, O_CLOEXEC) != 0) {
+            ec = errno_code(errno);
+            last_error_ = "pipe2: " + ec.message();
+            return ec;
+        }
+        unique_fd read_end(fds[0]);
+        unique_fd write_end(fds[1]);
+        io::spawn_options opts;
+        opts.blocked_signals = {SIGINT, SIGTERM};
+        opts.fds.push_back({read_end.get(), daemon_fd});
+        io::child_process child = io::spawn(ex_, {exe, "--fd", std::to_string(daemon_fd)}, opts, ec);
+        read_end.reset();  // only the daemon may hold the read end, or it never sees end of input
+        if (ec) {
+            last_error_ = "cannot start " + exe + ": " + ec.message();
+            return ec;
+        }
+        const bool relaunch = state_ == state::dead;
+        if (relaunch && !warned_) {
+            warned_ = true;
+            std::fprintf(stderr,
+                         "steward: the tracker daemon is gone (%s); started a new one (pid %d) and "
+                         "re-registered %zu names of this process\n",
+                         dead_status_.c_str(), static_cast<int>(child.pid()), registered_.size());
+        }
+        if (owns_daemon_ && daemon_.valid()) {
+            std::error_code ignore;
+            (void)daemon_.try_wait(ignore);  // reap the old one if it has exited
+        }
+        waiter_.reset();
+        waiting_room_ = false;
+        write_fd_ = std::move(write_end);
+        daemon_ = std::move(child);
+        owns_daemon_ = true;
+        state_ = state::running;
+        last_error_.clear();
+
+        if (!relaunch) return {};  // a first start: the queue holds every message, in order
+        // A relaunch: the new daemon first learns every registration of this process; queued bytes
+        // are dropped (their effect is in the set), their callers complete after the set is written.
+        if (inflight_) {
+            inflight_->next = head_;
+            head_ = inflight_;
+            if (!tail_) tail_ = inflight_;
+            inflight_ = nullptr;
+        }
+        for (batch* b = head_; b; b = b->next) b->size = 0;
+        batch* first = nullptr;
+        batch* last = nullptr;
+        std::array<char, tracker_max_message> line;
+        for (const auto& key : registered_) {
+            const auto type = static_cast<resource_type>(key[0] - '0');
+            std::size_t n = 0;
+            if (tracker_encode(true, type, std::string_view(key).substr(1), line.data(), n)) continue;
+            if (!last || last->size + n > batch_capacity) {
+                batch* b = new_batch_locked();
+                if (last)
+                    last->next = b;
+                else
+                    first = b;
+                last = b;
+            }
+            std::memcpy(last->bytes.data() + last->size, line.data(), n);
+            last->size += n;
+        }
+        if (first) {
+            last->next = head_;
+            if (!tail_) tail_ = last;
+            head_ = first;
+        }
+        return {};
+    }
+
+    void check_fork_locked() {
+        const unsigned gen = fork_generation.load(std::memory_order_relaxed);
+        if (gen == generation_) return;
+        generation_ = gen;
+        const pid_t pid = ::getpid();
+        if (pid == owner_pid_) return;
+        owner_pid_ = pid;
+        // A forked child: the daemon is the parent's child (never wait on it or signal it); the
+        // parent's registrations are the parent's business; queued messages are the parent's too
+        // (it writes them); no thread of the parent exists here to finish a write or a wait.
+        if (daemon_.valid()) {
+            // Leak the handle rather than touch the parent's process or io_uring from here; its
+            // descriptor is closed by the exec or exit of this child.
+            (void)new io::child_process(std::move(daemon_));
+        }
+        if (stopping_.valid()) (void)new io::child_process(std::move(stopping_));
+        if (waiter_) {
+            // Close this process's copy of the descriptor without going through the parent's ring.
+            const int fd = waiter_->native_handle();
+            (void)waiter_.release();
+            ::close(fd);
+        }
+        owns_daemon_ = false;
+        registered_.clear();
+        if (inflight_) {
+            inflight_->next = head_;
+            head_ = inflight_;
+            if (!tail_) tail_ = inflight_;
+            inflight_ = nullptr;
+        }
+        for (batch* b = head_; b; b = b->next) b->size = 0;
+        role_ = false;
+        flush_posted_ = false;
+        waiting_room_ = false;
+        sync_waiting_ = 0;
+    }
+
+    // ---- stop -------------------------------------------------------------------------------
+
+    void close_for_stop(std::chrono::milliseconds timeout, stop_handler_type handler) {
+        std::unique_lock lk(m_);
+        if (role_) {
+            // A writer is between its write and its bookkeeping: close once it is done.
+            lk.unlock();
+            asio::post(ex_, [self = shared_from_this(), timeout, h = std::move(handler)]() mutable {
+                self->close_for_stop(timeout, std::move(h));
+            });
+            return;
+        }
+        check_fork_locked();
+        waiter_.reset();
+        write_fd_.reset();
+        state_ = state::idle;
+        registered_.clear();
+        io::child_process child;
+        if (owns_daemon_) child = std::move(daemon_);
+        owns_daemon_ = false;
+        lk.unlock();
+        finish_stop(std::move(child), timeout, std::move(handler));
+    }
+
+    struct stop_op {
+        stop_op(const asio::any_io_executor& ex, io::child_process c, stop_handler_type h)
+            : strand(asio::make_strand(ex)), timer(ex), child(std::move(c)), handler(std::move(h)) {}
+        asio::strand<asio::any_io_executor> strand;
+        asio::steady_timer timer;
+        io::child_process child;
+        stop_handler_type handler;
+        bool done = false;
+    };
+
+    void finish_stop(io::child_process child, std::chrono::milliseconds timeout, stop_handler_type handler) {
+        if (!child.valid()) {
+            asio::post(ex_, asio::append(std::move(handler), std::error_code{}, std::optional<int>{}));
+            return;
+        }
+        auto op = std::make_shared<stop_op>(ex_, std::move(child), std::move(handler));
+        auto self = shared_from_this();
+        op->timer.expires_after(timeout);
+        op->timer.async_wait(asio::bind_executor(op->strand, [op, self](std::error_code ec) {
+            if (ec == asio::error::operation_aborted || op->done) return;
+            op->done = true;
+            op->child.cancel();
+            {
+                std::lock_guard lk(self->m_);
+                self->stopping_ = std::move(op->child);  // a later async_stop waits again
+            }
+            auto h = std::move(op->handler);
+            asio::post(self->ex_, asio::append(std::move(h), make_error_code(errc::timed_out), std::optional<int>{}));
+        }));
+        op->child.async_wait(asio::bind_executor(op->strand, [op, self](std::error_code ec, io::exit_status st) {
+            if (op->done) return;
+            op->done = true;
+            op->timer.cancel();
+            { io::child_process reaped = std::move(op->child); }  // its pidfd goes now, not with the timer's handler
+            auto h = std::move(op->handler);
+            asio::post(self->ex_, asio::append(std::move(h), ec, ec ? std::optional<int>{} : status_code(st)));
+        }));
+    }
+
+    void post_completion(handler_type handler, std::error_code ec) {
+        asio::post(ex_, asio::append(std::move(handler), ec));
+    }
+
+    asio::any_io_executor ex_;
+    tracker_options options_;
+
+    std::mutex m_;
+    std::condition_variable cv_;
+    bool role_ = false;
+    bool flush_posted_ = false;
+    bool waiting_room_ = false;
+    std::size_t sync_waiting_ = 0;
+    std::error_code last_ec_;
+
+    batch* head_ = nullptr;
+    batch* tail_ = nullptr;
+    batch* inflight_ = nullptr;
+    batch* free_ = nullptr;
+
+    state state_ = state::idle;
+    unique_fd write_fd_;
+    std::unique_ptr<asio::posix::stream_descriptor> waiter_;
+    io::child_process daemon_;
+    io::child_process stopping_;
+    bool owns_daemon_ = false;
+    bool warned_ = false;
+    std::string dead_status_;
+    std::string last_error_;
+    unsigned generation_ = 0;
+    pid_t owner_pid_ = -1;
+
+    std::pmr::unsynchronized_pool_resource pool_;
+    std::pmr::unordered_set<std::pmr::string, string_hash, std::equal_to<>> registered_;
+};
+
+}  // namespace detail
+
+// ---- public wrapper ---------------------------------------------------------------------------
+
+tracker::tracker(executor_type ex, tracker_options options)
+    : impl_(std::make_shared<detail::tracker_impl>(std::move(ex), std::move(options))) {}
+
+tracker::tracker(tracker&&) noexcept = default;
+tracker& tracker::operator=(tracker&&) noexcept = default;
+tracker::~tracker() = default;
+
+tracker tracker::from_environment(executor_type ex) {
+    std::error_code ec;
+    tracker t = from_environment(std::move(ex), ec);
+    if (ec) throw std::system_error(ec, std::string("tracker::from_environment: ") + environment_variable);
+    return t;
+}
+
+tracker tracker::from_environment(executor_type ex, std::error_code& ec) {
+    ec.clear();
+    tracker t(std::move(ex));
+    const char* value = std::getenv(environment_variable);
+    int fd = -1;
+    if (!value || !*value) {
+        ec = std::make_error_code(std::errc::invalid_argument);
+        return t;
+    }
+    const char* end = value + std::strlen(value);
+    auto [ptr, perr] = std::from_chars(value, end, fd);
+    if (perr != std::errc() || ptr != end || fd < 0) {
+        ec = std::make_error_code(std::errc::invalid_argument);
+        return t;
+    }
+    const int fl = ::fcntl(fd, F_GETFL);
+    if (fl < 0) {
+        ec = std::make_error_code(std::errc::bad_file_descriptor);
+        return t;
+    }
+    if (auto pe = io::detail::check_pipe(fd)) {
+        ec = pe;
+        return t;
+    }
+    if ((fl & O_ACCMODE) != O_WRONLY) {
+        ec = errc::not_a_pipe;
+        return t;
+    }
+    (void)::fcntl(fd, F_SETFD, FD_CLOEXEC);
+    ::unsetenv(environment_variable);
+    t.impl_->adopt_fd(unique_fd(fd));
+    return t;
+}
+
+tracker::executor_type tracker::get_executor() const noexcept { return impl_->executor(); }
+
+void tracker::initiate_ensure_running(asio::any_completion_handler<void(std::error_code)> handler) {
+    impl_->async_barrier(std::move(handler));
+}
+
+void tracker::initiate_message(bool register_it, std::string_view name, resource_type type,
+                               asio::any_completion_handler<void(std::error_code)> handler) {
+    impl_->async_message(register_it, name, type, std::move(handler));
+}
+
+void tracker::initiate_stop(std::chrono::milliseconds timeout,
+                            asio::any_completion_handler<void(std::error_code, std::optional<int>)> handler) {
+    impl_->async_stop(timeout, std::move(handler));
+}
+
+namespace {
+[[noreturn]] void throw_with_detail(const std::error_code& ec, const char* what, const std::string& detail) {
+    std::string msg(what);
+    if (!detail.empty()) msg += ": " + detail;
+    throw std::system_error(ec, msg);
+}
+}  // namespace
+
+void tracker::ensure_running(std::error_code& ec) { ec = impl_->sync_barrier(); }
+void tracker::ensure_running() {
+    std::error_code ec;
+    ensure_running(ec);
+    if (ec) throw_with_detail(ec, "tracker::ensure_running", last_error_detail());
+}
+
+void tracker::register_resource(std::string_view name, resource_type type, std::error_code& ec) {
+    ec = impl_->sync_message(true, name, type);
+}
+void tracker::register_resource(std::string_view name, resource_type type) {
+    std::error_code ec;
+    register_resource(name, type, ec);
+    if (ec) throw_with_detail(ec, "tracker::register_resource", last_error_detail());
+}
+void tracker::unregister_resource(std::string_view name, resource_type type, std::error_code& ec) {
+    ec = impl_->sync_message(false, name, type);
+}
+void tracker::unregister_resource(std::string_view name, resource_type type) {
+    std::error_code ec;
+    unregister_resource(name, type, ec);
+    if (ec) throw_with_detail(ec, "tracker::unregister_resource", last_error_detail());
+}
+
+int tracker::fd() const noexcept { return impl_ ? impl_->fd() : -1; }
+std::string tracker::environment_entry(int child_fd) {
+    return std::string(environment_variable) + "=" + std::to_string(child_fd);
+}
+void tracker::export_environment() {
+    ensure_running();
+    impl_->export_environment();
+}
+int tracker::daemon_pid() const noexcept { return impl_ ? impl_->daemon_pid() : -1; }
+std::string tracker::last_error_detail() const { return impl_ ? impl_->last_error_detail() : std::string(); }
+
+}  // namespace steward

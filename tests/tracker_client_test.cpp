@@ -1,0 +1,547 @@
+#define BOOST_TEST_MODULE tracker_client_test
+#include "support/test_support.hpp"
+#include "support/tracker_client_support.hpp"
+
+#include <steward/error.hpp>
+#include <steward/io/async_spawn.hpp>
+#include <steward/tracker.hpp>
+
+#include <asio/as_tuple.hpp>
+#include <asio/co_spawn.hpp>
+#include <asio/deferred.hpp>
+#include <asio/detached.hpp>
+#include <asio/executor_work_guard.hpp>
+#include <asio/posix/stream_descriptor.hpp>
+#include <asio/steady_timer.hpp>
+#include <asio/use_awaitable.hpp>
+
+#include <sys/wait.h>
+
+#include <future>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <regex>
+#include <thread>
+
+// The client of steward-tracker: group commit (order and integrity of lines), errors, the daemon's
+// start (one spawn, its fds and signals), relaunch after kill -9, stop with a child holding the pipe.
+
+using steward::resource_type;
+using steward::tracker;
+using steward::tracker_options;
+namespace fs = std::filesystem;
+namespace st = steward::test;
+using namespace std::chrono_literals;
+
+namespace {
+
+// Counts descriptors before and after a test. The io_context's ring is created with its first I/O
+// object, so one is made (and dropped) before counting.
+struct fd_count_guard {
+    int before;
+    explicit fd_count_guard(asio::io_context& ctx) {
+        { asio::posix::stream_descriptor warm(ctx); }
+        before = st::open_fd_count();
+    }
+    ~fd_count_guard() {
+        const int after = st::open_fd_count();
+        BOOST_CHECK_EQUAL(after, before);
+        if (after != before)
+            for (const auto& e : fs::directory_iterator("/proc/self/fd")) {
+                std::error_code ec;
+                BOOST_TEST_MESSAGE(e.path().filename().string() << " -> " << fs::read_symlink(e.path(), ec).string());
+            }
+    }
+};
+
+std::vector<std::string> lines_of(const std::string& text) {
+    std::vector<std::string> out;
+    std::size_t start = 0;
+    while (start < text.size()) {
+        const auto nl = text.find('\n', start);
+        if (nl == std::string::npos) {
+            out.push_back(text.substr(start) + "<no newline>");
+            break;
+        }
+        out.push_back(text.substr(start, nl - start));
+        start = nl + 1;
+    }
+    return out;
+}
+
+// Creates a shm segment the test registers by hand (the daemon removes it, or the test does).
+std::string make_shm(std::string_view stem) {
+    const std::string name = "/" + st::unique_stem(stem);
+    const int fd = ::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+    BOOST_REQUIRE_MESSAGE(fd >= 0, "shm_open " << name << ": " << std::strerror(errno));
+    ::close(fd);
+    return name;
+}
+
+}  // namespace
+
+STEWARD_CORO_TEST(thousand_coroutines_every_line_intact_complete_and_in_order) {
+    fd_count_guard fds(ctx);
+    st::temp_dir dir("rec");
+    const auto record = dir.path / "record.txt";
+    tracker t(ctx.get_executor(), tracker_options{st::make_recorder(dir.path, record)});
+
+    constexpr int coroutines = 1000;
+    constexpr int per = 6;
+    int finished = 0;
+    std::error_code first_error;
+    // Names of varying length (some need JSON: a ':' or a non-ASCII byte) so batch edges fall
+    // everywhere.
+    auto name_of = [&](int c, int k) {
+        std::string n = "/tmp/stw_cl_" + std::to_string(::getpid()) + "_" + std::to_string(c) + "_" + std::to_string(k);
+        n.append(static_cast<std::size_t>((c * 7 + k * 13) % 90), 'x');
+        if (c % 10 == 3) n += ":colon";
+        if (c % 10 == 7) n += "\xc3\xa9";
+        return n;
+    };
+    for (int c = 0; c < coroutines; ++c) {
+        asio::co_spawn(
+            ctx,
+            [&, c]() -> asio::awaitable<void> {
+                for (int k = 0; k < per; ++k) {
+                    auto [ec] = co_await t.async_register(name_of(c, k), resource_type::file,
+                                                          asio::as_tuple(asio::use_awaitable));
+                    if (ec && !first_error) first_error = ec;
+                }
+                auto [ec] = co_await t.async_unregister(name_of(c, 0), resource_type::file,
+                                                        asio::as_tuple(asio::use_awaitable));
+                if (ec && !first_error) first_error = ec;
+                ++finished;
+            },
+            asio::detached);
+    }
+    while (finished < coroutines) {
+        asio::steady_timer timer(ctx, 5ms);
+        co_await timer.async_wait(asio::use_awaitable);
+    }
+    BOOST_REQUIRE_MESSAGE(!first_error, first_error.message());
+    auto [ec, status] = co_await t.async_stop(10s, asio::as_tuple(asio::use_awaitable));
+    BOOST_REQUIRE(!ec);
+    BOOST_REQUIRE(status.has_value());
+    BOOST_CHECK_EQUAL(*status, 0);  // cat saw EOF
+
+    // Every message exactly once, whole, in the format the name calls for; each coroutine's in its
+    // order.
+    const auto lines = lines_of(st::read_file(record));
+    BOOST_REQUIRE_EQUAL(lines.size(), static_cast<std::size_t>(coroutines * (per + 1)));
+    std::map<std::string, std::size_t> position;
+    const std::regex colon(R"re(^(REGISTER|UNREGISTER):(/tmp/stw_cl_[0-9_]+x*):file$)re");
+    const std::regex json(R"re(^\{"cmd":"(REGISTER|UNREGISTER)","rtype":"file","base64_name":"[A-Za-z0-9_=-]+"\}$)re");
+    for (std::size_t i = 0; i < lines.size(); ++i) {
+        const bool ok = std::regex_match(lines[i], colon) || std::regex_match(lines[i], json);
+        BOOST_REQUIRE_MESSAGE(ok, "torn or unexpected line " << i << ": " << lines[i]);
+        BOOST_REQUIRE_MESSAGE(position.emplace(lines[i], i).second, "duplicate line " << lines[i]);
+    }
+    int checked = 0;
+    for (int c = 0; c < coroutines; ++c) {
+        std::size_t prev = 0;
+        for (int k = 0; k <= per; ++k) {
+            const std::string name = name_of(c, k == per ? 0 : k);
+            const bool reg = k != per;
+            std::optional<std::size_t> at;
+            // Colon lines are found by text; JSON lines by prefix and the decoded name is not
+            // needed: every JSON line is unique, so order is checked through the colon ones.
+            const std::string l = std::string(reg ? "REGISTER:" : "UNREGISTER:") + name + ":file";
+            if (auto it = position.find(l); it != position.end()) at = it->second;
+            if (c % 10 == 3 || c % 10 == 7) {
+                BOOST_CHECK(!at);  // these must travel as JSON
+                continue;
+            }
+            BOOST_REQUIRE_MESSAGE(at, "missing " << l);
+            if (k > 0) BOOST_REQUIRE_MESSAGE(*at > prev, "out of order for coroutine " << c);
+            prev = *at;
+            ++checked;
+        }
+    }
+    BOOST_CHECK_EQUAL(checked, 800 * (per + 1));
+}
+
+STEWARD_CORO_TEST(real_daemon_removes_registered_keeps_unregistered_blocking_calls) {
+    fd_count_guard fds(ctx);
+    st::temp_dir dir("blk");
+    st::stderr_capture err(dir.path / "daemon.err");
+    tracker t(ctx.get_executor());
+    const std::string a = make_shm("blk_a"), b = make_shm("blk_b"), c = make_shm("blk_c");
+    t.register_resource(a, resource_type::shared_memory);
+    t.register_resource(b.substr(1), resource_type::shared_memory);  // "abc" == "/abc"
+    co_await t.async_register(c, resource_type::shared_memory, asio::use_awaitable);
+    std::error_code ec;
+    t.unregister_resource(b, resource_type::shared_memory, ec);
+    BOOST_CHECK(!ec);
+    BOOST_CHECK_GT(t.daemon_pid(), 0);
+    BOOST_CHECK_GE(t.fd(), 0);
+    auto [sec, status] = co_await t.async_stop(10s, asio::as_tuple(asio::use_awaitable));
+    err.restore();
+    BOOST_CHECK(!sec);
+    BOOST_REQUIRE(status.has_value());
+    BOOST_CHECK_EQUAL(*status, 1);  // leaks found and all cleaned
+    BOOST_CHECK(!st::shm_exists(a));
+    BOOST_CHECK(st::shm_exists(b));
+    BOOST_CHECK(!st::shm_exists(c));
+    ::shm_unlink(b.c_str());
+    const auto text = err.text();
+    BOOST_CHECK_MESSAGE(text.find("There appear to be 2 leaked shared_memory objects") != std::string::npos, text);
+    BOOST_CHECK_EQUAL(t.fd(), -1);
+}
+
+STEWARD_CORO_TEST(message_too_long_and_invalid_names_write_nothing) {
+    fd_count_guard fds(ctx);
+    st::temp_dir dir("long");
+    const auto record = dir.path / "record.txt";
+    tracker t(ctx.get_executor(), tracker_options{st::make_recorder(dir.path, record)});
+    const std::string fits = "/" + std::string(512 - std::string("REGISTER::shared_memory\n").size() - 1, 'a');
+    const std::string too_long = fits + "a";
+    auto [e1] = co_await t.async_register(too_long, resource_type::shared_memory, asio::as_tuple(asio::use_awaitable));
+    BOOST_CHECK(e1 == steward::errc::message_too_long);
+    auto [e2] = co_await t.async_register(std::string(5000, 'b'), resource_type::file, asio::as_tuple(asio::use_awaitable));
+    BOOST_CHECK(e2 == steward::errc::message_too_long);
+    std::error_code e3;
+    t.register_resource(too_long, resource_type::shared_memory, e3);
+    BOOST_CHECK(e3 == steward::errc::message_too_long);
+    BOOST_CHECK_THROW(t.unregister_resource(too_long, resource_type::shared_memory), std::system_error);
+    // JSON grows the name by a third: a name that fits as colon does not fit with a ':' in it.
+    auto [e4] = co_await t.async_register("/" + std::string(400, 'c') + ":", resource_type::shared_memory,
+                                          asio::as_tuple(asio::use_awaitable));
+    BOOST_CHECK(e4 == steward::errc::message_too_long);
+    auto [e5] = co_await t.async_register("", resource_type::shared_memory, asio::as_tuple(asio::use_awaitable));
+    BOOST_CHECK(e5 == std::errc::invalid_argument);
+    auto [e6] = co_await t.async_register("relative/file", resource_type::file, asio::as_tuple(asio::use_awaitable));
+    BOOST_CHECK(e6 == std::errc::invalid_argument);
+    auto [e7] = co_await t.async_register("/x", resource_type::noop, asio::as_tuple(asio::use_awaitable));
+    BOOST_CHECK(e7 == std::errc::invalid_argument);
+    BOOST_CHECK_EQUAL(t.daemon_pid(), -1);  // nothing was accepted, so nothing was started
+    co_await t.async_register(fits, resource_type::shared_memory, asio::use_awaitable);  // exactly 512 bytes
+    auto [ec, status] = co_await t.async_stop(10s, asio::as_tuple(asio::use_awaitable));
+    BOOST_CHECK(!ec);
+    const auto text = st::read_file(record);
+    BOOST_CHECK_EQUAL(text.size(), 512u);
+    BOOST_CHECK_EQUAL(text, "REGISTER:" + fits + ":shared_memory\n");
+}
+
+STEWARD_CORO_TEST(executable_not_found_names_the_paths_tried) {
+    fd_count_guard fds(ctx);
+    tracker t(ctx.get_executor(), tracker_options{"/nonexistent/stw/steward-tracker"});
+    auto [ec] = co_await t.async_ensure_running(asio::as_tuple(asio::use_awaitable));
+    BOOST_CHECK(ec == steward::errc::executable_not_found);
+    BOOST_CHECK_MESSAGE(t.last_error_detail().find("/nonexistent/stw/steward-tracker") != std::string::npos,
+                        t.last_error_detail());
+    auto [ec2] = co_await t.async_register("/stw_nf", resource_type::shared_memory, asio::as_tuple(asio::use_awaitable));
+    BOOST_CHECK(ec2 == steward::errc::executable_not_found);
+    try {
+        t.register_resource("/stw_nf", resource_type::shared_memory);
+        BOOST_ERROR("no exception");
+    } catch (const std::system_error& e) {
+        BOOST_CHECK(e.code() == steward::errc::executable_not_found);
+        BOOST_CHECK_MESSAGE(std::string(e.what()).find("/nonexistent/stw/steward-tracker") != std::string::npos,
+                            e.what());
+    }
+    // A directory is not a program either.
+    tracker d(ctx.get_executor(), tracker_options{"/tmp"});
+    std::error_code dec;
+    d.ensure_running(dec);
+    BOOST_CHECK(dec == steward::errc::executable_not_found);
+    BOOST_CHECK_EQUAL(t.fd(), -1);
+    // The environment variable is tried before the compiled-in paths and named when it fails.
+    ::setenv("STEWARD_TRACKER_EXE", "/nonexistent/stw/env-tracker", 1);
+    tracker e(ctx.get_executor());
+    std::error_code eec;
+    e.ensure_running(eec);  // falls through to the build tree, which exists
+    BOOST_CHECK(!eec);
+    ::setenv("STEWARD_TRACKER_EXE", STEWARD_TRACKER_EXE_FOR_TESTS, 1);
+    co_await e.async_stop(10s, asio::use_awaitable);
+}
+
+BOOST_AUTO_TEST_CASE(concurrent_ensure_running_from_threads_and_coroutines_starts_one_daemon,
+                     *boost::unit_test::precondition(st::io_uring_available)) {
+    asio::io_context ctx;
+    fd_count_guard fds(ctx);
+    const auto before = st::child_pids().size();
+    st::temp_dir dir("thr");
+    auto guard = asio::make_work_guard(ctx);
+    tracker t(ctx.get_executor());
+    std::vector<std::thread> runners;
+    for (int i = 0; i < 3; ++i) runners.emplace_back([&] { ctx.run(); });
+    std::atomic<int> async_done{0};
+    std::atomic<int> errors{0};
+    for (int i = 0; i < 50; ++i)
+        t.async_ensure_running([&](std::error_code ec) {
+            if (ec) ++errors;
+            ++async_done;
+        });
+    std::vector<std::thread> callers;
+    for (int i = 0; i < 4; ++i)
+        callers.emplace_back([&, i] {
+            t.ensure_running();
+            const auto file = dir.path / ("f" + std::to_string(i));
+            std::ofstream(file) << i;
+            t.register_resource(file.string(), resource_type::file);
+        });
+    for (auto& c : callers) c.join();
+    while (async_done < 50) std::this_thread::sleep_for(1ms);
+    BOOST_CHECK_EQUAL(errors.load(), 0);
+    BOOST_CHECK_EQUAL(st::child_pids().size(), before + 1);
+    const int pid = t.daemon_pid();
+    BOOST_CHECK_GT(pid, 0);
+    std::promise<std::pair<std::error_code, std::optional<int>>> stopped;
+    t.async_stop(10s, [&](std::error_code ec, std::optional<int> s) { stopped.set_value({ec, s}); });
+    auto [ec, status] = stopped.get_future().get();
+    BOOST_CHECK(!ec);
+    BOOST_REQUIRE(status.has_value());
+    BOOST_CHECK_EQUAL(*status, 1);  // the four files, cleaned
+    for (int i = 0; i < 4; ++i) BOOST_CHECK(!fs::exists(dir.path / ("f" + std::to_string(i))));
+    guard.reset();
+    ctx.stop();
+    for (auto& r : runners) r.join();
+}
+
+STEWARD_CORO_TEST(daemon_has_only_stdio_pipe_and_ring_fds_and_ignores_int_term) {
+    fd_count_guard fds(ctx);
+    tracker t(ctx.get_executor());
+    co_await t.async_ensure_running(asio::use_awaitable);
+    const int pid = t.daemon_pid();
+    BOOST_REQUIRE_GT(pid, 0);
+    // SIGINT (2) and SIGTERM (15) arrive blocked from the spawn; the daemon sets SIG_IGN, then
+    // unblocks. Either is proof the spawn mask reached it; SigIgn is the stable end state.
+    const unsigned long want = (1UL << (SIGINT - 1)) | (1UL << (SIGTERM - 1));
+    unsigned long ign = 0;
+    for (int i = 0; i < 2000; ++i) {
+        const auto blk = std::stoul(st::proc_status_field(pid, "SigBlk"), nullptr, 16);
+        ign = std::stoul(st::proc_status_field(pid, "SigIgn"), nullptr, 16);
+        if ((ign & want) == want) break;
+        BOOST_REQUIRE_MESSAGE((blk & want) == want, "SIGINT/SIGTERM neither blocked nor ignored");
+        std::this_thread::sleep_for(1ms);
+    }
+    BOOST_CHECK_EQUAL(ign & want, want);
+    // Our own mask is untouched.
+    sigset_t mine;
+    ::pthread_sigmask(SIG_SETMASK, nullptr, &mine);
+    BOOST_CHECK(!::sigismember(&mine, SIGINT));
+    BOOST_CHECK(!::sigismember(&mine, SIGTERM));
+
+    struct stat ours {};
+    ::fstat(t.fd(), &ours);
+    const fs::path fd_dir = "/proc/" + std::to_string(pid) + "/fd";
+    std::set<int> numbers;
+    for (const auto& e : fs::directory_iterator(fd_dir)) {
+        const int n = std::stoi(e.path().filename().string());
+        numbers.insert(n);
+        const auto target = fs::read_symlink(e.path()).string();
+        if (n == 3) {
+            BOOST_CHECK_EQUAL(target, "pipe:[" + std::to_string(ours.st_ino) + "]");
+        } else if (n > 3) {
+            BOOST_CHECK_MESSAGE(target.rfind("anon_inode:", 0) == 0, "unexpected daemon fd " << n << " -> " << target);
+        }
+    }
+    BOOST_CHECK(numbers.count(3));
+    co_await t.async_stop(10s, asio::use_awaitable);
+}
+
+STEWARD_CORO_TEST(daemon_killed_is_relaunched_with_every_registration_and_warns_once) {
+    fd_count_guard fds(ctx);
+    st::temp_dir dir("kill");
+    st::stderr_capture err(dir.path / "daemon.err");
+    tracker t(ctx.get_executor());
+    std::vector<std::string> names;
+    for (int i = 0; i < 3; ++i) {
+        names.push_back(make_shm("kill"));
+        co_await t.async_register(names.back(), resource_type::shared_memory, asio::use_awaitable);
+    }
+    const std::string gone = make_shm("kill_unreg");
+    co_await t.async_register(gone, resource_type::shared_memory, asio::use_awaitable);
+    co_await t.async_unregister(gone, resource_type::shared_memory, asio::use_awaitable);
+
+    const int first = t.daemon_pid();
+    BOOST_REQUIRE_GT(first, 0);
+    ::kill(first, SIGKILL);
+    BOOST_REQUIRE(st::wait_gone(first));
+    // The registration that finds the daemon dead is delivered to the new one too.
+    names.push_back(make_shm("kill_after"));
+    co_await t.async_register(names.back(), resource_type::shared_memory, asio::use_awaitable);
+    const int second = t.daemon_pid();
+    BOOST_CHECK_GT(second, 0);
+    BOOST_CHECK_NE(second, first);
+
+    // A second death: relaunched again, but no second warning.
+    ::kill(second, SIGKILL);
+    BOOST_REQUIRE(st::wait_gone(second));
+    names.push_back(make_shm("kill_third"));
+    co_await t.async_register(names.back(), resource_type::shared_memory, asio::use_awaitable);
+    const int third = t.daemon_pid();
+    BOOST_CHECK_NE(third, second);
+
+    auto [ec, status] = co_await t.async_stop(10s, asio::as_tuple(asio::use_awaitable));
+    err.restore();
+    BOOST_CHECK(!ec);
+    BOOST_REQUIRE(status.has_value());
+    BOOST_CHECK_EQUAL(*status, 1);
+    for (const auto& n : names) {
+        BOOST_CHECK_MESSAGE(!st::shm_exists(n), n << " leaked");
+        ::shm_unlink(n.c_str());
+    }
+    BOOST_CHECK(st::shm_exists(gone));  // unregistered before the kill: not re-registered
+    ::shm_unlink(gone.c_str());
+    const auto text = err.text();
+    std::size_t warnings = 0;
+    for (std::size_t p = 0; (p = text.find("the tracker daemon is gone", p)) != std::string::npos; ++p) ++warnings;
+    BOOST_CHECK_MESSAGE(warnings == 1, text);
+    BOOST_CHECK_MESSAGE(text.find("There appear to be 5 leaked shared_memory objects") != std::string::npos, text);
+}
+
+STEWARD_CORO_TEST(forked_child_registers_through_the_parent_daemon_and_never_owns_it) {
+    fd_count_guard fds(ctx);
+    tracker t(ctx.get_executor());
+    const std::string parent_name = make_shm("fork_p");
+    const std::string child_name = make_shm("fork_c");
+    co_await t.async_register(parent_name, resource_type::shared_memory, asio::use_awaitable);
+    const int daemon = t.daemon_pid();
+    const pid_t child = ::fork();
+    if (child == 0) {
+        int code = 0;
+        try {
+            if (t.daemon_pid() != -1) code = 10;  // the parent's daemon is not this process's
+            std::error_code ec;
+            t.register_resource(child_name, resource_type::shared_memory, ec);
+            if (ec) code = 11;
+            if (::kill(daemon, 0) != 0) code = 12;
+        } catch (...) {
+            code = 13;
+        }
+        ::_exit(code);
+    }
+    int wstatus = 0;
+    ::waitpid(child, &wstatus, 0);
+    BOOST_CHECK(WIFEXITED(wstatus));
+    BOOST_CHECK_EQUAL(WEXITSTATUS(wstatus), 0);
+    BOOST_CHECK_EQUAL(t.daemon_pid(), daemon);
+    BOOST_CHECK_EQUAL(::kill(daemon, 0), 0);
+    auto [ec, status] = co_await t.async_stop(10s, asio::as_tuple(asio::use_awaitable));
+    BOOST_CHECK(!ec);
+    BOOST_REQUIRE(status.has_value());
+    BOOST_CHECK_EQUAL(*status, 1);
+    BOOST_CHECK(!st::shm_exists(parent_name));
+    BOOST_CHECK(!st::shm_exists(child_name));  // registered by the child, cleaned by the daemon
+    ::shm_unlink(parent_name.c_str());
+    ::shm_unlink(child_name.c_str());
+}
+
+STEWARD_CORO_TEST(async_stop_returns_in_time_while_a_child_holds_the_pipe) {
+    fd_count_guard fds(ctx);
+    tracker t(ctx.get_executor());
+    const std::string name = make_shm("stop");
+    co_await t.async_register(name, resource_type::shared_memory, asio::use_awaitable);
+    int go[2];
+    BOOST_REQUIRE_EQUAL(::pipe2(go, O_CLOEXEC), 0);
+    const pid_t child = ::fork();
+    if (child == 0) {
+        ::close(go[1]);
+        char c;
+        (void)::read(go[0], &c, 1);  // holds the write end until told to go
+        ::_exit(0);
+    }
+    ::close(go[0]);
+    const auto start = std::chrono::steady_clock::now();
+    auto [ec, status] = co_await t.async_stop(200ms, asio::as_tuple(asio::use_awaitable));
+    const auto took = std::chrono::steady_clock::now() - start;
+    BOOST_CHECK(ec == steward::errc::timed_out);
+    BOOST_CHECK(!status.has_value());
+    BOOST_CHECK_LT(took, 30s);  // bounded, not a hang (the limit itself is no timing target)
+    BOOST_CHECK(st::shm_exists(name));  // the child's write end keeps the daemon alive
+    ::close(go[1]);
+    int wstatus = 0;
+    ::waitpid(child, &wstatus, 0);
+    // A second stop waits for the same daemon, which now sees the end of input.
+    auto [ec2, status2] = co_await t.async_stop(10s, asio::as_tuple(asio::use_awaitable));
+    BOOST_CHECK(!ec2);
+    BOOST_REQUIRE(status2.has_value());
+    BOOST_CHECK_EQUAL(*status2, 1);
+    BOOST_CHECK(!st::shm_exists(name));
+    ::shm_unlink(name.c_str());
+    // A third stop has nothing to wait for.
+    auto [ec3, status3] = co_await t.async_stop(10s, asio::as_tuple(asio::use_awaitable));
+    BOOST_CHECK(!ec3);
+    BOOST_CHECK(!status3.has_value());
+}
+
+STEWARD_CORO_TEST(from_environment_refuses_bad_values) {
+    fd_count_guard fds(ctx);
+    std::error_code ec;
+    ::unsetenv(tracker::environment_variable);
+    (void)tracker::from_environment(ctx.get_executor(), ec);
+    BOOST_CHECK(ec == std::errc::invalid_argument);
+    ::setenv(tracker::environment_variable, "12abc", 1);
+    (void)tracker::from_environment(ctx.get_executor(), ec);
+    BOOST_CHECK(ec == std::errc::invalid_argument);
+    ::setenv(tracker::environment_variable, "1000000", 1);
+    (void)tracker::from_environment(ctx.get_executor(), ec);
+    BOOST_CHECK(ec == std::errc::bad_file_descriptor);
+    const int devnull = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
+    ::setenv(tracker::environment_variable, std::to_string(devnull).c_str(), 1);
+    (void)tracker::from_environment(ctx.get_executor(), ec);
+    BOOST_CHECK(ec == steward::errc::not_a_pipe);
+    ::close(devnull);
+    int p[2];
+    BOOST_REQUIRE_EQUAL(::pipe2(p, O_CLOEXEC), 0);
+    ::setenv(tracker::environment_variable, std::to_string(p[0]).c_str(), 1);  // a read end
+    (void)tracker::from_environment(ctx.get_executor(), ec);
+    BOOST_CHECK(ec);
+    ::unsetenv(tracker::environment_variable);
+    BOOST_CHECK_THROW((void)tracker::from_environment(ctx.get_executor()), std::system_error);
+    // A good one is adopted, made CLOEXEC and removed from the environment.
+    const int w = ::fcntl(p[1], F_DUPFD, 0);  // not CLOEXEC, as after an exec
+    ::setenv(tracker::environment_variable, std::to_string(w).c_str(), 1);
+    {
+        tracker t = tracker::from_environment(ctx.get_executor(), ec);
+        BOOST_CHECK(!ec);
+        BOOST_CHECK_EQUAL(t.fd(), w);
+        BOOST_CHECK_EQUAL(::fcntl(w, F_GETFD) & FD_CLOEXEC, FD_CLOEXEC);
+        BOOST_CHECK(std::getenv(tracker::environment_variable) == nullptr);
+        BOOST_CHECK_EQUAL(t.daemon_pid(), -1);
+        co_await t.async_register("/stw_env_x", resource_type::shared_memory, asio::use_awaitable);
+        char buf[128];
+        const auto n = ::read(p[0], buf, sizeof buf);
+        BOOST_CHECK_EQUAL(std::string(buf, n > 0 ? static_cast<std::size_t>(n) : 0u),
+                          "REGISTER:/stw_env_x:shared_memory\n");
+        auto [sec, status] = co_await t.async_stop(1s, asio::as_tuple(asio::use_awaitable));
+        BOOST_CHECK(!sec);
+        BOOST_CHECK(!status.has_value());  // not ours to wait for
+    }
+    BOOST_CHECK_EQUAL(::fcntl(w, F_GETFD), -1);  // closed with the tracker
+    ::close(p[0]);
+    ::close(p[1]);
+    BOOST_CHECK_EQUAL(tracker::environment_entry(3), "STEWARD_TRACKER_FD=3");
+}
+
+STEWARD_CORO_TEST(epipe_on_an_adopted_pipe_relaunches_a_daemon_and_re_registers) {
+    fd_count_guard fds(ctx);
+    st::temp_dir dir("epipe");
+    st::stderr_capture err(dir.path / "daemon.err");
+    int p[2];
+    BOOST_REQUIRE_EQUAL(::pipe2(p, O_CLOEXEC), 0);
+    steward::unique_fd read_end(p[0]);
+    const int w = ::fcntl(p[1], F_DUPFD, 0);
+    ::close(p[1]);
+    ::setenv(tracker::environment_variable, std::to_string(w).c_str(), 1);
+    tracker t = tracker::from_environment(ctx.get_executor());
+    const std::string x = make_shm("epipe_x"), y = make_shm("epipe_y");
+    co_await t.async_register(x, resource_type::shared_memory, asio::use_awaitable);
+    read_end.reset();  // the "daemon" is gone: the next write fails with EPIPE
+    auto [ec] = co_await t.async_register(y, resource_type::shared_memory, asio::as_tuple(asio::use_awaitable));
+    BOOST_CHECK(!ec);
+    BOOST_CHECK_GT(t.daemon_pid(), 0);  // a daemon of its own now
+    auto [sec, status] = co_await t.async_stop(10s, asio::as_tuple(asio::use_awaitable));
+    err.restore();
+    BOOST_CHECK(!sec);
+    BOOST_REQUIRE(status.has_value());
+    BOOST_CHECK_EQUAL(*status, 1);
+    BOOST_CHECK(!st::shm_exists(x));
+    BOOST_CHECK(!st::shm_exists(y));
+    ::shm_unlink(x.c_str());
+    ::shm_unlink(y.c_str());
+    BOOST_CHECK_MESSAGE(err.text().find("its pipe has no reader") != std::string::npos, err.text());
+}
