@@ -528,7 +528,7 @@ int steward_fetch(const bench::args& a, std::size_t fds_per_id, std::size_t per_
         auto worker = [&]() -> asio::awaitable<void> {
             while (next < ids.size()) {
                 const steward::share_id& id = ids[next++];
-                const auto f0 = bench::clock::now();
+                const auto f0 = record_latency ? bench::clock::now() : bench::clock::time_point{};
                 std::vector<steward::unique_fd> fds;
                 if (shape == steward_shape::cpython_connect)
                     fds = co_await steward::async_fetch_cpython(ex, id.to_cpython(), key, asio::use_awaitable);
