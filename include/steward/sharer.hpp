@@ -135,7 +135,8 @@ public:
     /// Shares one descriptor. @throws std::system_error: errc::too_many_shares (cap reached),
     /// std::errc::bad_file_descriptor, EMFILE (dup), errors creating the listener
     /// (std::errc::filename_too_long when no base directory gives a short enough path),
-    /// std::errc::operation_not_permitted... after stop(); std::logic_error without an executor.
+    /// std::errc::operation_not_permitted after stop() or when there is no executor (neither
+    /// given to the constructor nor started with start_background()).
     share_id share(int fd, share_options options = {});
     /// As share(fd, options), reporting through @p ec (returns an empty id on error).
     share_id share(int fd, std::error_code& ec, share_options options = {}) noexcept;
@@ -179,8 +180,10 @@ public:
             token, impl_, timeout);
     }
 
-    /// Blocking stop (see async_stop()); must not be called from the thread running the server's
-    /// executor unless the sharer runs in the background. Waits at most @p timeout for transfers.
+    /// Stop (see async_stop()). With a background thread: waits up to @p timeout for transfers in
+    /// flight, then joins the thread. With the application's executor it never waits for that
+    /// executor: unfetched descriptors and the socket file are closed/removed at once and the
+    /// executor closes the connections when it next runs.
     void stop(std::chrono::steady_clock::duration timeout = std::chrono::seconds(5)) noexcept;
 
     /// Completes when no share is pending any more (every share delivered and confirmed,
