@@ -32,7 +32,8 @@ void async_create_named_semaphore(tracker& t, std::string name, unsigned value,
 ///
 /// @par Destruction
 /// Closes it. The creating process (not its forked children) also unlinks it when it is still
-/// tracked; an attached semaphore is never unlinked. The tracker must outlive the object.
+/// tracked; an attached semaphore is never unlinked. The tracker must outlive the object; destroy (or unlink) tracked objects before
+/// tracker::async_stop(), or their unregistration starts a new daemon.
 class named_semaphore {
 public:
     named_semaphore() noexcept = default;
@@ -88,7 +89,8 @@ public:
 private:
     friend void detail::async_create_named_semaphore(
         tracker&, std::string, unsigned, asio::any_completion_handler<void(std::error_code, named_semaphore)>);
-    static named_semaphore create_registered(tracker& t, std::string name, unsigned value, std::error_code& ec);
+    static named_semaphore create_registered(tracker& t, std::string name, unsigned value, bool withdraw,
+                                             std::error_code& ec);
     static named_semaphore open_existing(tracker* t, std::string_view name, std::error_code& ec);
     void reset() noexcept;
 

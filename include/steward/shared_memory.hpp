@@ -40,7 +40,8 @@ void async_create_shared_memory(tracker& t, std::string name, std::size_t size,
 /// @par Destruction
 /// Unmaps and closes. The process that created the segment (not its forked children) also unlinks
 /// it, as unlink() does, when it is still tracked; an attached segment is never unlinked.
-/// The tracker passed to create()/attach() must outlive the object.
+/// The tracker passed to create()/attach() must outlive the object; destroy (or unlink) tracked
+/// objects before tracker::async_stop(), or their unregistration starts a new daemon.
 class shared_memory {
 public:
     /// No segment.
@@ -53,7 +54,8 @@ public:
 
     /// Registers @p name with @p t (blocking), then creates and maps a new segment of @p size bytes
     /// (mode 0600). Errors: those of tracker::register_resource(); std::errc::file_exists when the
-    /// name is taken (the registration is withdrawn again); std::errc::invalid_argument for a name
+    /// name is taken (the registration is withdrawn again, unless this process had registered the name
+    /// before, i.e. it belongs to another live object of this process); std::errc::invalid_argument for a name
     /// with '/' after the first byte, or size 0; other shm_open/ftruncate/mmap errors (the segment
     /// is unlinked and unregistered again). @throws std::system_error naming the segment.
     static shared_memory create(tracker& t, std::string_view name, std::size_t size);
@@ -106,7 +108,8 @@ public:
 private:
     friend void detail::async_create_shared_memory(
         tracker&, std::string, std::size_t, asio::any_completion_handler<void(std::error_code, shared_memory)>);
-    static shared_memory create_registered(tracker& t, std::string name, std::size_t size, std::error_code& ec);
+    static shared_memory create_registered(tracker& t, std::string name, std::size_t size, bool withdraw,
+                                           std::error_code& ec);
     static shared_memory open_existing(tracker* t, std::string_view name, std::error_code& ec);
     void reset() noexcept;
 

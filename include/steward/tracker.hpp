@@ -200,6 +200,10 @@ public:
     /// sets STEWARD_TRACKER_FD in this process's environment. Calling it in a long-lived process
     /// hands the write end to every program it execs later. @throws std::system_error.
     void export_environment();
+    /// True while this process has registered @p name (and not unregistered it) through this
+    /// tracker. Used by shared_memory/named_semaphore to withdraw only their own registration when a
+    /// create fails because the name is taken.
+    [[nodiscard]] bool is_registered(std::string_view name, resource_type type) const;
     /// The pid of the daemon this process started (-1 if none, or after fork in the child).
     [[nodiscard]] int daemon_pid() const noexcept;
     /// Human-readable detail of the last failure to start the daemon (e.g. every path tried), empty

@@ -56,14 +56,14 @@ void named_semaphore::reset() noexcept {
     creator_ = -1;
 }
 
-named_semaphore named_semaphore::create_registered(tracker& t, std::string name, unsigned value,
+named_semaphore named_semaphore::create_registered(tracker& t, std::string name, unsigned value, bool withdraw,
                                                    std::error_code& ec) {
     named_semaphore sem;
     sem_t* s = ::sem_open(name.c_str(), O_CREAT | O_EXCL, 0600, value);
     if (s == SEM_FAILED) {
         ec = errno_code(errno);
         std::error_code ignore;
-        t.unregister_resource(name, resource_type::semaphore, ignore);
+        if (withdraw) t.unregister_resource(name, resource_type::semaphore, ignore);
         return {};
     }
     sem.sem_ = s;
@@ -77,9 +77,12 @@ named_semaphore named_semaphore::create(tracker& t, std::string_view name, unsig
     std::string canonical = shared_memory::canonical_name(name);
     ec = check_name(canonical);
     if (ec) return {};
+    // A name this process registered already belongs to one of its live objects: a failed
+    // create must not withdraw that registration.
+    const bool withdraw = !t.is_registered(canonical, resource_type::semaphore);
     t.register_resource(canonical, resource_type::semaphore, ec);
     if (ec) return {};
-    return create_registered(t, std::move(canonical), value, ec);
+    return create_registered(t, std::move(canonical), value, withdraw, ec);
 }
 
 named_semaphore named_semaphore::create(tracker& t, std::string_view name, unsigned value) {
@@ -180,11 +183,12 @@ void async_create_named_semaphore(tracker& t, std::string name, unsigned value,
         return;
     }
     const std::string key = canonical;
+    const bool withdraw = !t.is_registered(canonical, resource_type::semaphore);
     t.async_register(key, resource_type::semaphore,
-                     [&t, canonical = std::move(canonical), value, h = std::move(handler)](std::error_code rec) mutable {
+                     [&t, canonical = std::move(canonical), value, withdraw, h = std::move(handler)](std::error_code rec) mutable {
                          std::error_code ec = rec;
                          named_semaphore sem;
-                         if (!ec) sem = named_semaphore::create_registered(t, std::move(canonical), value, ec);
+                         if (!ec) sem = named_semaphore::create_registered(t, std::move(canonical), value, withdraw, ec);
                          asio::dispatch(t.get_executor(), asio::append(std::move(h), ec, std::move(sem)));
                      });
 }

@@ -95,13 +95,13 @@ void shared_memory::reset() noexcept {
     creator_ = -1;
 }
 
-shared_memory shared_memory::create_registered(tracker& t, std::string name, std::size_t size,
+shared_memory shared_memory::create_registered(tracker& t, std::string name, std::size_t size, bool withdraw,
                                                std::error_code& ec) {
     shared_memory shm;
     ec = make_segment(name, size, shm.fd_, shm.data_);
     if (ec) {
         std::error_code ignore;
-        t.unregister_resource(name, resource_type::shared_memory, ignore);
+        if (withdraw) t.unregister_resource(name, resource_type::shared_memory, ignore);
         return {};
     }
     shm.name_ = std::move(name);
@@ -116,9 +116,12 @@ shared_memory shared_memory::create(tracker& t, std::string_view name, std::size
     ec = check_name(canonical);
     if (!ec && size == 0) ec = std::make_error_code(std::errc::invalid_argument);
     if (ec) return {};
+    // A name this process registered already belongs to one of its live objects: a failed
+    // create must not withdraw that registration.
+    const bool withdraw = !t.is_registered(canonical, resource_type::shared_memory);
     t.register_resource(canonical, resource_type::shared_memory, ec);
     if (ec) return {};
-    return create_registered(t, std::move(canonical), size, ec);
+    return create_registered(t, std::move(canonical), size, withdraw, ec);
 }
 
 shared_memory shared_memory::create(tracker& t, std::string_view name, std::size_t size) {
@@ -214,11 +217,12 @@ void async_create_shared_memory(tracker& t, std::string name, std::size_t size,
         return;
     }
     const std::string key = canonical;  // the lambda below takes canonical; async_register copies key
+    const bool withdraw = !t.is_registered(canonical, resource_type::shared_memory);
     t.async_register(key, resource_type::shared_memory,
-                     [&t, canonical = std::move(canonical), size, h = std::move(handler)](std::error_code rec) mutable {
+                     [&t, canonical = std::move(canonical), size, withdraw, h = std::move(handler)](std::error_code rec) mutable {
                          std::error_code ec = rec;
                          shared_memory shm;
-                         if (!ec) shm = shared_memory::create_registered(t, std::move(canonical), size, ec);
+                         if (!ec) shm = shared_memory::create_registered(t, std::move(canonical), size, withdraw, ec);
                          asio::dispatch(t.get_executor(), asio::append(std::move(h), ec, std::move(shm)));
                      });
 }

@@ -202,6 +202,18 @@ public:
         return write_fd_.get();
     }
 
+    bool is_registered(std::string_view name, resource_type type) {
+        encoded msg;
+        if (name.size() >= tracker_max_message ||
+            tracker_canonical_name(type, name, msg.canonical_buf.data(), msg.canonical))
+            return false;
+        std::array<char, tracker_max_message + 3> buf;
+        const std::string_view key = make_key(type, msg.canonical, buf.data());
+        std::lock_guard lk(m_);
+        check_fork_locked();
+        return registered_.find(key) != registered_.end();
+    }
+
     int daemon_pid() {
         std::lock_guard lk(m_);
         check_fork_locked();
@@ -825,6 +837,9 @@ std::string tracker::environment_entry(int child_fd) {
 void tracker::export_environment() {
     ensure_running();
     impl_->export_environment();
+}
+bool tracker::is_registered(std::string_view name, resource_type type) const {
+    return impl_ && impl_->is_registered(name, type);
 }
 int tracker::daemon_pid() const noexcept { return impl_ ? impl_->daemon_pid() : -1; }
 std::string tracker::last_error_detail() const { return impl_ ? impl_->last_error_detail() : std::string(); }
