@@ -72,7 +72,9 @@ BOOST_AUTO_TEST_CASE(cpython_client_fetches_memfd_and_socket_from_steward,
         BOOST_TEST(t::run_python(python_fetch(id, "print('got', fd)\n")) == "refused");
 
         // A socket: python answers on it.
-        auto [mine, theirs] = t::socket_pair();
+        auto mine_theirs_pair = t::socket_pair();
+        unique_fd mine = std::move(mine_theirs_pair.first);
+        unique_fd theirs = std::move(mine_theirs_pair.second);
         const share_id sock_id = s.share(theirs.get());
         theirs.reset();
         const std::string out2 = t::run_python(python_fetch(

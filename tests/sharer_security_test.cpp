@@ -169,8 +169,12 @@ BOOST_AUTO_TEST_CASE(per_share_pid_restriction, *boost::unit_test::precondition(
         sharer s;
         s.start_background();
         unique_fd memfd = t::make_memfd("pid bound");
-        auto [id_r, id_w] = t::make_pipe();
-        auto [done_r, done_w] = t::make_pipe();
+        auto id_r_id_w_pair = t::make_pipe();
+        unique_fd id_r = std::move(id_r_id_w_pair.first);
+        unique_fd id_w = std::move(id_r_id_w_pair.second);
+        auto done_r_done_w_pair = t::make_pipe();
+        unique_fd done_r = std::move(done_r_done_w_pair.first);
+        unique_fd done_w = std::move(done_r_done_w_pair.second);
         auto child = t::fork_child([&] {
             t::child_checks c;
             id_w.reset();

@@ -115,7 +115,9 @@ BOOST_AUTO_TEST_CASE(cross_process_socket_echo_and_memfd,
     {
         sharer s;
         s.start_background();
-        auto [mine, theirs] = t::socket_pair();
+        auto mine_theirs_pair = t::socket_pair();
+        unique_fd mine = std::move(mine_theirs_pair.first);
+        unique_fd theirs = std::move(mine_theirs_pair.second);
         unique_fd memfd = t::make_memfd("memfd contents across processes");
         const int both[] = {theirs.get(), memfd.get()};
         const share_id id = s.share(std::span<const int>(both));
@@ -284,7 +286,9 @@ BOOST_AUTO_TEST_CASE(stop_with_transfers_in_flight, *boost::unit_test::precondit
         }
         path = s.address();
         // A client process fetches as fast as it can while the parent stops the server.
-        auto [go_r, go_w] = t::make_pipe();
+        auto go_r_go_w_pair = t::make_pipe();
+        unique_fd go_r = std::move(go_r_go_w_pair.first);
+        unique_fd go_w = std::move(go_r_go_w_pair.second);
         auto child = t::fork_child([&] {
             go_r.reset();
             asio::io_context c;

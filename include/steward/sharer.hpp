@@ -111,7 +111,9 @@ void start_sharer_wait_empty(const std::shared_ptr<sharer_impl>& impl, sharer_st
 /// all signals blocked.
 class sharer {
 public:
-    /// A sharer served on @p executor (an io_context with steward's io_uring backend).
+    /// A sharer served on @p executor (an io_context with steward's io_uring backend). Destroy
+    /// the sharer before that io_context. In a forked child the application must call
+    /// `notify_fork(asio::execution_context::fork_child)` on its io_context before running it.
     /// @throws std::system_error if sharer_options::key is empty and authkey::family() fails.
     explicit sharer(asio::any_io_executor executor, sharer_options options = {});
     /// A sharer without an executor: call start_background() before the first share().

@@ -106,11 +106,47 @@ public:
             user_executor_ = *executor;
             strand_.emplace(asio::make_strand(*executor));
         }
+        fork_registry::add(this);
     }
 
-    ~sharer_impl() {
-        // Release (do not destroy) whatever a forked child inherited; see forget_locked().
-    }
+    ~sharer_impl() { fork_registry::remove(this); }
+
+    // fork() while another thread holds mutex_ would leave it locked forever in the child: every
+    // sharer's mutex is taken around fork (pthread_atfork) so the child inherits it unlocked.
+    class fork_registry {
+    public:
+        static void add(sharer_impl* s) {
+            instance();
+            std::lock_guard lock(mutex());
+            set().insert(s);
+        }
+        static void remove(sharer_impl* s) {
+            std::lock_guard lock(mutex());
+            set().erase(s);
+        }
+
+    private:
+        static std::mutex& mutex() {
+            static std::mutex m;
+            return m;
+        }
+        static std::unordered_set<sharer_impl*>& set() {
+            static auto* s = new std::unordered_set<sharer_impl*>;  // never destroyed: used at exit
+            return *s;
+        }
+        static void prepare() {
+            mutex().lock();
+            for (auto* s : set()) s->mutex_.lock();
+        }
+        static void release() {
+            for (auto* s : set()) s->mutex_.unlock();
+            mutex().unlock();
+        }
+        static bool instance() {
+            static const bool registered = (::pthread_atfork(&prepare, &release, &release), true);
+            return registered;
+        }
+    };
 
     // ---- public API helpers (any thread) ----
 
@@ -523,6 +559,9 @@ private:
             (void)background_ctx_.release();
             (void)background_thread_.release();
             (void)work_guard_.release();
+            // Destroying the strand would lock its service's mutex, which a parent thread may
+            // have held at the fork.
+            new std::optional<strand_type>(std::move(strand_));
             strand_.reset();
         } else if (user_executor_) {
             // The application must call notify_fork() on its io_context; a fresh strand.
