@@ -166,6 +166,7 @@ int register_steward(const bench::args& a, std::size_t coroutines) {
     double seconds = 0;
     std::exception_ptr error;
     std::optional<int> status;
+    std::size_t done = 0;
     // Names formatted before the clock starts, as the floor and the CPython script do.
     std::vector<std::string> names(a.n / 2 + 1);
     for (std::size_t i = 0; i < names.size(); ++i) {
@@ -177,12 +178,12 @@ int register_steward(const bench::args& a, std::size_t coroutines) {
         [&]() -> asio::awaitable<void> {
             co_await t.async_ensure_running(asio::use_awaitable);
             const std::size_t per = a.n / coroutines;
-            std::size_t done = 0;
             const auto t0 = bench::clock::now();
             for (std::size_t c = 0; c < coroutines; ++c) {
+                // per and t0 by value: this coroutine ends before the ones it spawns.
                 asio::co_spawn(
                     ctx,
-                    [&, c]() -> asio::awaitable<void> {
+                    [&, c, per, t0]() -> asio::awaitable<void> {
                         for (std::size_t i = 0; i + 1 < per; i += 2) {
                             const std::string_view nm = names[(c * per + i) / 2];
                             co_await t.async_register(nm, steward::resource_type::shared_memory,
