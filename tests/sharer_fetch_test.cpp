@@ -151,6 +151,8 @@ BOOST_AUTO_TEST_CASE(fetches_from_several_threads, *boost::unit_test::preconditi
         other.join();
         BOOST_TEST(done.load() == n);
         BOOST_TEST(ok.load() == n);
+        // The last confirmations may still be on their way to the server thread.
+        for (int i = 0; i < 400 && s.pending() != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
         BOOST_TEST(s.pending() == 0u);
     }
     BOOST_TEST(open_fd_count() == before);
