@@ -10,6 +10,8 @@
 //   nop      liburing: get_sqe + prep_nop + submit_and_wait(1) + cqe_seen
 //   raw      the same syscall the operation makes (sendmsg / write), blocking, no library
 //   post     co_await asio::post(use_awaitable): the executor round trip alone
+//   same_syscalls (coawait_write only) the five system calls async_write_message makes per
+//            message, blocking, no library
 // value: nanoseconds per operation.
 
 #include "bench_common.hpp"
@@ -28,6 +30,10 @@
 
 #include <liburing.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+
+#include <csignal>
 
 namespace {
 
@@ -96,6 +102,36 @@ double run_raw_write(std::size_t n) {
     bench::check(::pipe2(p, O_CLOEXEC) == 0, "pipe2");
     auto once = [&](std::size_t i) {
         bench::check(::write(p[1], message, message_size) == static_cast<ssize_t>(message_size), "write");
+        if (i % write_drain_every == write_drain_every - 1) drain_pipe(p[0]);
+    };
+    for (std::size_t i = 0; i < 1000; ++i) once(i);
+    const auto t0 = bench::clock::now();
+    for (std::size_t i = 0; i < n; ++i) once(i);
+    const double s = bench::seconds_since(t0);
+    ::close(p[0]);
+    ::close(p[1]);
+    return s;
+}
+
+// The five system calls io::async_write_message makes per message (a pipe check, SIGPIPE blocked,
+// pending signals read, the RWF_NOWAIT write, the mask restored), blocking and without a library:
+// what the operation would cost if its plumbing were free.
+double run_same_syscalls_write(std::size_t n) {
+    int p[2];
+    bench::check(::pipe2(p, O_CLOEXEC) == 0, "pipe2");
+    sigset_t pipe_set;
+    sigemptyset(&pipe_set);
+    sigaddset(&pipe_set, SIGPIPE);
+    auto once = [&](std::size_t i) {
+        struct stat st{};
+        bench::check(::fstat(p[1], &st) == 0 && S_ISFIFO(st.st_mode), "fstat");
+        sigset_t old_mask, pending;
+        ::pthread_sigmask(SIG_BLOCK, &pipe_set, &old_mask);
+        ::sigpending(&pending);
+        iovec iov{const_cast<char*>(message), message_size};
+        const ssize_t w = ::pwritev2(p[1], &iov, 1, -1, RWF_NOWAIT);
+        ::pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
+        bench::check(w == static_cast<ssize_t>(message_size), "pwritev2");
         if (i % write_drain_every == write_drain_every - 1) drain_pipe(p[0]);
     };
     for (std::size_t i = 0; i < 1000; ++i) once(i);
@@ -200,6 +236,8 @@ int main(int argc, char** argv) {
             seconds = send ? run_raw_send(a.n) : run_raw_write(a.n);
         else if (a.variant == "steward")
             seconds = send ? run_steward_send(a.n) : run_steward_write(a.n);
+        else if (a.variant == "same_syscalls" && !send)
+            seconds = run_same_syscalls_write(a.n);
         else if (a.variant == "post")
             seconds = run_post(a.n);
         else

@@ -5,6 +5,7 @@
 //                               previous one completed
 //   steward  one coroutine awaiting each steward::tracker::async_register/async_unregister
 //   floor    one blocking write() per message into the pipe of a steward-tracker daemon
+//   same_syscalls  the five system calls the client makes per message here, blocking, no library
 // scenario register_concurrent  many registrations in flight at once
 //   steward  1000 coroutines on one tracker, each awaiting its own calls (group commit)
 //   floor    blocking write()s of 4096-byte batches of whole messages into the daemon's pipe
@@ -36,7 +37,10 @@
 #include <asio/io_context.hpp>
 #include <asio/use_awaitable.hpp>
 
+#include <poll.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
 
 #include <csignal>
 #include <optional>
@@ -123,6 +127,50 @@ private:
     int write_end_ = -1;
     pid_t pid_ = -1;
 };
+
+// One message per call with the five system calls steward::tracker makes for it when calls do not
+// overlap: waitid(P_PIDFD, WNOHANG) on the daemon (is it alive?), SIGPIPE blocked, pending signals
+// read, the RWF_NOWAIT write, the mask restored. Blocking, no library: what the serial scenario
+// would cost if the client's coroutine and completion machinery were free.
+int register_same_syscalls(const bench::args& a) {
+    daemon_process d(a, "steward");
+    const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, d.pid(), 0));
+    bench::check(pidfd >= 0, "pidfd_open");
+    std::vector<std::string> msgs;
+    msgs.reserve(a.n);
+    for (std::size_t i = 0; i < a.n; ++i) msgs.push_back(message(i % 2 == 0, i / 2));
+    sigset_t pipe_set;
+    sigemptyset(&pipe_set);
+    sigaddset(&pipe_set, SIGPIPE);
+    const auto t0 = bench::clock::now();
+    for (const auto& m : msgs) {
+        siginfo_t info{};
+        bench::check(::waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pidfd), &info, WEXITED | WNOHANG) == 0 &&
+                         info.si_pid == 0,
+                     "waitid: daemon gone");
+        sigset_t old_mask, pending;
+        ::pthread_sigmask(SIG_BLOCK, &pipe_set, &old_mask);
+        ::sigpending(&pending);
+        iovec iov{const_cast<char*>(m.data()), m.size()};
+        ssize_t w;
+        while ((w = ::pwritev2(d.write_end(), &iov, 1, -1, RWF_NOWAIT)) < 0 && errno == EAGAIN) {
+            pollfd pfd{d.write_end(), POLLOUT, 0};
+            ::poll(&pfd, 1, -1);
+        }
+        ::pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
+        bench::check(w == static_cast<ssize_t>(m.size()), "pwritev2");
+    }
+    const double s = bench::seconds_since(t0);
+    ::close(pidfd);
+    const int status = d.finish();
+    bench::result r(a, "msg/s", true);
+    r.value(static_cast<double>(a.n) / s);
+    r.count(a.n);
+    r.seconds(s);
+    r.extra("daemon_exit_status", status);
+    r.print();
+    return status == 0 ? 0 : 1;
+}
 
 int register_floor(const bench::args& a, bool batched) {
     daemon_process d(a, "steward");
@@ -330,6 +378,7 @@ int main(int argc, char** argv) {
             if (a.n == 0) a.n = 1000000;
             const bool concurrent = s == "register_concurrent";
             if (v == "floor") return register_floor(a, concurrent);
+            if (v == "same_syscalls" && !concurrent) return register_same_syscalls(a);
             if (v == "steward") {
 #if defined(STEWARD_BENCH_HAVE_TRACKER_CLIENT)
                 return register_steward(a, concurrent ? a.get_size("coroutines", 1000) : 1);
