@@ -108,6 +108,7 @@ public:
 
     void value(double v) { value_ = v; }
     void count(std::size_t n) { count_ = n; }
+    [[nodiscard]] std::size_t count_value() const { return count_; }
     void seconds(double s) { seconds_ = s; }
     void extra(const std::string& key, double v) { extras_.emplace_back(key, v); }
     void latencies_ns(std::vector<double> samples) { latencies_ = std::move(samples); }
@@ -328,6 +329,28 @@ inline bool wait_reader_idle(int write_fd, pid_t reader, std::chrono::millisecon
     }
     return false;
 }
+
+// CPU time (user, system) of this process (all threads) over the windows between begin() and
+// end(), in seconds.
+struct cpu_meter {
+    double user = 0, sys = 0;
+    rusage start{};
+    bool running = false;
+
+    static double secs(const timeval& t) { return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) * 1e-6; }
+    void begin() {
+        ::getrusage(RUSAGE_SELF, &start);
+        running = true;
+    }
+    void end() {
+        if (!running) return;
+        rusage now{};
+        ::getrusage(RUSAGE_SELF, &now);
+        user += secs(now.ru_utime) - secs(start.ru_utime);
+        sys += secs(now.ru_stime) - secs(start.ru_stime);
+        running = false;
+    }
+};
 
 inline void raise_nofile_limit() {
     rlimit r{};

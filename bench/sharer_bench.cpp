@@ -104,6 +104,16 @@ std::size_t receive_and_close(int sock) {
     return got;
 }
 
+// CPU time per unit of the result's value (per fetch, or per descriptor for fd/s), split by side.
+void cpu_extras(bench::result& r, const bench::cpu_meter& client, double server_user, double server_sys) {
+    const double n = static_cast<double>(r.count_value());
+    if (n <= 0) return;
+    r.extra("client_user_ns", client.user * 1e9 / n);
+    r.extra("client_sys_ns", client.sys * 1e9 / n);
+    r.extra("server_user_ns", server_user * 1e9 / n);
+    r.extra("server_sys_ns", server_sys * 1e9 / n);
+}
+
 std::vector<int> dup_many(int base, std::size_t count) {
     std::vector<int> fds(count);
     for (auto& fd : fds) {
@@ -123,35 +133,47 @@ int floor_stream(const bench::args& a, std::size_t fds_per_msg, std::size_t msgs
     const pid_t server = bench::fork_child([&] {
         ch.in_child();
         ::close(sv[1]);
+        bench::cpu_meter serve;
         for (std::uint32_t msgs = 0; ch.receive_from_parent(msgs) && msgs > 0;) {
+            serve.end();
             std::vector<int> fds = dup_many(base, msgs * fds_per_msg);
             ch.send_to_parent('r');
+            serve.begin();
             for (std::size_t m = 0; m < msgs; ++m) {
                 send_fds(sv[0], fds.data() + m * fds_per_msg, fds_per_msg);
                 for (std::size_t i = 0; i < fds_per_msg; ++i) ::close(fds[m * fds_per_msg + i]);
             }
         }
+        serve.end();
+        ch.send_to_parent(serve.user);
+        ch.send_to_parent(serve.sys);
     });
     ch.in_parent();
     ::close(sv[0]);
     const std::size_t total_msgs = std::max<std::size_t>(1, a.n / fds_per_msg);
     double seconds = 0;
+    bench::cpu_meter client_cpu;
     std::size_t received = 0;
     for (std::size_t done = 0; done < total_msgs;) {
         const auto msgs = static_cast<std::uint32_t>(std::min(msgs_per_round, total_msgs - done));
         ch.send_to_child(msgs);
         (void)ch.receive_from_child<char>();
         const auto t0 = bench::clock::now();
+        client_cpu.begin();
         for (std::uint32_t m = 0; m < msgs; ++m) received += receive_and_close(sv[1]);
         seconds += bench::seconds_since(t0);
+        client_cpu.end();
         done += msgs;
     }
     ch.send_to_child(std::uint32_t{0});
+    const auto server_user = ch.receive_from_child<double>();
+    const auto server_sys = ch.receive_from_child<double>();
     const int status = bench::wait_child(server);
     bench::result r(a, fds_per_msg == 1 ? "fetch/s" : "fd/s", true);
     r.value(static_cast<double>(received) / seconds);
     r.count(received);
     r.seconds(seconds);
+    cpu_extras(r, client_cpu, server_user, server_sys);
     r.print();
     return status;
 }
@@ -181,9 +203,12 @@ int floor_connect(const bench::args& a, std::size_t per_round) {
     bench::channel ch = bench::channel::make();
     const pid_t server = bench::fork_child([&] {
         ch.in_child();
+        bench::cpu_meter serve;
         for (std::uint32_t count = 0; ch.receive_from_parent(count) && count > 0;) {
+            serve.end();
             std::vector<int> fds = dup_many(base, count);
             ch.send_to_parent('r');
+            serve.begin();
             for (std::uint32_t i = 0; i < count; ++i) {
                 const int conn = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
                 bench::check(conn >= 0, "accept4");
@@ -196,17 +221,22 @@ int floor_connect(const bench::args& a, std::size_t per_round) {
                 ::close(conn);
             }
         }
+        serve.end();
+        ch.send_to_parent(serve.user);
+        ch.send_to_parent(serve.sys);
     });
     ch.in_parent();
     ::close(listener);
     std::vector<double> latencies;
     latencies.reserve(a.n);
     double seconds = 0;
+    bench::cpu_meter client_cpu;
     for (std::size_t done = 0; done < a.n;) {
         const auto count = static_cast<std::uint32_t>(std::min(per_round, a.n - done));
         ch.send_to_child(count);
         (void)ch.receive_from_child<char>();
         const auto t0 = bench::clock::now();
+        client_cpu.begin();
         for (std::uint32_t i = 0; i < count; ++i) {
             const auto f0 = bench::clock::now();
             const int s = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -219,9 +249,12 @@ int floor_connect(const bench::args& a, std::size_t per_round) {
             latencies.push_back(std::chrono::duration<double, std::nano>(bench::clock::now() - f0).count());
         }
         seconds += bench::seconds_since(t0);
+        client_cpu.end();
         done += count;
     }
     ch.send_to_child(std::uint32_t{0});
+    const auto server_user = ch.receive_from_child<double>();
+    const auto server_sys = ch.receive_from_child<double>();
     const int status = bench::wait_child(server);
     ::unlink(path.c_str());
     ::rmdir(path.substr(0, path.size() - 2).c_str());
@@ -230,6 +263,7 @@ int floor_connect(const bench::args& a, std::size_t per_round) {
     r.count(a.n);
     r.seconds(seconds);
     r.latencies_ns(std::move(latencies));
+    cpu_extras(r, client_cpu, server_user, server_sys);
     r.print();
     return status;
 }
@@ -325,13 +359,16 @@ int floor_connect_auth(const bench::args& a, std::size_t per_round) {
     bench::channel ch = bench::channel::make();
     const pid_t server = bench::fork_child([&] {
         ch.in_child();
+        bench::cpu_meter serve;
         for (std::uint32_t count = 0; ch.receive_from_parent(count) && count > 0;) {
+            serve.end();
             std::vector<int> fds = dup_many(base, count);
             ch.send_to_parent('r');
+            serve.begin();
             for (std::uint32_t i = 0; i < count; ++i) {
                 const int conn = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
                 bench::check(conn >= 0, "accept4");
-                frame_reader in{conn};
+                frame_reader in{conn, {}, 0};
                 deliver_challenge(in, key);
                 answer_challenge(in, key);
                 key16 k;
@@ -346,23 +383,28 @@ int floor_connect_auth(const bench::args& a, std::size_t per_round) {
                 ::close(conn);
             }
         }
+        serve.end();
+        ch.send_to_parent(serve.user);
+        ch.send_to_parent(serve.sys);
     });
     ch.in_parent();
     ::close(listener);
     std::vector<double> latencies;
     latencies.reserve(a.n);
     double seconds = 0;
+    bench::cpu_meter client_cpu;
     for (std::size_t done = 0; done < a.n;) {
         const auto count = static_cast<std::uint32_t>(std::min(per_round, a.n - done));
         ch.send_to_child(count);
         (void)ch.receive_from_child<char>();
         const auto t0 = bench::clock::now();
+        client_cpu.begin();
         for (std::uint32_t i = 0; i < count; ++i) {
             const auto f0 = bench::clock::now();
             const int s = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
             bench::check(s >= 0, "socket");
             bench::check(::connect(s, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0, "connect");
-            frame_reader in{s};
+            frame_reader in{s, {}, 0};
             answer_challenge(in, key);
             deliver_challenge(in, key);
             const key16 k{i, 0};
@@ -373,9 +415,12 @@ int floor_connect_auth(const bench::args& a, std::size_t per_round) {
             latencies.push_back(std::chrono::duration<double, std::nano>(bench::clock::now() - f0).count());
         }
         seconds += bench::seconds_since(t0);
+        client_cpu.end();
         done += count;
     }
     ch.send_to_child(std::uint32_t{0});
+    const auto server_user = ch.receive_from_child<double>();
+    const auto server_sys = ch.receive_from_child<double>();
     const int status = bench::wait_child(server);
     ::unlink(path.c_str());
     ::rmdir(path.substr(0, path.size() - 2).c_str());
@@ -384,6 +429,7 @@ int floor_connect_auth(const bench::args& a, std::size_t per_round) {
     r.count(a.n);
     r.seconds(seconds);
     r.latencies_ns(std::move(latencies));
+    cpu_extras(r, client_cpu, server_user, server_sys);
     r.print();
     return status;
 }
@@ -397,9 +443,12 @@ int floor_warm(const bench::args& a, std::size_t per_round) {
     const pid_t server = bench::fork_child([&] {
         ch.in_child();
         ::close(sv[1]);
+        bench::cpu_meter serve;
         for (std::uint32_t count = 0; ch.receive_from_parent(count) && count > 0;) {
+            serve.end();
             std::vector<int> fds = dup_many(base, count);
             ch.send_to_parent('r');
+            serve.begin();
             for (std::uint32_t i = 0; i < count; ++i) {
                 key16 key;
                 bench::check(::recv(sv[0], &key, sizeof key, MSG_WAITALL) == sizeof key, "recv key");
@@ -409,17 +458,22 @@ int floor_warm(const bench::args& a, std::size_t per_round) {
                 fds[key.index] = -1;
             }
         }
+        serve.end();
+        ch.send_to_parent(serve.user);
+        ch.send_to_parent(serve.sys);
     });
     ch.in_parent();
     ::close(sv[0]);
     std::vector<double> latencies;
     latencies.reserve(a.n);
     double seconds = 0;
+    bench::cpu_meter client_cpu;
     for (std::size_t done = 0; done < a.n;) {
         const auto count = static_cast<std::uint32_t>(std::min(per_round, a.n - done));
         ch.send_to_child(count);
         (void)ch.receive_from_child<char>();
         const auto t0 = bench::clock::now();
+        client_cpu.begin();
         for (std::uint32_t i = 0; i < count; ++i) {
             const auto f0 = bench::clock::now();
             const key16 key{i, 0};
@@ -428,15 +482,19 @@ int floor_warm(const bench::args& a, std::size_t per_round) {
             latencies.push_back(std::chrono::duration<double, std::nano>(bench::clock::now() - f0).count());
         }
         seconds += bench::seconds_since(t0);
+        client_cpu.end();
         done += count;
     }
     ch.send_to_child(std::uint32_t{0});
+    const auto server_user = ch.receive_from_child<double>();
+    const auto server_sys = ch.receive_from_child<double>();
     const int status = bench::wait_child(server);
     bench::result r(a, "fetch/s", true);
     r.value(static_cast<double>(a.n) / seconds);
     r.count(a.n);
     r.seconds(seconds);
     r.latencies_ns(std::move(latencies));
+    cpu_extras(r, client_cpu, server_user, server_sys);
     r.print();
     return status;
 }
@@ -458,7 +516,9 @@ pid_t start_steward_server(bench::channel& ch, std::size_t fds_per_id, const ste
         steward::sharer server(options);
         server.start_background();
         bool first = true;
+        bench::cpu_meter serve;
         for (std::uint32_t count = 0; ch.receive_from_parent(count) && count > 0;) {
+            serve.end();
             const std::vector<int> fds(fds_per_id, base);
             std::vector<steward::share_key> keys;
             keys.reserve(count);
@@ -471,8 +531,12 @@ pid_t start_steward_server(bench::channel& ch, std::size_t fds_per_id, const ste
                 first = false;
             }
             bench::write_all(ch.child_write, keys.data(), keys.size() * sizeof(steward::share_key));
+            serve.begin();
         }
+        serve.end();
         server.stop(std::chrono::seconds(5));
+        ch.send_to_parent(serve.user);
+        ch.send_to_parent(serve.sys);
     });
     ch.in_parent();
     (void)address;
@@ -517,6 +581,7 @@ int steward_fetch(const bench::args& a, std::size_t fds_per_id, std::size_t per_
     const bool record_latency = shape != steward_shape::pipelined;
     if (record_latency) latencies.reserve(total_ids);
     double seconds = 0;
+    bench::cpu_meter client_cpu;
     std::size_t received = 0;
     std::exception_ptr error;
 
@@ -525,6 +590,7 @@ int steward_fetch(const bench::args& a, std::size_t fds_per_id, std::size_t per_
         std::size_t next = 0;
         std::size_t running = in_flight;
         const auto t0 = bench::clock::now();
+        if (timed) client_cpu.begin();
         auto worker = [&]() -> asio::awaitable<void> {
             while (next < ids.size()) {
                 const steward::share_id& id = ids[next++];
@@ -552,6 +618,7 @@ int steward_fetch(const bench::args& a, std::size_t fds_per_id, std::size_t per_
             co_await worker();
         }
         if (timed) seconds += bench::seconds_since(t0);
+        if (timed) client_cpu.end();
     };
 
     asio::co_spawn(
@@ -571,6 +638,8 @@ int steward_fetch(const bench::args& a, std::size_t fds_per_id, std::size_t per_
         });
     ctx.run();
     ch.send_to_child(std::uint32_t{0});
+    const auto server_user = ch.receive_from_child<double>();
+    const auto server_sys = ch.receive_from_child<double>();
     const int status = bench::wait_child(server);
     if (error) std::rethrow_exception(error);
     bench::result r(a, fds_per_id == 1 ? "fetch/s" : "fd/s", true);
@@ -579,6 +648,7 @@ int steward_fetch(const bench::args& a, std::size_t fds_per_id, std::size_t per_
     r.seconds(seconds);
     if (shape == steward_shape::pipelined) r.extra("in_flight", static_cast<double>(in_flight));
     if (record_latency) r.latencies_ns(std::move(latencies));
+    cpu_extras(r, client_cpu, server_user, server_sys);
     r.print();
     return status;
 }
