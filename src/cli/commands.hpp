@@ -14,6 +14,9 @@ int run_share(std::span<char*> args);
 int run_fetch(std::span<char*> args);
 /// The sharer chapter of `steward demo`, numbered @p number (steward_demo_sharer.cpp).
 int run_demo_sharer_chapter(int number);
+/// The tracker chapter of `steward demo` (steward_demo_tracker.cpp): a family killed with -9, the
+/// daemon's cleanup and report. Returns non-zero if anything was left in /dev/shm.
+int demo_tracker_chapter();
 /// The hidden `__demo-sharer-worker` subcommand the sharer chapter spawns.
 int run_demo_sharer_worker(std::span<char*> args);
 

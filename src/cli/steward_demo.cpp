@@ -55,6 +55,7 @@ int chapter_executor() {
 int run_demo(std::span<char*>) {
     if (int rc = chapter_executor()) return rc;
     if (int rc = run_demo_sharer_chapter(2)) return rc;
+    if (int rc = demo_tracker_chapter()) return rc;
     say("demo finished.");
     return 0;
 }
