@@ -12,6 +12,9 @@
 // scenario fetch_connect     a new connection per fetch (CPython's shape); latency per fetch
 //   floor    connect + 16-byte key + recvmsg of the fd, server accept4/recv/sendmsg, no auth
 //   steward  connect + HMAC handshake + request + descriptor, against steward's sharer
+//            (steward::async_fetch_cpython: CPython's wire protocol)
+//   steward_blocking  steward::fetch(): the native protocol, a private io_context and a new
+//            connection per call
 //   floor_auth  the same plus CPython's handshake (mutual HMAC-SHA256 challenge/response, framed
 //            request, 'A' acknowledgement): the eight-message exchange with blocking syscalls
 //   (cpython: bench/python/sharer_fetch.py, run by bench/run)
@@ -564,6 +567,7 @@ enum class steward_shape {
     pipelined,    // `in_flight` fetches outstanding on the pooled connection
     sequential,   // one fetch awaited at a time on the pooled (warm) connection
     cpython_connect,  // async_fetch_cpython: a new connection + handshake + pickle per fetch
+    blocking_native,  // steward::fetch(): private io_context, new connection + handshake + HELLO per fetch
 };
 
 int steward_fetch(const bench::args& a, std::size_t fds_per_id, std::size_t per_round, steward_shape shape,
@@ -598,6 +602,8 @@ int steward_fetch(const bench::args& a, std::size_t fds_per_id, std::size_t per_
                 std::vector<steward::unique_fd> fds;
                 if (shape == steward_shape::cpython_connect)
                     fds = co_await steward::async_fetch_cpython(ex, id.to_cpython(), key, asio::use_awaitable);
+                else if (shape == steward_shape::blocking_native)
+                    fds = steward::fetch(id, options);
                 else
                     fds = co_await steward::async_fetch(ex, id, asio::use_awaitable, options);
                 if (timed && record_latency)
@@ -684,6 +690,7 @@ int main(int argc, char** argv) {
             if (v == "floor") return floor_connect(a, per_round);
             if (v == "floor_auth") return floor_connect_auth(a, per_round);
             if (v == "steward") STEWARD_FETCH(a, 1, per_round, steward_shape::cpython_connect, 1);
+            if (v == "steward_blocking") STEWARD_FETCH(a, 1, per_round, steward_shape::blocking_native, 1);
         } else if (s == "fetch_warm") {
             if (a.n == 0) a.n = 50000;
             if (v == "floor") return floor_warm(a, per_round);
