@@ -3,6 +3,7 @@
 
 #include "support/cloexec_socket.hpp"
 #include "support/fd_test_support.hpp"
+#include "support/sharer_warmup.hpp"
 
 #include <steward/error.hpp>
 #include <steward/fetch.hpp>

@@ -2,6 +2,7 @@
 #include "support/test_support.hpp"
 
 #include "support/fd_test_support.hpp"
+#include "support/sharer_warmup.hpp"
 
 #include <steward/error.hpp>
 #include <steward/fetch.hpp>

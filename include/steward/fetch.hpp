@@ -87,7 +87,9 @@ auto async_fetch(const asio::any_io_executor& executor, const share_id& id,
         token, executor, id, options);
 }
 
-/// Blocking fetch on a private io_context (a new connection each call).
+/// Blocking fetch: a new connection each call, run on an io_context private to the calling thread
+/// (kept for the thread's later blocking fetches: its io_uring is one descriptor that stays open
+/// until the thread exits; a forked child makes its own).
 /// @throws std::system_error with the errors listed for async_fetch().
 [[nodiscard]] std::vector<unique_fd> fetch(const share_id& id, const fetch_options& options = {});
 /// As fetch(id, options), reporting through @p ec (returns no descriptors on error).

@@ -104,7 +104,7 @@ public:
         // Until it is sent, a request is bounded by the session set-up plus its reply time.
         r.deadline = clock::now() + r.handshake_timeout + r.reply_timeout;
         waiting_.push_back(std::move(r));
-        if (state_ == state::ready)
+        if (state_ == state::ready || state_ == state::hello_sent)
             send_waiting();
         else
             arm_timer();
@@ -287,6 +287,9 @@ private:
         if (self->state_ == state::dead) co_return;
         native::append_frame(self->out_, native::hello{});
         self->state_ = state::hello_sent;
+        // Every server allows at least one request in flight: the first FETCH rides with HELLO
+        // instead of waiting a round trip for HELLO_ACK.
+        self->send_waiting();
         self->schedule_flush();
         self->ensure_reader();
     }
@@ -504,6 +507,9 @@ public:
         return created;
     }
 
+    // Closes every pooled connection now (the caller is the only thread using the context).
+    void close_all() { shutdown(); }
+
 private:
     void shutdown() override {
         std::multimap<std::string, std::shared_ptr<fetch_connection>, std::less<>> pool;
@@ -552,9 +558,34 @@ void start_fetch(const asio::any_io_executor& executor, const share_id& id, cons
 
 namespace steward {
 
+namespace {
+
+// Blocking fetches run on one io_context per thread: creating and tearing down an io_uring per
+// call costs more than a whole fetch. In a forked child the inherited context shares its ring
+// with the parent: it is abandoned, never used or destroyed there.
+asio::io_context& blocking_context() {
+    struct holder {
+        pid_t pid = 0;
+        std::unique_ptr<asio::io_context> io;
+    };
+    thread_local holder h;
+    if (h.io && h.pid != ::getpid()) (void)h.io.release();
+    if (!h.io) {
+        h.io = std::make_unique<asio::io_context>(1);
+        h.pid = ::getpid();
+        // The ring is created with the first I/O object: now, so that the thread's descriptor
+        // count does not change at some later call.
+        asio::local::stream_protocol::socket warm(*h.io);
+    }
+    return *h.io;
+}
+
+}  // namespace
+
 std::vector<unique_fd> fetch(const share_id& id, std::error_code& ec, const fetch_options& options) noexcept {
     try {
-        asio::io_context ctx(1);
+        asio::io_context& ctx = blocking_context();
+        ctx.restart();
         std::vector<unique_fd> out;
         bool done = false;
         ec = make_error_code(errc::timed_out);
@@ -568,7 +599,11 @@ std::vector<unique_fd> fetch(const share_id& id, std::error_code& ec, const fetc
             options);
         while (!done && ctx.run_one() != 0) {
         }
-        // Let a confirmation or give-back still queued reach the socket before it closes.
+        // Let a confirmation or give-back still queued reach the socket, then close the connection:
+        // a blocking fetch leaves no descriptor behind but the thread's io_uring.
+        while (ctx.poll() != 0) {
+        }
+        asio::use_service<detail::fetch_service>(ctx).close_all();
         while (ctx.poll() != 0) {
         }
         return out;
