@@ -33,6 +33,7 @@
 #include <asio/bind_executor.hpp>
 #include <asio/dispatch.hpp>
 #include <asio/error.hpp>
+#include <asio/io_context.hpp>
 #include <asio/posix/stream_descriptor.hpp>
 #include <asio/post.hpp>
 #include <asio/steady_timer.hpp>
@@ -104,6 +105,21 @@ struct string_hash {
     using is_transparent = void;
     std::size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
 };
+
+}  // namespace
+}  // namespace detail
+}  // namespace steward
+
+#if defined(__GLIBCXX__)
+// libstdc++ caches hash codes in the nodes only for hashers it considers slow; without the cache
+// every lookup re-hashes each string of the bucket it walks. Names are strings: cache.
+template <>
+struct std::__is_fast_hash<steward::detail::string_hash> : std::false_type {};
+#endif
+
+namespace steward {
+namespace detail {
+namespace {
 
 // Key of a registration: one byte for the type, then the canonical name.
 std::string_view make_key(resource_type type, std::string_view name, char* out) noexcept {
@@ -433,11 +449,24 @@ private:
         const std::error_code ec = last_ec_;
         if (done.empty()) return;
         lk.unlock();
+        // The common case, a coroutine on the io_context this drain runs on, is resumed directly:
+        // exactly what dispatch() would do, without its type-erased executor round trips.
+        using ctx_executor = asio::io_context::executor_type;
+        const ctx_executor* here = post_only ? nullptr : ex_.target<ctx_executor>();
+        if (here && !here->running_in_this_thread()) here = nullptr;
         for (auto& h : done) {
-            if (post_only)
+            if (post_only) {
                 asio::post(ex_, asio::append(std::move(h), ec));
-            else
-                asio::dispatch(ex_, asio::append(std::move(h), ec));
+                continue;
+            }
+            if (here) {
+                const auto theirs = asio::get_associated_executor(h, ex_);
+                if (const auto* t = theirs.target<ctx_executor>(); t && *t == *here) {
+                    std::move(h)(ec);
+                    continue;
+                }
+            }
+            asio::dispatch(ex_, asio::append(std::move(h), ec));
         }
         done.clear();
         lk.lock();
