@@ -79,13 +79,15 @@ void check_probe(const framing::frame_probe& p, std::span<const std::byte> buf, 
             FUZZ_CHECK(p.payload_size <= limit);
             FUZZ_CHECK(p.total_size() <= buf.size());
             // One byte fewer is exactly one byte short.
-            const auto shorter = framing::probe_frame(buf.first(static_cast<std::size_t>(p.total_size()) - 1), limit);
+            const auto shorter =
+                framing::probe_frame(buf.first(static_cast<std::size_t>(p.total_size()) - 1), limit);
             FUZZ_CHECK(shorter.status == framing::frame_status::need_more);
             if (p.payload_size > 0) FUZZ_CHECK(shorter.missing == 1);
             // The header the encoder writes for this size announces the same size.
             std::array<std::byte, framing::max_header_size> header;
             const std::size_t n = framing::encode_header(p.payload_size, header);
-            const auto again = framing::probe_frame(std::span<const std::byte>(header).first(n), ~std::uint64_t{0});
+            const auto again =
+                framing::probe_frame(std::span<const std::byte>(header).first(n), ~std::uint64_t{0});
             FUZZ_CHECK(again.header_size == n && again.payload_size == p.payload_size);
             if (p.header_size == 4) FUZZ_CHECK(std::equal(header.begin(), header.begin() + 4, buf.begin()));
             break;
@@ -99,7 +101,8 @@ void check_probe(const framing::frame_probe& p, std::span<const std::byte> buf, 
         case framing::frame_status::malformed: {
             FUZZ_CHECK(buf.size() >= 4);
             FUZZ_CHECK(std::to_integer<unsigned>(buf[0]) & 0x80);
-            const bool minus_one = std::all_of(buf.begin(), buf.begin() + 4, [](std::byte b) { return b == std::byte{0xff}; });
+            const bool minus_one =
+                std::all_of(buf.begin(), buf.begin() + 4, [](std::byte b) { return b == std::byte{0xff}; });
             FUZZ_CHECK(!minus_one);
             break;
         }
@@ -110,7 +113,8 @@ void check_make_frame(std::span<const std::byte> payload) {
     const bytes frame = framing::make_frame(payload);
     const auto p = framing::probe_frame(frame, payload.size());
     FUZZ_CHECK(p.status == framing::frame_status::frame && p.total_size() == frame.size());
-    FUZZ_CHECK(std::equal(payload.begin(), payload.end(), frame.begin() + static_cast<std::ptrdiff_t>(p.header_size)));
+    FUZZ_CHECK(std::equal(payload.begin(), payload.end(),
+                          frame.begin() + static_cast<std::ptrdiff_t>(p.header_size)));
 }
 
 // ---- pickle ----------------------------------------------------------------------------------
@@ -131,8 +135,9 @@ void check_pickle(std::span<const std::byte> payload) {
     FUZZ_CHECK(steward::detail::native::classify_first_frame(payload) ==
                steward::detail::native::first_frame_kind::cpython_pickle);
     for (int proto = 2; proto <= 5; ++proto) {
-        const bytes encoded = d.kind == pickle::value_kind::none ? pickle::encode_none(proto)
-                                                                 : pickle::encode_request(d.request.key, d.request.pid, proto);
+        const bytes encoded = d.kind == pickle::value_kind::none
+                                  ? pickle::encode_none(proto)
+                                  : pickle::encode_request(d.request.key, d.request.pid, proto);
         std::error_code ec2;
         const pickle::decoded back = pickle::decode(encoded, ec2);
         FUZZ_CHECK(!ec2);
@@ -160,7 +165,7 @@ bytes raw_hmac(const steward::authkey& key, const EVP_MD* md, std::span<const st
     const auto* data = msg.empty() ? &empty : reinterpret_cast<const unsigned char*>(msg.data());
     FUZZ_CHECK(HMAC(md, key.bytes.data(), static_cast<int>(key.bytes.size()), data, msg.size(), out, &len));
     const auto* b = reinterpret_cast<const std::byte*>(out);
-    return bytes(b, b + len);
+    return {b, b + len};
 }
 
 bytes prefixed(std::string_view name, const bytes& mac) {
@@ -176,7 +181,8 @@ bytes prefixed(std::string_view name, const bytes& mac) {
 bool response_is_valid(const steward::authkey& key, std::span<const std::byte> message,
                        std::span<const std::byte> response) {
     auto same = [&](const bytes& candidate) {
-        return candidate.size() == response.size() && std::equal(candidate.begin(), candidate.end(), response.begin());
+        return candidate.size() == response.size() &&
+               std::equal(candidate.begin(), candidate.end(), response.begin());
     };
     if (same(raw_hmac(key, EVP_md5(), message))) return true;
     for (const auto& d : digests)
@@ -187,7 +193,8 @@ bool response_is_valid(const steward::authkey& key, std::span<const std::byte> m
 // CPython's answer_challenge()/_create_response(), or nullopt where CPython raises.
 std::optional<bytes> model_answer(const steward::authkey& key, std::span<const std::byte> challenge) {
     const auto tag = as_bytes(auth::challenge_tag);
-    if (challenge.size() < tag.size() || !std::equal(tag.begin(), tag.end(), challenge.begin())) return std::nullopt;
+    if (challenge.size() < tag.size() || !std::equal(tag.begin(), tag.end(), challenge.begin()))
+        return std::nullopt;
     const auto message = challenge.subspan(tag.size());
     if (message.size() < 20) return std::nullopt;
     if (message.size() == 20) return raw_hmac(key, EVP_md5(), message);
@@ -287,8 +294,9 @@ bool run(auth::handshake::role role, const steward::authkey& key, std::span<cons
                 }
             } else {
                 FUZZ_CHECK(!reply && hs.current() == auth::handshake::state::failed);
-                FUZZ_CHECK(hs.error() == (equals_text(payload, auth::failure) ? steward::errc::authentication_failed
-                                                                              : steward::errc::malformed_message));
+                FUZZ_CHECK(hs.error() == (equals_text(payload, auth::failure)
+                                              ? steward::errc::authentication_failed
+                                              : steward::errc::malformed_message));
             }
         }
         ++step;
@@ -299,6 +307,8 @@ bool run(auth::handshake::role role, const steward::authkey& key, std::span<cons
 
 }  // namespace
 
+// The entry point libFuzzer calls, by that name.
+// NOLINTNEXTLINE(readability-identifier-naming)
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
     if (size == 0) return 0;
     const auto role = (data[0] & 1) ? auth::handshake::role::client : auth::handshake::role::server;

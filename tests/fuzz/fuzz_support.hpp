@@ -13,7 +13,7 @@
 #define FUZZ_CHECK(cond)                                                                              \
     do {                                                                                              \
         if (!(cond)) {                                                                                \
-            std::fprintf(stderr, "%s:%d: invariant violated: %s\n", __FILE__, __LINE__, #cond);      \
+            (void)std::fprintf(stderr, "%s:%d: invariant violated: %s\n", __FILE__, __LINE__, #cond); \
             std::abort();                                                                             \
         }                                                                                             \
     } while (0)
@@ -50,7 +50,8 @@ private:
 
 inline std::uint32_t seed_of(std::span<const std::byte> data) noexcept {
     std::uint32_t h = 2166136261U;
-    for (std::size_t i = 0; i < data.size() && i < 16; ++i) h = (h ^ std::to_integer<std::uint32_t>(data[i])) * 16777619U;
+    for (std::size_t i = 0; i < data.size() && i < 16; ++i)
+        h = (h ^ std::to_integer<std::uint32_t>(data[i])) * 16777619U;
     return h ^ static_cast<std::uint32_t>(data.size());
 }
 

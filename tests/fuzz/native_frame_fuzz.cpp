@@ -70,7 +70,8 @@ struct reference_walk {
 
 void check_payload(std::span<const std::byte> payload, const native::message& m) {
     const std::vector<std::byte> encoded = native::encode(m);
-    FUZZ_CHECK(encoded.size() == payload.size() && std::equal(encoded.begin(), encoded.end(), payload.begin()));
+    FUZZ_CHECK(encoded.size() == payload.size() &&
+               std::equal(encoded.begin(), encoded.end(), payload.begin()));
     std::error_code ec;
     FUZZ_CHECK(native::decode(encoded, ec) == m && !ec);
     std::vector<std::byte> frame;
@@ -178,7 +179,7 @@ struct planned_read {
     std::size_t size;
     std::vector<int> fds;  // numbers only; ownership passes to the decoder at commit
     bool truncated = false;
-    int claimed_by = -1;   // honest mode: index of the reference frame this batch belongs to
+    int claimed_by = -1;  // honest mode: index of the reference frame this batch belongs to
 };
 
 std::vector<int> make_fds(std::size_t n, std::vector<int>& all) {
@@ -192,8 +193,9 @@ std::vector<int> make_fds(std::size_t n, std::vector<int>& all) {
     return out;
 }
 
-std::vector<planned_read> plan_reads(std::span<const std::byte> stream, const reference_walk& ref, unsigned mode,
-                                     std::size_t max_read, steward::fuzz::chunker& cuts, std::vector<int>& all_fds) {
+std::vector<planned_read> plan_reads(std::span<const std::byte> stream, const reference_walk& ref,
+                                     unsigned mode, std::size_t max_read, steward::fuzz::chunker& cuts,
+                                     std::vector<int>& all_fds) {
     std::vector<planned_read> reads;
     std::size_t frame = 0;  // next reference frame that may start in a read
     for (std::size_t pos = 0; pos < stream.size();) {
@@ -205,7 +207,8 @@ std::vector<planned_read> plan_reads(std::span<const std::byte> stream, const re
             for (std::size_t f = frame; f < ref.frames.size() && ref.frames[f].offset < pos + r.size; ++f) {
                 const std::uint16_t want = claimed_fds(ref.frames[f].msg);
                 if (want == 0) continue;
-                r.size = std::min<std::size_t>(r.size, static_cast<std::size_t>(ref.frames[f].offset + ref.frames[f].size - pos));
+                r.size = std::min<std::size_t>(
+                    r.size, static_cast<std::size_t>(ref.frames[f].offset + ref.frames[f].size - pos));
                 r.claimed_by = static_cast<int>(f);
                 if (mode == 1) {
                     r.fds = make_fds(std::min<std::size_t>(want, max_real_fds), all_fds);
@@ -225,7 +228,8 @@ std::vector<planned_read> plan_reads(std::span<const std::byte> stream, const re
     return reads;
 }
 
-void check_stream(std::span<const std::byte> stream, unsigned mode, std::size_t max_read, std::uint32_t seed) {
+void check_stream(std::span<const std::byte> stream, unsigned mode, std::size_t max_read,
+                  std::uint32_t seed) {
     const reference_walk ref = walk(stream, mode != 0);
     check_assembler(ref);
     steward::fuzz::chunker cuts(seed);
@@ -270,10 +274,12 @@ void check_stream(std::span<const std::byte> stream, unsigned mode, std::size_t 
                 for (const auto& fd : ev->fds) FUZZ_CHECK(handed_out.insert(fd.get()).second);
                 if (mode == 1 && claimed > 0) {
                     // Exactly the batch sent with this part.
-                    const auto it = std::find_if(reads.begin(), reads.end(),
-                                                 [&](const planned_read& x) { return x.claimed_by == static_cast<int>(index); });
+                    const auto it = std::find_if(reads.begin(), reads.end(), [&](const planned_read& x) {
+                        return x.claimed_by == static_cast<int>(index);
+                    });
                     FUZZ_CHECK(it != reads.end() && it->fds.size() == ev->fds.size());
-                    for (std::size_t k = 0; k < ev->fds.size(); ++k) FUZZ_CHECK(ev->fds[k].get() == it->fds[k]);
+                    for (std::size_t k = 0; k < ev->fds.size(); ++k)
+                        FUZZ_CHECK(ev->fds[k].get() == it->fds[k]);
                 }
                 if (const auto* part = std::get_if<native::reply>(&ev->msg)) {
                     std::error_code aec;
@@ -281,10 +287,12 @@ void check_stream(std::span<const std::byte> stream, unsigned mode, std::size_t 
                     for (auto& fd : ev->fds) part_fds.push_back(std::move(fd));
                     auto done = assembler.add(*part, std::move(part_fds), ev->truncated, aec);
                     if (aec) {
-                        FUZZ_CHECK(aec == steward::errc::malformed_message && !done && !assembler.in_progress());
+                        FUZZ_CHECK(aec == steward::errc::malformed_message && !done &&
+                                   !assembler.in_progress());
                     } else if (done) {
                         FUZZ_CHECK(done->request_id == part->request_id);
-                        if (done->status != native::reply_status::ok || done->error) FUZZ_CHECK(done->fds.empty());
+                        if (done->status != native::reply_status::ok || done->error)
+                            FUZZ_CHECK(done->fds.empty());
                         if (done->error) FUZZ_CHECK(done->error == steward::errc::control_truncated);
                         if (done->status == native::reply_status::ok && !done->error)
                             FUZZ_CHECK(done->fds.size() == part->total_fds);
@@ -304,7 +312,8 @@ void check_stream(std::span<const std::byte> stream, unsigned mode, std::size_t 
             FUZZ_CHECK(events.size() == ref.frames.size());
             FUZZ_CHECK(decoder.buffered() == stream.size() - ref.consumed);
         } else {
-            FUZZ_CHECK(failure == steward::errc::malformed_message || failure == steward::errc::limit_exceeded);
+            FUZZ_CHECK(failure == steward::errc::malformed_message ||
+                       failure == steward::errc::limit_exceeded);
             FUZZ_CHECK(events.size() <= ref.frames.size());
             if (mode != 2) {
                 // Without hostile batches only the stream itself can be wrong: the same error at
@@ -322,6 +331,8 @@ void check_stream(std::span<const std::byte> stream, unsigned mode, std::size_t 
 
 }  // namespace
 
+// The entry point libFuzzer calls, by that name.
+// NOLINTNEXTLINE(readability-identifier-naming)
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
     if (size == 0) return 0;
     const unsigned control = data[0];

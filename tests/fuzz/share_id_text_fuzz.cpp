@@ -29,7 +29,8 @@ using steward::share_key;
 constexpr std::string_view prefix = "steward1:";
 
 bool literal(unsigned char c) {
-    return std::isalnum(c) || std::string_view("/._-~+,=:").find(static_cast<char>(c)) != std::string_view::npos;
+    return std::isalnum(c) ||
+           std::string_view("/._-~+,=:").find(static_cast<char>(c)) != std::string_view::npos;
 }
 
 bool is_upper_hex(char c) {
@@ -53,7 +54,8 @@ void check_formatted(const std::string& text) {
     for (std::size_t i = 0; i < address.size(); ++i) {
         const auto c = static_cast<unsigned char>(address[i]);
         if (c == '%') {
-            FUZZ_CHECK(i + 2 < address.size() && is_upper_hex(address[i + 1]) && is_upper_hex(address[i + 2]));
+            FUZZ_CHECK(i + 2 < address.size() && is_upper_hex(address[i + 1]) &&
+                       is_upper_hex(address[i + 2]));
             // Only bytes that cannot stay literal are escaped.
             const int value = std::stoi(std::string(address.substr(i + 1, 2)), nullptr, 16);
             FUZZ_CHECK(!literal(static_cast<unsigned char>(value)));
@@ -142,6 +144,8 @@ void check_keys(std::string_view input) {
 
 }  // namespace
 
+// The entry point libFuzzer calls, by that name.
+// NOLINTNEXTLINE(readability-identifier-naming)
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
     const std::string_view input(reinterpret_cast<const char*>(data), size);
     check_parse(input);

@@ -114,7 +114,8 @@ std::vector<split_event> reference_split(std::string_view input) {
         const std::size_t nl = input.find('\n', pos);
         if (nl == std::string_view::npos) {
             const std::size_t rest = input.size() - pos;
-            out.push_back({true, rest > max_message_size ? decode_error::too_long : decode_error::partial_line, {}});
+            out.push_back(
+                {true, rest > max_message_size ? decode_error::too_long : decode_error::partial_line, {}});
             break;
         }
         const std::size_t len = nl - pos + 1;
@@ -176,6 +177,8 @@ void check_base64(std::string_view input) {
 
 }  // namespace
 
+// The entry point libFuzzer calls, by that name.
+// NOLINTNEXTLINE(readability-identifier-naming)
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
     const std::string_view input(reinterpret_cast<const char*>(data), size);
     check_line(input);
