@@ -10,14 +10,18 @@
 //   (colon format exactly when needs_json() is false); append_message() writes the same bytes;
 // - line_splitter: cutting the stream into arbitrary reads yields exactly the lines and errors of
 //   a straightforward reference split, and never holds back more than 512 bytes;
-// - base64: decode(encode(x)) == x, and decode is stable under one re-encoding.
+// - base64: decode(encode(x)) == x, and decode is stable under one re-encoding;
+// - the client's codec (tracker_client_codec.hpp) refuses a name exactly when the daemon would,
+//   and what it accepts reaches the daemon as exactly its canonical name.
 
 #include "fuzz_support.hpp"
 
 #include "tracker/codec.hpp"
+#include "tracker/tracker_client_codec.hpp"
 
 #include <steward/error.hpp>
 
+#include <array>
 #include <string>
 #include <vector>
 
@@ -175,6 +179,44 @@ void check_base64(std::string_view input) {
     FUZZ_CHECK(std::string_view(back.data(), back_size) == first);
 }
 
+// The client's side of the contract (tracker_client_codec.hpp): for the input as a name of each
+// type, the client refuses it exactly when the daemon would, and a name it accepts reaches the
+// daemon as exactly the canonical name the client computed.
+void check_client_path(std::string_view name) {
+    using steward::resource_type;
+    for (const auto type : {resource_type::shared_memory, resource_type::semaphore, resource_type::file,
+                            resource_type::directory, resource_type::noop}) {
+        std::string out(name.size() + 2, '\0');
+        std::string_view canonical;
+        const std::error_code ec = steward::detail::tracker_canonical_name(type, name, out.data(), canonical);
+        encoded_message raw;
+        const bool raw_encoded = !encode_message(command::register_resource, type, name, raw);
+        decoded_message m;
+        decode_scratch scratch;
+        if (ec) {
+            FUZZ_CHECK(ec == std::errc::invalid_argument);
+            // Whatever the client refuses, the daemon refuses too.
+            if (raw_encoded) FUZZ_CHECK(decode_line(raw.view(), m, scratch) != decode_error::none);
+            continue;
+        }
+        FUZZ_CHECK(type != resource_type::noop);
+        check_canonical(type, canonical);
+        std::array<char, steward::detail::tracker_max_message> wire;
+        std::size_t size = 0;
+        const std::error_code eec = steward::detail::tracker_encode(true, type, canonical, wire.data(), size);
+        if (eec) {
+            FUZZ_CHECK(eec == steward::errc::message_too_long && size == 0);
+            continue;
+        }
+        FUZZ_CHECK(decode_line(std::string_view(wire.data(), size), m, scratch) == decode_error::none);
+        FUZZ_CHECK(m.cmd == command::register_resource && m.type == type && m.name == canonical);
+        if (raw_encoded) {
+            // The raw name, sent as it is, names the same object once the daemon canonicalises it.
+            FUZZ_CHECK(decode_line(raw.view(), m, scratch) == decode_error::none && m.name == canonical);
+        }
+    }
+}
+
 }  // namespace
 
 // The entry point libFuzzer calls, by that name.
@@ -184,5 +226,6 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     check_line(input);
     check_splitter(input);
     check_base64(input);
+    check_client_path(input.substr(0, 600));
     return 0;
 }
