@@ -66,9 +66,7 @@ STEWARD_CORO_TEST(bad_ids_and_missing_servers) {
         BOOST_TEST((e2 == std::errc::no_such_file_or_directory));
 
         // A socket file nobody listens on any more.
-        {
-            auto acceptor = t::cloexec_listener(ctx, dir.path + "/s");
-        }
+        { auto acceptor = t::cloexec_listener(ctx, dir.path + "/s"); }
         auto [e3, f3] = co_await async_fetch(ctx.get_executor(), nobody, use_tuple);
         BOOST_TEST((e3 == std::errc::connection_refused));
 
@@ -144,7 +142,8 @@ BOOST_AUTO_TEST_CASE(fetches_from_several_threads, *boost::unit_test::preconditi
         for (int i = 0; i < n; ++i)
             async_fetch(io.get_executor(), ids[static_cast<std::size_t>(i)],
                         [&, i](std::error_code ec, std::vector<unique_fd> fds) {
-                            if (!ec && fds.size() == 1 && t::read_contents(fds[0].get()) == std::to_string(i)) ++ok;
+                            if (!ec && fds.size() == 1 && t::read_contents(fds[0].get()) == std::to_string(i))
+                                ++ok;
                             ++done;
                         });
         std::thread other([&] { io.run_for(std::chrono::seconds(20)); });
@@ -153,7 +152,8 @@ BOOST_AUTO_TEST_CASE(fetches_from_several_threads, *boost::unit_test::preconditi
         BOOST_TEST(done.load() == n);
         BOOST_TEST(ok.load() == n);
         // The last confirmations may still be on their way to the server thread.
-        for (int i = 0; i < 400 && s.pending() != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        for (int i = 0; i < 400 && s.pending() != 0; ++i)
+            std::this_thread::sleep_for(std::chrono::milliseconds(5));
         BOOST_TEST(s.pending() == 0u);
     }
     BOOST_TEST(open_fd_count() == before);

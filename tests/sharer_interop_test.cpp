@@ -22,8 +22,8 @@ namespace {
 
 // Python source that fetches the share (address, key) with resource_sharer's client path and
 // prints what it got; @p body runs with `fd` bound (or prints "refused" on EOF).
-std::string python_fetch(const share_id& id, const std::string& body, const std::string& key_expr =
-                                                                          "bytes.fromhex(os.environ['STEWARD_AUTHKEY'])") {
+std::string python_fetch(const share_id& id, const std::string& body,
+                         const std::string& key_expr = "bytes.fromhex(os.environ['STEWARD_AUTHKEY'])") {
     const cpython_ident ident = id.to_cpython();
     return "import os, sys, multiprocessing\n"
            "from multiprocessing import resource_sharer, AuthenticationError\n"
@@ -32,7 +32,9 @@ std::string python_fetch(const share_id& id, const std::string& body, const std:
            "\n"
            "d = resource_sharer.DupFd.__new__(resource_sharer.DupFd)\n"
            "d._id = (" +
-           "bytes.fromhex('" + t::to_hex(std::as_bytes(std::span(ident.address.data(), ident.address.size()))) + "').decode(), " + ident.key +
+           "bytes.fromhex('" +
+           t::to_hex(std::as_bytes(std::span(ident.address.data(), ident.address.size()))) + "').decode(), " +
+           ident.key +
            ")\n"
            "try:\n"
            "    fd = d.detach()\n"
@@ -44,7 +46,8 @@ std::string python_fetch(const share_id& id, const std::string& body, const std:
 }
 
 void wait_pending_zero(sharer& s) {
-    for (int i = 0; i < 400 && s.pending() != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    for (int i = 0; i < 400 && s.pending() != 0; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
 }
 
 }  // namespace
@@ -61,8 +64,7 @@ BOOST_AUTO_TEST_CASE(cpython_client_fetches_memfd_and_socket_from_steward,
         const share_id id = s.share(memfd.get());
 
         // 128-bit key: CPython pickles it as LONG1; 3.11 answers our {sha256} challenge with MD5.
-        const std::string out =
-            t::run_python(python_fetch(id, "print(os.pread(fd, 100, 0).decode())\n"));
+        const std::string out = t::run_python(python_fetch(id, "print(os.pread(fd, 100, 0).decode())\n"));
         BOOST_TEST(out == "made in C++");
         wait_pending_zero(s);
         BOOST_TEST(s.pending() == 0u);
@@ -77,12 +79,11 @@ BOOST_AUTO_TEST_CASE(cpython_client_fetches_memfd_and_socket_from_steward,
         unique_fd theirs = std::move(mine_theirs_pair.second);
         const share_id sock_id = s.share(theirs.get());
         theirs.reset();
-        const std::string out2 = t::run_python(python_fetch(
-            sock_id,
-            "import socket\n"
-            "s = socket.socket(fileno=fd)\n"
-            "s.sendall(b'hello from python')\n"
-            "print('sent')\n"));
+        const std::string out2 = t::run_python(python_fetch(sock_id,
+                                                            "import socket\n"
+                                                            "s = socket.socket(fileno=fd)\n"
+                                                            "s.sendall(b'hello from python')\n"
+                                                            "print('sent')\n"));
         BOOST_TEST(out2 == "sent");
         char buf[32] = {};
         BOOST_TEST(::read(mine.get(), buf, sizeof buf) == 17);
@@ -91,10 +92,12 @@ BOOST_AUTO_TEST_CASE(cpython_client_fetches_memfd_and_socket_from_steward,
         // Another family key: refused by the handshake; the server keeps serving.
         unique_fd other = t::make_memfd("not for them");
         const share_id other_id = s.share(other.get());
-        BOOST_TEST(t::run_python(python_fetch(other_id, "print('got', fd)\n", "os.urandom(32)")) == "auth-failed");
+        BOOST_TEST(t::run_python(python_fetch(other_id, "print('got', fd)\n", "os.urandom(32)")) ==
+                   "auth-failed");
         BOOST_TEST(s.stats().refused_auth == 1u);
         BOOST_TEST(s.pending() == 1u);
-        BOOST_TEST(t::run_python(python_fetch(other_id, "print(os.pread(fd, 100, 0).decode())\n")) == "not for them");
+        BOOST_TEST(t::run_python(python_fetch(other_id, "print(os.pread(fd, 100, 0).decode())\n")) ==
+                   "not for them");
     }
     BOOST_TEST(open_fd_count() == before);
 }

@@ -32,7 +32,9 @@ constexpr auto use_tuple = asio::as_tuple(asio::use_awaitable);
 
 namespace {
 
-std::string parent_dir(const std::string& p) { return p.substr(0, p.rfind('/')); }
+std::string parent_dir(const std::string& p) {
+    return p.substr(0, p.rfind('/'));
+}
 
 int baseline_fd_count(asio::io_context& ctx) {
     asio::local::stream_protocol::socket warm(ctx);
@@ -101,7 +103,8 @@ BOOST_AUTO_TEST_CASE(wrong_authkey_is_refused_and_others_still_served,
     BOOST_TEST(open_fd_count() == before);
 }
 
-BOOST_AUTO_TEST_CASE(client_of_another_uid_is_refused, *boost::unit_test::precondition(t::io_uring_available)) {
+BOOST_AUTO_TEST_CASE(client_of_another_uid_is_refused,
+                     *boost::unit_test::precondition(t::io_uring_available)) {
     if (::geteuid() != 0) {
         BOOST_TEST_MESSAGE("not root: cannot setuid(65534) in a child; test skipped");
         return;
@@ -185,7 +188,8 @@ BOOST_AUTO_TEST_CASE(per_share_pid_restriction, *boost::unit_test::precondition(
             const share_id id = share_id::parse(std::string(text, static_cast<std::size_t>(n)));
             std::error_code ec;
             std::vector<unique_fd> fds = fetch(id, ec);
-            c.expect(!ec && fds.size() == 1 && t::read_contents(fds[0].get()) == "pid bound", "allowed pid fetches");
+            c.expect(!ec && fds.size() == 1 && t::read_contents(fds[0].get()) == "pid bound",
+                     "allowed pid fetches");
             return c.exit_code();
         });
         id_r.reset();
@@ -200,7 +204,8 @@ BOOST_AUTO_TEST_CASE(per_share_pid_restriction, *boost::unit_test::precondition(
         const std::string text = id.format();
         BOOST_REQUIRE(::write(id_w.get(), text.data(), text.size()) == static_cast<ssize_t>(text.size()));
         BOOST_TEST(child.wait() == 0);
-        for (int i = 0; i < 400 && s.pending() != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        for (int i = 0; i < 400 && s.pending() != 0; ++i)
+            std::this_thread::sleep_for(std::chrono::milliseconds(5));
         BOOST_TEST(s.pending() == 0u);
     }
     BOOST_TEST(open_fd_count() == before);
@@ -263,11 +268,13 @@ BOOST_AUTO_TEST_CASE(control_truncated_at_a_tiny_rlimit_gives_the_share_back,
         for (int i = 0; i < 100; ++i) {
             fds = fetch(id, ec);
             if (ec != make_error_code(errc::share_not_available)) break;
-            std::this_thread::sleep_for(std::chrono::milliseconds(10));  // the give-back may still be in transit
+            std::this_thread::sleep_for(
+                std::chrono::milliseconds(10));  // the give-back may still be in transit
         }
         BOOST_TEST(!ec);
         BOOST_REQUIRE(fds.size() == 40u);
-        for (int i = 0; i < 40; ++i) BOOST_TEST(t::read_contents(fds[static_cast<std::size_t>(i)].get()) == std::to_string(i));
+        for (int i = 0; i < 40; ++i)
+            BOOST_TEST(t::read_contents(fds[static_cast<std::size_t>(i)].get()) == std::to_string(i));
         BOOST_TEST(s.stats().returned >= 1u);
     }
     BOOST_TEST(open_fd_count() == before);
@@ -284,7 +291,8 @@ STEWARD_CORO_TEST(huge_length_prefix_closes_only_that_connection) {
         std::error_code ec = co_await detail::authenticate_as_client(raw, authkey::family());
         BOOST_REQUIRE_MESSAGE(!ec, ec.message());
         // 2 GiB announced: refused from the header, never allocated.
-        const std::array<std::byte, 4> huge{std::byte{0x7f}, std::byte{0xff}, std::byte{0xff}, std::byte{0xff}};
+        const std::array<std::byte, 4> huge{std::byte{0x7f}, std::byte{0xff}, std::byte{0xff},
+                                            std::byte{0xff}};
         ec = co_await detail::send_all(raw, huge);
         BOOST_TEST(!ec);
         const bool closed1 = co_await closed_by_peer(raw);
@@ -296,7 +304,8 @@ STEWARD_CORO_TEST(huge_length_prefix_closes_only_that_connection) {
         auto raw2 = connect_raw(ctx, id.address());
         ec = co_await detail::authenticate_as_client(raw2, authkey::family());
         BOOST_REQUIRE(!ec);
-        const std::array<std::byte, 4> negative{std::byte{0xff}, std::byte{0xff}, std::byte{0xff}, std::byte{0xfe}};
+        const std::array<std::byte, 4> negative{std::byte{0xff}, std::byte{0xff}, std::byte{0xff},
+                                                std::byte{0xfe}};
         ec = co_await detail::send_all(raw2, negative);
         const bool closed2 = co_await closed_by_peer(raw2);
         BOOST_TEST(closed2);
@@ -351,7 +360,8 @@ STEWARD_CORO_TEST(connection_limit_and_unknown_first_frame) {
         BOOST_TEST(closed4);
         BOOST_TEST(s.stats().limit_violations == 1u);
         // The first one speaks neither protocol: closed.
-        const std::array<std::byte, 5> junk{std::byte{0}, std::byte{0}, std::byte{0}, std::byte{1}, std::byte{0x42}};
+        const std::array<std::byte, 5> junk{std::byte{0}, std::byte{0}, std::byte{0}, std::byte{1},
+                                            std::byte{0x42}};
         ec = co_await detail::send_all(first, junk);
         const bool closed5 = co_await closed_by_peer(first);
         BOOST_TEST(closed5);

@@ -32,7 +32,8 @@ namespace {
     for (int fd = 0; fd < 64; ++fd) {
         char link[64], target[256] = {};
         std::snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
-        if (::readlink(link, target, sizeof target - 1) > 0) std::fprintf(stderr, "fd %d -> %s\n", fd, target);
+        if (::readlink(link, target, sizeof target - 1) > 0)
+            std::fprintf(stderr, "fd %d -> %s\n", fd, target);
     }
 }
 
@@ -44,14 +45,17 @@ int baseline_fd_count(asio::io_context& ctx) {
 }
 
 bool path_exists(const std::string& p) {
-    struct stat st{};
+    struct stat st {};
     return ::lstat(p.c_str(), &st) == 0;
 }
 
-std::string parent_dir(const std::string& p) { return p.substr(0, p.rfind('/')); }
+std::string parent_dir(const std::string& p) {
+    return p.substr(0, p.rfind('/'));
+}
 
 bool same_file(int a, int b) {
-    struct stat sa{}, sb{};
+    struct stat sa {
+    }, sb{};
     return ::fstat(a, &sa) == 0 && ::fstat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }
 
@@ -68,7 +72,7 @@ STEWARD_CORO_TEST(share_and_fetch_in_process_then_refused) {
         BOOST_TEST(id.address() == s.address());
         BOOST_TEST(s.pending() == 1u);
         // A 0700 directory of its own.
-        struct stat st{};
+        struct stat st {};
         BOOST_REQUIRE(::stat(parent_dir(s.address()).c_str(), &st) == 0);
         BOOST_TEST((st.st_mode & 0777) == 0700u);
 
@@ -144,7 +148,8 @@ BOOST_AUTO_TEST_CASE(cross_process_socket_echo_and_memfd,
         BOOST_TEST(::read(mine.get(), buf, 4) == 4);
         BOOST_TEST(std::string(buf, 4) == "pong");
         BOOST_TEST(child.wait() == 0);
-        for (int i = 0; i < 400 && s.pending() != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        for (int i = 0; i < 400 && s.pending() != 0; ++i)
+            std::this_thread::sleep_for(std::chrono::milliseconds(5));
         BOOST_TEST(s.pending() == 0u);
         BOOST_TEST(s.stats().delivered == 1u);
     }
@@ -176,14 +181,16 @@ BOOST_AUTO_TEST_CASE(thousand_fds_under_one_id, *boost::unit_test::precondition(
                 if (!c.expect(t::read_contents(fds[static_cast<std::size_t>(i)].get()) == std::to_string(i),
                               "order and identity"))
                     break;
-                c.expect(same_file(fds[static_cast<std::size_t>(i)].get(), originals[static_cast<std::size_t>(i)].get()),
+                c.expect(same_file(fds[static_cast<std::size_t>(i)].get(),
+                                   originals[static_cast<std::size_t>(i)].get()),
                          "same file");
             }
             return c.exit_code();
         });
         BOOST_TEST(child.wait() == 0);
         originals.clear();
-        for (int i = 0; i < 400 && s.pending() != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        for (int i = 0; i < 400 && s.pending() != 0; ++i)
+            std::this_thread::sleep_for(std::chrono::milliseconds(5));
         BOOST_TEST(s.pending() == 0u);
         // The server closed its 1000 copies on confirmation.
         BOOST_TEST(open_fd_count() < before + 20);
@@ -257,7 +264,8 @@ STEWARD_CORO_TEST(pipelined_concurrent_fetches_share_one_connection) {
             async_fetch(ctx.get_executor(), ids[static_cast<std::size_t>(i)],
                         [&, i](std::error_code ec, std::vector<unique_fd> fds) {
                             ++done;
-                            if (!ec && fds.size() == 1 && t::read_contents(fds[0].get()) == std::to_string(i)) ++ok;
+                            if (!ec && fds.size() == 1 && t::read_contents(fds[0].get()) == std::to_string(i))
+                                ++ok;
                         });
         }
         for (int i = 0; i < 2000 && done < n; ++i) {
@@ -318,7 +326,8 @@ BOOST_AUTO_TEST_CASE(stop_with_transfers_in_flight, *boost::unit_test::precondit
     BOOST_TEST(open_fd_count() == before);
 }
 
-BOOST_AUTO_TEST_CASE(fork_child_forgets_the_parents_shares, *boost::unit_test::precondition(t::io_uring_available)) {
+BOOST_AUTO_TEST_CASE(fork_child_forgets_the_parents_shares,
+                     *boost::unit_test::precondition(t::io_uring_available)) {
     const int before = open_fd_count();
     {
         sharer s;
@@ -337,7 +346,8 @@ BOOST_AUTO_TEST_CASE(fork_child_forgets_the_parents_shares, *boost::unit_test::p
             c.expect(!ec, "child shares");
             c.expect(own.address() != parent_path, "child listens on its own socket");
             std::vector<unique_fd> fds = fetch(own, ec);
-            c.expect(!ec && fds.size() == 1 && t::read_contents(fds[0].get()) == "child's", "child fetches its own");
+            c.expect(!ec && fds.size() == 1 && t::read_contents(fds[0].get()) == "child's",
+                     "child fetches its own");
             s.stop(std::chrono::milliseconds(100));
             c.expect(path_exists(parent_path), "parent's socket untouched by the child's stop");
             return c.exit_code();
@@ -394,6 +404,7 @@ BOOST_AUTO_TEST_CASE(socket_directory_falls_back_from_a_long_base,
         ::setenv("XDG_RUNTIME_DIR", saved.c_str(), 1);
     else
         ::unsetenv("XDG_RUNTIME_DIR");
-    for (std::string d = long_dir; d.size() >= std::string(templ).size(); d = parent_dir(d)) ::rmdir(d.c_str());
+    for (std::string d = long_dir; d.size() >= std::string(templ).size(); d = parent_dir(d))
+        ::rmdir(d.c_str());
     BOOST_TEST(open_fd_count() == before);
 }

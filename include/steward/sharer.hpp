@@ -178,7 +178,9 @@ public:
                     CompletionToken&& token = asio::default_completion_token_t<asio::any_io_executor>()) {
         return asio::async_initiate<CompletionToken, void(std::error_code)>(
             [](auto handler, const std::shared_ptr<detail::sharer_impl>& impl,
-               std::chrono::steady_clock::duration t) { detail::start_sharer_stop(impl, t, std::move(handler)); },
+               std::chrono::steady_clock::duration t) {
+                detail::start_sharer_stop(impl, t, std::move(handler));
+            },
             token, impl_, timeout);
     }
 
@@ -195,7 +197,8 @@ public:
     /// @code void(std::error_code ec) @endcode
     /// asio::error::operation_aborted if the sharer is stopped or destroyed first.
     template <typename CompletionToken = asio::default_completion_token_t<asio::any_io_executor>>
-    auto async_wait_empty(CompletionToken&& token = asio::default_completion_token_t<asio::any_io_executor>()) {
+    auto async_wait_empty(
+        CompletionToken&& token = asio::default_completion_token_t<asio::any_io_executor>()) {
         return asio::async_initiate<CompletionToken, void(std::error_code)>(
             [](auto handler, const std::shared_ptr<detail::sharer_impl>& impl) {
                 detail::start_sharer_wait_empty(impl, std::move(handler));

@@ -30,9 +30,9 @@
 #include <algorithm>
 #include <atomic>
 #include <deque>
-#include <optional>
 #include <map>
 #include <mutex>
+#include <optional>
 
 namespace steward::detail {
 namespace {
@@ -66,8 +66,12 @@ public:
     };
 
     fetch_connection(const asio::any_io_executor& ex, std::string address, const authkey& key)
-        : strand_(asio::make_strand(ex)), socket_(strand_), timer_(strand_), address_(std::move(address)),
-          key_(key), control_(io::detail::scm_rights_control::for_receive()) {
+        : strand_(asio::make_strand(ex)),
+          socket_(strand_),
+          timer_(strand_),
+          address_(std::move(address)),
+          key_(key),
+          control_(io::detail::scm_rights_control::for_receive()) {
         out_.reserve(4096);
         sending_.reserve(4096);
     }
@@ -127,12 +131,13 @@ private:
         auto slot = asio::get_associated_cancellation_slot(r.handler);
         if (!slot.is_connected()) return;
         r.serial = ++serial_;
-        slot.assign([weak = weak_from_this(), strand = strand_, serial = r.serial](asio::cancellation_type type) {
-            if ((type & asio::cancellation_type::terminal) == asio::cancellation_type::none) return;
-            asio::post(strand, [weak, serial] {
-                if (auto self = weak.lock()) self->cancel(serial);
+        slot.assign(
+            [weak = weak_from_this(), strand = strand_, serial = r.serial](asio::cancellation_type type) {
+                if ((type & asio::cancellation_type::terminal) == asio::cancellation_type::none) return;
+                asio::post(strand, [weak, serial] {
+                    if (auto self = weak.lock()) self->cancel(serial);
+                });
             });
-        });
     }
 
     static void finish(request& r, std::error_code ec, std::vector<unique_fd> fds = {}) {
@@ -150,7 +155,8 @@ private:
         if (auto it = std::find_if(waiting_.begin(), waiting_.end(), match); it != waiting_.end()) {
             finish(*it, asio::error::operation_aborted);
             waiting_.erase(it);
-        } else if (auto jt = std::find_if(in_flight_.begin(), in_flight_.end(), match); jt != in_flight_.end()) {
+        } else if (auto jt = std::find_if(in_flight_.begin(), in_flight_.end(), match);
+                   jt != in_flight_.end()) {
             finish(*jt, asio::error::operation_aborted);
         }
     }
@@ -198,10 +204,11 @@ private:
                     wire::send_with_fds(socket_.native_handle(), std::span(sending_).subspan(sent_), {});
                 if (r.err == EAGAIN) {
                     writing_ = true;
-                    socket_.async_wait(asio::socket_base::wait_write, [self = shared_from_this()](std::error_code ec) {
-                        if (ec) return self->fail(wire::normalize(ec));
-                        self->flush();
-                    });
+                    socket_.async_wait(asio::socket_base::wait_write,
+                                       [self = shared_from_this()](std::error_code ec) {
+                                           if (ec) return self->fail(wire::normalize(ec));
+                                           self->flush();
+                                       });
                     return;
                 }
                 if (r.err) return fail(errno_code(r.err));
@@ -267,7 +274,8 @@ private:
         sending_.clear();
     }
 
-    static asio::awaitable<void> setup(std::shared_ptr<fetch_connection> self, clock::duration handshake_timeout) {
+    static asio::awaitable<void> setup(std::shared_ptr<fetch_connection> self,
+                                       clock::duration handshake_timeout) {
         std::error_code ec;
         unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
         if (!fd) co_return self->fail(errno_code(errno));
@@ -280,7 +288,8 @@ private:
         ec = co_await authenticate_as_client(self->socket_, self->key_, handshake_timeout);
         if (ec) {
             // A server that refuses the peer (uid) closes before its challenge.
-            if (ec == asio::error::eof || ec == asio::error::connection_reset || ec == asio::error::broken_pipe)
+            if (ec == asio::error::eof || ec == asio::error::connection_reset ||
+                ec == asio::error::broken_pipe)
                 ec = errc::authentication_failed;
             co_return self->fail(wire::normalize(ec));
         }
@@ -303,9 +312,9 @@ private:
                 break;  // nothing expected: no pending read keeps the io_context busy
             const std::span<std::byte> room = self->decoder_.prepare(read_chunk);
             batch.clear();
-            const io::detail::attempt_result r =
-                io::detail::recv_attempt(self->socket_.native_handle(), asio::buffer(room.data(), room.size()),
-                                         self->control_, io::detail::socket_kind::stream, batch);
+            const io::detail::attempt_result r = io::detail::recv_attempt(
+                self->socket_.native_handle(), asio::buffer(room.data(), room.size()), self->control_,
+                io::detail::socket_kind::stream, batch);
             if (r.would_block) {
                 auto [ec] = co_await self->socket_.async_wait(asio::socket_base::wait_read, use_tuple);
                 if (ec) {
@@ -317,8 +326,9 @@ private:
 
             const bool truncated = r.ec == errc::control_truncated;
             if ((r.ec && !truncated && r.ec != errc::unexpected_control) || r.bytes == 0) {
-                self->fail(r.ec == asio::error::eof || r.bytes == 0 ? std::make_error_code(std::errc::connection_reset)
-                                                                    : wire::normalize(r.ec));
+                self->fail(r.ec == asio::error::eof || r.bytes == 0
+                               ? std::make_error_code(std::errc::connection_reset)
+                               : wire::normalize(r.ec));
                 break;
             }
             self->decoder_.commit(r.bytes, std::move(batch), truncated);
@@ -423,7 +433,8 @@ private:
         }
         confirmed_.clear();
         // Ids below up_to that were refused or given back are not "delivered": the server ignores them.
-        if (c.ids.size() > native::max_confirm_ids) c.ids.resize(native::max_confirm_ids);  // never in practice
+        if (c.ids.size() > native::max_confirm_ids)
+            c.ids.resize(native::max_confirm_ids);  // never in practice
         if (c.ids.empty()) {
             const std::size_t at = out_.size();
             out_.resize(at + 4 + 13);
@@ -479,28 +490,34 @@ public:
 
     explicit fetch_service(asio::execution_context& ctx) : asio::execution_context::service(ctx) {}
 
-    std::shared_ptr<fetch_connection> connection_for(const asio::any_io_executor& ex, const std::string& address,
-                                                     const authkey& key, clock::duration handshake_timeout) {
+    std::shared_ptr<fetch_connection> connection_for(const asio::any_io_executor& ex,
+                                                     const std::string& address, const authkey& family_key,
+                                                     clock::duration handshake_timeout) {
         const auto now = clock::now();
         std::shared_ptr<fetch_connection> created;
         {
             std::lock_guard lock(mutex_);
-            auto [first, last] = pool_.equal_range(address);
-            for (auto it = first; it != last;) {
-                if (!it->second->usable(now)) {
-                    // Dead or idle too long: closed on its strand once its last user lets go.
+            // Dead or idle connections (to any server) are closed on their strands; an idle one
+            // has no operation pending, so this is the moment it goes.
+            if (pool_.size() > 1 || (!pool_.empty() && !pool_.begin()->second->usable(now))) {
+                for (auto it = pool_.begin(); it != pool_.end();) {
+                    if (it->second->usable(now)) {
+                        ++it;
+                        continue;
+                    }
                     auto stale = std::move(it->second);
                     it = pool_.erase(it);
                     asio::post(stale->strand(), [stale] { stale->shutdown(); });
-                    continue;
                 }
-                if (it->second->key() == key) {
+            }
+            auto [first, last] = pool_.equal_range(address);
+            for (auto it = first; it != last; ++it) {
+                if (it->second->key() == family_key) {
                     it->second->touch(now);
                     return it->second;
                 }
-                ++it;
             }
-            created = std::make_shared<fetch_connection>(ex, address, key);
+            created = std::make_shared<fetch_connection>(ex, address, family_key);
             pool_.emplace(address, created);
         }
         created->start(handshake_timeout);
@@ -548,9 +565,11 @@ void start_fetch(const asio::any_io_executor& executor, const share_id& id, cons
         r.handshake_timeout = options.handshake_timeout;
         r.handler = std::move(handler);
         const strand_type strand = conn->strand();
-        asio::post(strand, [conn = std::move(conn), r = std::move(r)]() mutable { conn->submit(std::move(r)); });
+        asio::post(strand,
+                   [conn = std::move(conn), r = std::move(r)]() mutable { conn->submit(std::move(r)); });
     } catch (const std::system_error& e) {
-        if (handler) asio::post(executor, asio::append(std::move(handler), e.code(), std::vector<unique_fd>{}));
+        if (handler)
+            asio::post(executor, asio::append(std::move(handler), e.code(), std::vector<unique_fd>{}));
     }
 }
 

@@ -34,17 +34,17 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cstring>
-#include <tuple>
-#include <variant>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <future>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
+#include <tuple>
 #include <unordered_map>
 #include <unordered_set>
+#include <variant>
 
 namespace steward::detail {
 namespace {
@@ -307,7 +307,8 @@ public:
         if (!strand) {
             // Never started: nothing runs anywhere, clean up here.
             close_everything_now();
-            complete_later(user_executor_ ? *user_executor_ : asio::any_io_executor{}, std::move(handler), {});
+            complete_later(user_executor_ ? *user_executor_ : asio::any_io_executor{}, std::move(handler),
+                           {});
             return;
         }
         auto self = shared_from_this();
@@ -434,12 +435,14 @@ private:
     }
 
     void start_background_locked() {
-        if (user_executor_) throw std::logic_error("steward::sharer: built with an executor; no background thread");
+        if (user_executor_)
+            throw std::logic_error("steward::sharer: built with an executor; no background thread");
         background_wanted_ = true;
         if (background_ctx_) return;
         check_io_uring();
         auto ctx = std::make_unique<asio::io_context>(1);
-        auto guard = std::make_unique<asio::executor_work_guard<asio::io_context::executor_type>>(ctx->get_executor());
+        auto guard =
+            std::make_unique<asio::executor_work_guard<asio::io_context::executor_type>>(ctx->get_executor());
         // All signals blocked in the server thread: they go to the application's threads.
         sigset_t all, old;
         sigfillset(&all);
@@ -474,7 +477,7 @@ private:
             bases.push_back(options_.socket_base_dir);
         } else {
             if (const char* xdg = std::getenv("XDG_RUNTIME_DIR"); xdg && xdg[0] == '/') {
-                struct stat st{};
+                struct stat st {};
                 if (::stat(xdg, &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == ::geteuid() &&
                     ::access(xdg, W_OK | X_OK) == 0)
                     bases.emplace_back(xdg);
@@ -487,7 +490,7 @@ private:
             while (base.size() > 1 && base.back() == '/') base.pop_back();
             std::string templ = base + "/steward-XXXXXX";
             if (templ.size() + 2 > max_sun_path) continue;  // "/s" must still fit
-            if (!::mkdtemp(templ.data())) {  // mkdtemp creates the directory 0700
+            if (!::mkdtemp(templ.data())) {                 // mkdtemp creates the directory 0700
                 last = errno_code(errno);
                 continue;
             }
@@ -511,8 +514,8 @@ private:
             dir_ = std::move(templ);
             path_ = std::move(path);
             listener_fd_ = fd.get();
-            asio::post(*strand_, [self = shared_from_this(), gen = generation_, f = std::make_shared<unique_fd>(
-                                                                                    std::move(fd))]() mutable {
+            asio::post(*strand_, [self = shared_from_this(), gen = generation_,
+                                  f = std::make_shared<unique_fd>(std::move(fd))]() mutable {
                 self->start_accepting(gen, std::move(*f));
             });
             return {};
@@ -727,7 +730,7 @@ private:
             std::vector<sharer_stop_handler> waiters;
             std::optional<clock::time_point> next;
             {
-                std::lock_guard lock(self->mutex_);
+                std::lock_guard relock(self->mutex_);
                 if (gen != self->generation_) return;
                 self->sweep_armed_ = false;
                 self->sweep_locked(clock::now());
@@ -741,11 +744,13 @@ private:
     }
 
     // Closes a connection after idle_timeout without traffic and with nothing unconfirmed.
-    static void arm_idle(const std::shared_ptr<sharer_impl>& self, const std::shared_ptr<sharer_connection>& conn) {
+    static void arm_idle(const std::shared_ptr<sharer_impl>& self,
+                         const std::shared_ptr<sharer_connection>& conn) {
         conn->idle_timer.expires_at(conn->last_activity + self->options_.idle_timeout);
         conn->idle_timer.async_wait([self, conn](std::error_code ec) {
             if (ec || !conn->socket.is_open()) return;
-            if (conn->unconfirmed.empty() && clock::now() >= conn->last_activity + self->options_.idle_timeout) {
+            if (conn->unconfirmed.empty() &&
+                clock::now() >= conn->last_activity + self->options_.idle_timeout) {
                 conn->idle_closed = true;
                 self->count(&sharer_stats::idle_timeouts);
                 std::error_code ignored;
@@ -795,7 +800,8 @@ private:
         conn->peer_pid = cred.pid;
 
         // 2. The mutual HMAC handshake, under its own deadline.
-        std::error_code ec = co_await authenticate_as_server(conn->socket, self->key_, self->options_.handshake_timeout);
+        std::error_code ec =
+            co_await authenticate_as_server(conn->socket, self->key_, self->options_.handshake_timeout);
         if (ec) {
             if (ec == errc::timed_out)
                 self->count(&sharer_stats::handshake_timeouts);
@@ -846,11 +852,13 @@ private:
 
         // The next frame's payload (valid until the next call), or an error (eof, limit_exceeded,
         // malformed_message, socket errors).
-        asio::awaitable<std::error_code> next_frame(local_socket& socket, std::span<const std::byte>& payload) {
+        asio::awaitable<std::error_code> next_frame(local_socket& socket,
+                                                    std::span<const std::byte>& payload) {
             for (;;) {
                 const auto have = std::span<const std::byte>(buffer_).subspan(begin_, end_ - begin_);
                 const framing::frame_probe probe = framing::probe_frame(have, max_payload_);
-                if (probe.status == framing::frame_status::too_large) co_return make_error_code(errc::limit_exceeded);
+                if (probe.status == framing::frame_status::too_large)
+                    co_return make_error_code(errc::limit_exceeded);
                 if (probe.status == framing::frame_status::malformed)
                     co_return make_error_code(errc::malformed_message);
                 if (probe.status == framing::frame_status::frame) {
@@ -945,33 +953,37 @@ private:
         std::byte ack{};
         auto [rec, n] = co_await read_one(conn->socket, ack);
         (void)n;
-        if (rec == asio::error::connection_reset || rec == std::errc::connection_reset) co_return;  // put back
+        if (rec == asio::error::connection_reset || rec == std::errc::connection_reset)
+            co_return;                             // put back
         if (conn->unconfirmed.empty()) co_return;  // stop() closed it meanwhile
         taken_share done = std::move(conn->unconfirmed.front());
         conn->unconfirmed.pop_front();
         self->delivered(done, conn->generation);
     }
 
-    static asio::awaitable<std::tuple<std::error_code, std::size_t>> read_one(local_socket& socket, std::byte& b) {
+    static asio::awaitable<std::tuple<std::error_code, std::size_t>> read_one(local_socket& socket,
+                                                                              std::byte& b) {
         for (;;) {
             const ssize_t n = ::recv(socket.native_handle(), &b, 1, MSG_DONTWAIT);
             if (n >= 0) co_return std::tuple{std::error_code{}, static_cast<std::size_t>(n)};
             if (errno == EINTR) continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK) co_return std::tuple{errno_code(errno), std::size_t{0}};
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                co_return std::tuple{errno_code(errno), std::size_t{0}};
             auto [ec] = co_await socket.async_wait(asio::socket_base::wait_read, use_tuple);
             if (ec) co_return std::tuple{ec, std::size_t{0}};
         }
     }
 
-    static asio::awaitable<void> send_error(local_socket& socket, native::error_code_value code, const char* text) {
+    static asio::awaitable<void> send_error(local_socket& socket, native::error_code_value code,
+                                            const char* text) {
         std::vector<std::byte> out;
         native::append_frame(out, native::error{code, text});
         (void)co_await send_fully(socket, out, {});
     }
 
     static asio::awaitable<void> serve_native(const std::shared_ptr<sharer_impl>& self,
-                                              const std::shared_ptr<sharer_connection>& conn, connection_reader& reader,
-                                              std::span<const std::byte> first) {
+                                              const std::shared_ptr<sharer_connection>& conn,
+                                              connection_reader& reader, std::span<const std::byte> first) {
         std::error_code ec;
         const native::message hello_msg = native::decode(first, ec);
         if (ec || !std::holds_alternative<native::hello>(hello_msg)) {
@@ -1007,7 +1019,8 @@ private:
             if (ec) {
                 note_read_error(self, ec);
                 if (ec == errc::limit_exceeded)
-                    co_await send_error(conn->socket, native::error_code_value::limit_exceeded, "frame too large");
+                    co_await send_error(conn->socket, native::error_code_value::limit_exceeded,
+                                        "frame too large");
                 co_return;
             }
             conn->last_activity = clock::now();
@@ -1028,21 +1041,23 @@ private:
                 if (conn->unconfirmed.size() >= max_unconfirmed) {
                     const std::size_t at = out.size();
                     out.resize(at + wire::reply_frame_size);
-                    wire::put_reply(out.data() + at, native::failure_reply(f->request_id, native::reply_status::busy));
+                    wire::put_reply(out.data() + at,
+                                    native::failure_reply(f->request_id, native::reply_status::busy));
                     continue;
                 }
                 std::optional<share_entry> entry = self->take(f->key, conn->peer_pid, conn->generation);
                 if (!entry) {
                     const std::size_t at = out.size();
                     out.resize(at + wire::reply_frame_size);
-                    wire::put_reply(out.data() + at,
-                                    native::failure_reply(f->request_id, native::reply_status::not_available));
+                    wire::put_reply(out.data() + at, native::failure_reply(
+                                                         f->request_id, native::reply_status::not_available));
                     continue;
                 }
                 // Order on the wire: coalesced frames first, then this reply's parts back to back.
                 if (!out.empty()) {
                     if (co_await send_fully(conn->socket, out, {})) {
-                        self->put_back(taken_share{f->request_id, f->key, std::move(*entry)}, conn->generation);
+                        self->put_back(taken_share{f->request_id, f->key, std::move(*entry)},
+                                       conn->generation);
                         co_return;
                     }
                     out.clear();
@@ -1063,7 +1078,8 @@ private:
                     wire::put_reply(frame.data(), part);
                     fd_numbers.clear();
                     for (std::size_t k = 0; k < part.part_fds; ++k)
-                        fd_numbers.push_back(t.entry.fds[std::size_t{i} * native::max_fds_per_part + k].get());
+                        fd_numbers.push_back(
+                            t.entry.fds[std::size_t{i} * native::max_fds_per_part + k].get());
                     const int err = co_await send_fully(conn->socket, frame, fd_numbers);
                     if (err == ETOOMANYREFS && i == 0) {
                         // Nothing went out: keep the share, tell the client.
@@ -1072,8 +1088,9 @@ private:
                         self->put_back(std::move(back), conn->generation);
                         const std::size_t at = out.size();
                         out.resize(at + wire::reply_frame_size);
-                        wire::put_reply(out.data() + at,
-                                        native::failure_reply(f->request_id, native::reply_status::server_error));
+                        wire::put_reply(
+                            out.data() + at,
+                            native::failure_reply(f->request_id, native::reply_status::server_error));
                         break;
                     }
                     if (err) co_return;  // mid-reply: the connection is unusable; cleanup puts it back
@@ -1097,8 +1114,9 @@ private:
                 continue;
             }
             if (auto* g = std::get_if<native::give_back>(&msg)) {
-                auto it = std::find_if(conn->unconfirmed.begin(), conn->unconfirmed.end(),
-                                       [id = g->request_id](const taken_share& t) { return t.request_id == id; });
+                auto it =
+                    std::find_if(conn->unconfirmed.begin(), conn->unconfirmed.end(),
+                                 [id = g->request_id](const taken_share& t) { return t.request_id == id; });
                 if (it != conn->unconfirmed.end()) {
                     taken_share t = std::move(*it);
                     conn->unconfirmed.erase(it);
@@ -1108,7 +1126,8 @@ private:
             }
             if (std::holds_alternative<native::error>(msg)) co_return;
             self->count(&sharer_stats::protocol_errors);
-            co_await send_error(conn->socket, native::error_code_value::protocol_violation, "unexpected message");
+            co_await send_error(conn->socket, native::error_code_value::protocol_violation,
+                                "unexpected message");
             co_return;
         }
     }
@@ -1146,7 +1165,8 @@ private:
             }
             if (!busy || clock::now() >= deadline) break;
             const asio::any_io_executor ex = co_await asio::this_coro::executor;
-            asio::steady_timer t(ex, std::min<clock::duration>(std::chrono::milliseconds(5), deadline - clock::now()));
+            asio::steady_timer t(
+                ex, std::min<clock::duration>(std::chrono::milliseconds(5), deadline - clock::now()));
             co_await t.async_wait(use_tuple);
         }
         for (auto& c : conns) {
@@ -1239,7 +1259,9 @@ void sharer::start_background() {
     impl_->start_background();
 }
 
-asio::any_io_executor sharer::get_executor() const { return impl_ ? impl_->executor() : asio::any_io_executor{}; }
+asio::any_io_executor sharer::get_executor() const {
+    return impl_ ? impl_->executor() : asio::any_io_executor{};
+}
 
 share_id sharer::share(int fd, share_options options) {
     std::error_code ec;
@@ -1267,13 +1289,21 @@ share_id sharer::share(std::span<const int> fds, std::error_code& ec, share_opti
     return impl_->share(fds, options, ec);
 }
 
-bool sharer::revoke(const share_id& id) noexcept { return impl_ && impl_->revoke(id); }
+bool sharer::revoke(const share_id& id) noexcept {
+    return impl_ && impl_->revoke(id);
+}
 
-std::size_t sharer::pending() const noexcept { return impl_ ? impl_->pending() : 0; }
+std::size_t sharer::pending() const noexcept {
+    return impl_ ? impl_->pending() : 0;
+}
 
-sharer_stats sharer::stats() const noexcept { return impl_ ? impl_->stats() : sharer_stats{}; }
+sharer_stats sharer::stats() const noexcept {
+    return impl_ ? impl_->stats() : sharer_stats{};
+}
 
-std::string sharer::address() const { return impl_ ? impl_->address() : std::string{}; }
+std::string sharer::address() const {
+    return impl_ ? impl_->address() : std::string{};
+}
 
 void sharer::stop(std::chrono::steady_clock::duration timeout) noexcept {
     if (impl_) impl_->stop_blocking(timeout);
