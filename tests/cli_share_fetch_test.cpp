@@ -29,6 +29,17 @@ namespace {
 
 const auto needs_io_uring = boost::unit_test::precondition(steward::test::io_uring_available);
 
+// Each test decides which key its children see; one inherited from the caller would blur that.
+struct no_inherited_key {
+    no_inherited_key() { ::unsetenv("STEWARD_AUTHKEY"); }
+};
+
+}  // namespace
+
+BOOST_TEST_GLOBAL_FIXTURE(no_inherited_key);
+
+namespace {
+
 std::vector<std::string> split(const std::string& line, char sep = ' ') {
     std::vector<std::string> fields;
     std::string field;
@@ -295,6 +306,32 @@ BOOST_AUTO_TEST_CASE(share_with_authkey_option_and_no_environment_key, *needs_io
     const auto r = share.finish();
     BOOST_TEST(r.status == 0);
     BOOST_TEST(r.err.find("STEWARD_AUTHKEY") == std::string::npos, "no key notice when --authkey is given");
+}
+
+BOOST_AUTO_TEST_CASE(share_without_a_key_announces_the_one_fetchers_need, *needs_io_uring) {
+    runtime_dir dir;  // and no STEWARD_AUTHKEY anywhere: the share makes up a key
+    cli_process share({"share", "/etc/hostname"}, dir.env());
+    const share_line line(share.read_line());
+    BOOST_TEST(share.read_err_line().find("STEWARD_AUTHKEY is not set") != std::string::npos);
+    const std::string export_line = share.read_err_line();
+    const std::string prefix = "  export STEWARD_AUTHKEY=";
+    BOOST_REQUIRE_MESSAGE(export_line.starts_with(prefix), export_line);
+    const std::string hex = export_line.substr(prefix.size());
+    std::error_code ec;
+    (void)steward::authkey::from_hex(hex, ec);
+    BOOST_REQUIRE_MESSAGE(!ec, "not a key: " << hex);
+
+    const auto keyless = run_cli({"fetch", line.id_text}, dir.env());
+    BOOST_TEST(keyless.status != 0);
+    BOOST_TEST(keyless.err.find("STEWARD_AUTHKEY is not set and no --authkey was given") != std::string::npos,
+               keyless.err);
+
+    std::vector<std::string> env = dir.env();
+    env.push_back("STEWARD_AUTHKEY=" + hex);
+    const auto fetched = run_cli({"fetch", line.id_text}, env);
+    BOOST_TEST(fetched.status == 0, fetched.err);
+    BOOST_TEST(share.finish().status == 0);
+    BOOST_TEST(dir.empty());
 }
 
 BOOST_AUTO_TEST_CASE(ttl_expiry_ends_share_with_status_1, *needs_io_uring) {

@@ -15,6 +15,7 @@
 #include <asio/as_tuple.hpp>
 #include <asio/buffer.hpp>
 #include <asio/co_spawn.hpp>
+#include <asio/experimental/awaitable_operators.hpp>
 #include <asio/io_context.hpp>
 #include <asio/ip/tcp.hpp>
 #include <asio/read.hpp>
@@ -123,6 +124,12 @@ asio::awaitable<bool> sharer_story(asio::io_context& ctx) {
         client.close(ignored);
         worker.kill(ignored);
     });
+    // A worker that fails early (say, its fetch is refused) ends the wait for its answer at once.
+    worker.async_wait([&](std::error_code ec, io::exit_status st) {
+        if (ec || st.success()) return;
+        std::error_code ignored;
+        client.close(ignored);
+    });
 
     // The connection waits in the listen backlog until the worker, now owning the listener, accepts.
     const std::string request = "which notes did you get?\n";
@@ -142,6 +149,12 @@ asio::awaitable<bool> sharer_story(asio::io_context& ctx) {
     say("parent: asked on 127.0.0.1:" + std::to_string(port) + ", the worker answered: \"" + reply + "\"");
 
     auto [wec, status] = co_await worker.async_wait(asio::as_tuple(asio::use_awaitable));
+    // The worker's receipt reaches the server through the socket: wait until it was processed.
+    if (!wec && status.success() && !timed_out) {
+        using namespace asio::experimental::awaitable_operators;
+        co_await (server.async_wait_empty(asio::as_tuple(asio::use_awaitable)) ||
+                  deadline.async_wait(asio::as_tuple(asio::use_awaitable)));
+    }
     deadline.cancel();
     bool ok = true;
     auto check = [&](bool good, const std::string& what) {

@@ -28,8 +28,8 @@ namespace steward::test {
 /// How a finished CLI run ended and what it wrote.
 struct cli_result {
     int status = -1;  ///< exit code, or 128 + signal number when killed
-    std::string out;  ///< everything written to stdout (after the lines read with read_line())
-    std::string err;  ///< everything written to stderr
+    std::string out;  ///< what was written to stdout after the lines read with read_line()
+    std::string err;  ///< what was written to stderr after the lines read with read_err_line()
 };
 
 /// One running `steward ARGS...`.
@@ -71,25 +71,11 @@ public:
 
     /// The next line of stdout (without the newline). Fails the test at EOF or after @p limit.
     std::string read_line(std::chrono::milliseconds limit = default_limit) {
-        const auto deadline = std::chrono::steady_clock::now() + limit;
-        for (;;) {
-            if (const auto nl = out_buffer_.find('\n'); nl != std::string::npos) {
-                std::string line = out_buffer_.substr(0, nl);
-                out_buffer_.erase(0, nl + 1);
-                return line;
-            }
-            const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-                deadline - std::chrono::steady_clock::now());
-            BOOST_REQUIRE_MESSAGE(left.count() > 0, "no line from steward within the limit; stdout so far: '"
-                                                        << out_buffer_ << "'");
-            pollfd pfd{out_.get(), POLLIN, 0};
-            const int ready = ::poll(&pfd, 1, static_cast<int>(left.count()));
-            if (ready <= 0) continue;
-            char buffer[4096];
-            const ssize_t n = ::read(out_.get(), buffer, sizeof buffer);
-            BOOST_REQUIRE_MESSAGE(n > 0, "steward closed stdout before a full line: '" << out_buffer_ << "'");
-            out_buffer_.append(buffer, static_cast<std::size_t>(n));
-        }
+        return read_line_from(out_.get(), out_buffer_, limit);
+    }
+    /// The next line of stderr, as read_line().
+    std::string read_err_line(std::chrono::milliseconds limit = default_limit) {
+        return read_line_from(err_.get(), err_buffer_, limit);
     }
 
     /// Sends @p signo to the child (through its pidfd).
@@ -102,6 +88,8 @@ public:
         cli_result result;
         result.out = std::move(out_buffer_);
         out_buffer_.clear();
+        result.err = std::move(err_buffer_);
+        err_buffer_.clear();
         bool out_open = true;
         bool err_open = true;
         while (out_open || err_open) {
@@ -135,11 +123,34 @@ public:
     }
 
 private:
+    static std::string read_line_from(int fd, std::string& buffered, std::chrono::milliseconds limit) {
+        const auto deadline = std::chrono::steady_clock::now() + limit;
+        for (;;) {
+            if (const auto nl = buffered.find('\n'); nl != std::string::npos) {
+                std::string line = buffered.substr(0, nl);
+                buffered.erase(0, nl + 1);
+                return line;
+            }
+            const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                deadline - std::chrono::steady_clock::now());
+            BOOST_REQUIRE_MESSAGE(left.count() > 0, "no line from steward within the limit; so far: '"
+                                                        << buffered << "'");
+            pollfd pfd{fd, POLLIN, 0};
+            const int ready = ::poll(&pfd, 1, static_cast<int>(left.count()));
+            if (ready <= 0) continue;
+            char buffer[4096];
+            const ssize_t n = ::read(fd, buffer, sizeof buffer);
+            BOOST_REQUIRE_MESSAGE(n > 0, "steward closed its output before a full line: '" << buffered << "'");
+            buffered.append(buffer, static_cast<std::size_t>(n));
+        }
+    }
+
     asio::io_context ctx_{1};
     io::child_process child_;
     unique_fd out_;
     unique_fd err_;
     std::string out_buffer_;
+    std::string err_buffer_;
 };
 
 /// Runs `steward ARGS...` to completion.
