@@ -9,6 +9,7 @@
 #include <steward/sharer.hpp>
 
 #include "sharer/handshake_driver.hpp"
+#include "sharer/native_protocol.hpp"
 
 #include <asio/as_tuple.hpp>
 #include <asio/local/stream_protocol.hpp>
@@ -373,4 +374,59 @@ STEWARD_CORO_TEST(connection_limit_and_unknown_first_frame) {
         co_await s.async_stop(std::chrono::seconds(1), asio::use_awaitable);
     }
     BOOST_TEST(open_fd_count() <= before + 1);
+}
+
+STEWARD_CORO_TEST(unconfirmed_delivery_goes_back_when_the_peer_leaves) {
+    const int before = baseline_fd_count(ctx);
+    {
+        sharer s(ctx.get_executor());
+        unique_fd memfd = t::make_memfd("kept until confirmed");
+        const share_id id = s.share(memfd.get());
+        {
+            // A native client that receives the reply and goes away without CONFIRM.
+            auto raw = connect_raw(ctx, id.address());
+            std::error_code ec = co_await detail::authenticate_as_client(raw, authkey::family());
+            BOOST_REQUIRE(!ec);
+            std::vector<std::byte> out;
+            detail::native::append_frame(out, detail::native::hello{});
+            detail::native::append_frame(out, detail::native::fetch{1, id.key()});
+            ec = co_await detail::send_all(raw, out);
+            BOOST_REQUIRE(!ec);
+            // HELLO_ACK (19 bytes) then the REPLY (28 bytes, with the descriptor): read them all.
+            std::array<char, 47> in{};
+            auto [rec, n] = co_await asio::async_read(raw, asio::buffer(in), use_tuple);
+            BOOST_TEST(!rec);
+            BOOST_TEST(n == in.size());
+            BOOST_TEST(s.pending() == 1u);  // in transfer, not yet delivered
+        }  // closed: the received descriptor (dropped unread by the kernel) and the connection
+        co_await wait_until(ctx, [&] { return s.stats().returned == 1; });
+        BOOST_TEST(s.stats().returned == 1u);
+        BOOST_TEST(s.stats().delivered == 0u);
+        auto [fec, fds] = co_await async_fetch(ctx.get_executor(), id, use_tuple);
+        BOOST_TEST(!fec);
+        BOOST_REQUIRE(fds.size() == 1u);
+        BOOST_TEST(t::read_contents(fds[0].get()) == "kept until confirmed");
+        co_await s.async_stop(std::chrono::seconds(1), asio::use_awaitable);
+    }
+    BOOST_TEST(open_fd_count() <= before + 1);
+}
+
+STEWARD_CORO_TEST(idle_connections_are_closed_and_counted) {
+    const int before = baseline_fd_count(ctx);
+    {
+        sharer_options opts;
+        opts.idle_timeout = std::chrono::milliseconds(100);
+        sharer s(ctx.get_executor(), opts);
+        unique_fd memfd = t::make_memfd("x");
+        const share_id id = s.share(memfd.get());
+        auto raw = connect_raw(ctx, id.address());
+        std::error_code ec = co_await detail::authenticate_as_client(raw, authkey::family());
+        BOOST_REQUIRE(!ec);
+        const bool closed = co_await closed_by_peer(raw);  // says nothing after the handshake
+        BOOST_TEST(closed);
+        BOOST_TEST(s.stats().idle_timeouts == 1u);
+        BOOST_TEST(s.pending() == 1u);
+        co_await s.async_stop(std::chrono::seconds(1), asio::use_awaitable);
+    }
+    BOOST_TEST(open_fd_count() <= before);
 }

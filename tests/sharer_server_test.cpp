@@ -16,7 +16,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
+#include <future>
 #include <string>
 #include <thread>
 #include <vector>
@@ -406,5 +408,52 @@ BOOST_AUTO_TEST_CASE(socket_directory_falls_back_from_a_long_base,
         ::unsetenv("XDG_RUNTIME_DIR");
     for (std::string d = long_dir; d.size() >= std::string(templ).size(); d = parent_dir(d))
         ::rmdir(d.c_str());
+    BOOST_TEST(open_fd_count() == before);
+}
+
+BOOST_AUTO_TEST_CASE(share_from_many_threads_and_wait_empty,
+                     *boost::unit_test::precondition(t::io_uring_available)) {
+    const int before = open_fd_count();
+    {
+        sharer s;
+        s.start_background();
+        unique_fd memfd = t::make_memfd("x");
+        std::vector<std::vector<share_id>> per_thread(4);
+        std::vector<std::thread> threads;
+        for (int i = 0; i < 4; ++i)
+            threads.emplace_back([&, i] {
+                for (int k = 0; k < 100; ++k)
+                    per_thread[static_cast<std::size_t>(i)].push_back(s.share(memfd.get()));
+            });
+        for (auto& th : threads) th.join();
+        BOOST_TEST(s.pending() == 400u);
+
+        std::promise<std::error_code> empty;
+        s.async_wait_empty([&](std::error_code ec) { empty.set_value(ec); });
+        auto future = empty.get_future();
+        BOOST_TEST((future.wait_for(std::chrono::milliseconds(20)) == std::future_status::timeout));
+
+        // Revoke from one thread while another fetches: every share ends exactly once.
+        std::atomic<int> revoked{0};  // Boost.Test assertions are not thread-safe: count here
+        std::thread revoker([&] {
+            for (auto& id : per_thread[0])
+                if (s.revoke(id)) ++revoked;
+        });
+        int fetched = 0;
+        for (std::size_t i = 1; i < 4; ++i)
+            for (auto& id : per_thread[i]) {
+                std::error_code ec;
+                if (fetch(id, ec).size() == 1) ++fetched;
+            }
+        revoker.join();
+        BOOST_TEST(revoked.load() == 100);
+        BOOST_TEST(fetched == 300);
+        BOOST_REQUIRE((future.wait_for(std::chrono::seconds(10)) == std::future_status::ready));
+        BOOST_TEST(!future.get());
+        BOOST_TEST(s.pending() == 0u);
+        const sharer_stats st = s.stats();
+        BOOST_TEST(st.delivered == 300u);
+        BOOST_TEST(st.revoked == 100u);
+    }
     BOOST_TEST(open_fd_count() == before);
 }
