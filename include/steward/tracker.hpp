@@ -11,7 +11,10 @@
 /// - fork(): the child inherits the object and keeps using it (the same daemon, through the
 ///   inherited write end). The child never waits on or signals the parent's daemon, and it forgets
 ///   the parent's registrations (a daemon the child relaunches must not clean up the parent's
-///   resources). Fork from a thread while no other thread is inside a tracker call.
+///   resources). Fork from a thread while no other thread is inside a tracker call. The blocking
+///   calls work in the child as they are; asynchronous ones complete only if the child runs the
+///   tracker's io_context (after `notify_fork(fork_child)`).
+/// - Moved-from trackers may only be assigned to or destroyed.
 /// - exec: the write end must be inherited and named to the new program. Recommended: spawn the
 ///   program with steward::io::async_spawn() mapping fd() to a fixed number and adding
 ///   environment_entry(that number) to its environment, e.g.

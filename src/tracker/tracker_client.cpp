@@ -14,8 +14,8 @@
 // recycled, so a message costs no allocation of its own beyond what the completion handler needs.
 //
 // Registrations this process made (and has not unregistered) are remembered from the moment the call
-// is accepted. Whenever a daemon is (re)started, that set is written first as REGISTER lines, and the
-// bytes of every batch still queued are dropped (their effect is already in the set; replaying an
+// is accepted. When a daemon is relaunched after a death, that set is written first as REGISTER
+// lines, and the bytes of every batch still queued are dropped (their effect is already in the set; replaying an
 // UNREGISTER the new daemon never saw would only produce a warning). Their callers complete once the
 // set has been written.
 #include <steward/tracker.hpp>
