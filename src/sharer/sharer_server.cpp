@@ -109,7 +109,29 @@ public:
         fork_registry::add(this);
     }
 
-    ~sharer_impl() { fork_registry::remove(this); }
+    ~sharer_impl() {
+        fork_registry::remove(this);
+        if (!background_thread_) return;
+        // Normally join_background() ran already; this covers a sharer whose last reference went
+        // away on its own server thread (a handler destroyed it), which cannot join itself.
+        work_guard_.reset();
+        if (background_thread_id_ == std::this_thread::get_id()) {
+            background_thread_->detach();
+            // Its objects (and the context, still running this handler) are abandoned.
+            (void)background_ctx_.release();
+            (void)acceptor_.release();
+            (void)sweep_timer_.release();
+            new std::unordered_set<std::shared_ptr<sharer_connection>>(std::move(connections_));
+            new std::optional<strand_type>(std::move(strand_));
+            return;
+        }
+        background_ctx_->stop();
+        background_thread_->join();
+        acceptor_.reset();
+        sweep_timer_.reset();
+        connections_.clear();
+        strand_.reset();
+    }
 
     // fork() while another thread holds mutex_ would leave it locked forever in the child: every
     // sharer's mutex is taken around fork (pthread_atfork) so the child inherits it unlocked.
