@@ -30,6 +30,7 @@
 
 #include <asio/any_completion_handler.hpp>
 #include <asio/any_io_executor.hpp>
+#include <asio/associated_executor.hpp>
 #include <asio/async_result.hpp>
 
 #include <chrono>
@@ -38,6 +39,7 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <type_traits>
 
 namespace steward {
 
@@ -143,7 +145,11 @@ public:
     auto async_register(std::string_view name, resource_type type,
                         CompletionToken&& token = asio::default_completion_token_t<executor_type>()) {
         return asio::async_initiate<CompletionToken, void(std::error_code)>(
-            [this, name, type](auto handler) { initiate_message(true, name, type, std::move(handler)); }, token);
+            [this, name, type](auto handler) {
+                const bool direct = runs_on_own_executor(handler);
+                initiate_message(true, name, type, direct, std::move(handler));
+            },
+            token);
     }
 
     /// Unregisters @p name (it will not be removed at shutdown). As async_register() otherwise.
@@ -151,7 +157,10 @@ public:
     auto async_unregister(std::string_view name, resource_type type,
                           CompletionToken&& token = asio::default_completion_token_t<executor_type>()) {
         return asio::async_initiate<CompletionToken, void(std::error_code)>(
-            [this, name, type](auto handler) { initiate_message(false, name, type, std::move(handler)); },
+            [this, name, type](auto handler) {
+                const bool direct = runs_on_own_executor(handler);
+                initiate_message(false, name, type, direct, std::move(handler));
+            },
             token);
     }
 
@@ -215,8 +224,19 @@ public:
 
 private:
     void initiate_ensure_running(asio::any_completion_handler<void(std::error_code)> handler);
-    void initiate_message(bool register_it, std::string_view name, resource_type type,
+    void initiate_message(bool register_it, std::string_view name, resource_type type, bool direct,
                           asio::any_completion_handler<void(std::error_code)> handler);
+    // True when @p handler's associated executor is this tracker's executor (then a completion
+    // running on it may invoke the handler in place, as dispatch() would).
+    template <typename Handler>
+    bool runs_on_own_executor(const Handler& handler) const {
+        const executor_type own = get_executor();
+        const auto theirs = asio::get_associated_executor(handler, own);
+        if constexpr (std::is_same_v<std::decay_t<decltype(theirs)>, executor_type>)
+            return theirs == own;
+        else
+            return false;
+    }
     void initiate_stop(std::chrono::milliseconds timeout,
                        asio::any_completion_handler<void(std::error_code, std::optional<int>)> handler);
 

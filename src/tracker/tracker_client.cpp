@@ -73,6 +73,14 @@ namespace detail {
 namespace {
 
 using handler_type = asio::any_completion_handler<void(std::error_code)>;
+
+// A waiting caller. direct: its associated executor is the tracker's own (decided at initiation,
+// where the handler's type is still known), so a drain running on that executor may resume it in
+// place.
+struct waiting {
+    handler_type handler;
+    bool direct = false;
+};
 using stop_handler_type = asio::any_completion_handler<void(std::error_code, std::optional<int>)>;
 
 constexpr std::size_t batch_capacity = io::max_atomic_write;
@@ -96,7 +104,7 @@ struct sync_waiter {
 struct batch {
     batch* next = nullptr;
     std::size_t size = 0;
-    std::vector<handler_type> handlers;
+    std::vector<waiting> handlers;
     sync_waiter* waiters = nullptr;
     std::array<char, batch_capacity> bytes;
 };
@@ -155,7 +163,7 @@ public:
 
     // ---- entry points -----------------------------------------------------------------------
 
-    void async_message(bool reg, std::string_view name, resource_type type, handler_type handler) {
+    void async_message(bool reg, std::string_view name, resource_type type, handler_type handler, bool direct) {
         encoded msg;
         if (auto ec = encode(reg, name, type, msg)) {
             post_completion(std::move(handler), ec);
@@ -167,14 +175,14 @@ public:
         batch& b = room_locked(msg.size);
         std::memcpy(b.bytes.data() + b.size, msg.bytes.data(), msg.size);
         b.size += msg.size;
-        b.handlers.push_back(std::move(handler));
+        b.handlers.push_back({std::move(handler), direct});
         schedule_flush_locked();
     }
 
     void async_barrier(handler_type handler) {
         std::unique_lock lk(m_);
         check_fork_locked();
-        room_locked(0).handlers.push_back(std::move(handler));
+        room_locked(0).handlers.push_back({std::move(handler), false});
         schedule_flush_locked();
     }
 
@@ -207,8 +215,10 @@ public:
         }
         // Messages accepted before the stop are written before the write end is closed.
         auto self = shared_from_this();
-        room_locked(0).handlers.push_back(handler_type(
-            [self, timeout, h = std::move(handler)](std::error_code) mutable { self->close_for_stop(timeout, std::move(h)); }));
+        room_locked(0).handlers.push_back({handler_type([self, timeout, h = std::move(handler)](std::error_code) mutable {
+                                               self->close_for_stop(timeout, std::move(h));
+                                           }),
+                                           false});
         schedule_flush_locked();
     }
 
@@ -367,7 +377,7 @@ private:
     void drain_locked(std::unique_lock<std::mutex>& lk, sync_waiter* mine) {
         role_ = true;
         int batches = 0;
-        std::vector<handler_type> done;
+        std::vector<waiting> done;
         for (;;) {
             check_fork_locked();
             if (!inflight_) {
@@ -434,7 +444,7 @@ private:
         if (mine && (head_ || inflight_)) schedule_flush_locked();
     }
 
-    void take_locked(batch* b, std::error_code ec, std::vector<handler_type>& done) {
+    void take_locked(batch* b, std::error_code ec, std::vector<waiting>& done) {
         done.swap(b->handlers);
         for (sync_waiter* w = b->waiters; w; w = w->next) {
             w->ec = ec;
@@ -445,34 +455,29 @@ private:
     }
 
     // Completes @p done with last_ec_ (set by take_locked/fail_all_locked) outside the lock.
-    void complete_all(std::unique_lock<std::mutex>& lk, std::vector<handler_type>& done, bool post_only) {
+    void complete_all(std::unique_lock<std::mutex>& lk, std::vector<waiting>& done, bool post_only) {
         const std::error_code ec = last_ec_;
         if (done.empty()) return;
         lk.unlock();
         // The common case, a coroutine on the io_context this drain runs on, is resumed directly:
-        // exactly what dispatch() would do, without its type-erased executor round trips.
+        // exactly what dispatch() would do, without its type-erased executor round trips. Blocking
+        // callers' drains (post_only) never run handlers in place: they may hold locks of their own.
         using ctx_executor = asio::io_context::executor_type;
         const ctx_executor* here = post_only ? nullptr : ex_.target<ctx_executor>();
         if (here && !here->running_in_this_thread()) here = nullptr;
-        for (auto& h : done) {
-            if (post_only) {
-                asio::post(ex_, asio::append(std::move(h), ec));
-                continue;
-            }
-            if (here) {
-                const auto theirs = asio::get_associated_executor(h, ex_);
-                if (const auto* t = theirs.target<ctx_executor>(); t && *t == *here) {
-                    std::move(h)(ec);
-                    continue;
-                }
-            }
-            asio::dispatch(ex_, asio::append(std::move(h), ec));
+        for (auto& w : done) {
+            if (here && w.direct)
+                std::move(w.handler)(ec);
+            else if (post_only)
+                asio::post(ex_, asio::append(std::move(w.handler), ec));
+            else
+                asio::dispatch(ex_, asio::append(std::move(w.handler), ec));
         }
         done.clear();
         lk.lock();
     }
 
-    void fail_all_locked(std::error_code ec, std::vector<handler_type>& done) {
+    void fail_all_locked(std::error_code ec, std::vector<waiting>& done) {
         auto fail = [&](batch* b) {
             for (auto& h : b->handlers) done.push_back(std::move(h));
             for (sync_waiter* w = b->waiters; w; w = w->next) {
@@ -817,9 +822,9 @@ void tracker::initiate_ensure_running(asio::any_completion_handler<void(std::err
     impl_->async_barrier(std::move(handler));
 }
 
-void tracker::initiate_message(bool register_it, std::string_view name, resource_type type,
+void tracker::initiate_message(bool register_it, std::string_view name, resource_type type, bool direct,
                                asio::any_completion_handler<void(std::error_code)> handler) {
-    impl_->async_message(register_it, name, type, std::move(handler));
+    impl_->async_message(register_it, name, type, std::move(handler), direct);
 }
 
 void tracker::initiate_stop(std::chrono::milliseconds timeout,
