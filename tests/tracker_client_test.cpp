@@ -545,3 +545,64 @@ STEWARD_CORO_TEST(epipe_on_an_adopted_pipe_relaunches_a_daemon_and_re_registers)
     ::shm_unlink(y.c_str());
     BOOST_CHECK_MESSAGE(err.text().find("its pipe has no reader") != std::string::npos, err.text());
 }
+
+BOOST_AUTO_TEST_CASE(threads_and_coroutines_together_every_line_once_and_in_order,
+                     *boost::unit_test::precondition(st::io_uring_available)) {
+    asio::io_context ctx;
+    fd_count_guard fds(ctx);
+    st::temp_dir dir("mt");
+    const auto record = dir.path / "record.txt";
+    auto guard = asio::make_work_guard(ctx);
+    tracker t(ctx.get_executor(), tracker_options{st::make_recorder(dir.path, record)});
+    constexpr int coroutines = 200, threads = 4, per = 50;
+    std::atomic<int> finished{0};
+    std::atomic<int> errors{0};
+    auto name_of = [](const std::string& who, int k) { return "/tmp/stw_cl_mt_" + who + "_" + std::to_string(k); };
+    for (int c = 0; c < coroutines; ++c)
+        asio::co_spawn(
+            ctx,
+            [&, c]() -> asio::awaitable<void> {
+                for (int k = 0; k < per; ++k) {
+                    auto [ec] = co_await t.async_register(name_of("c" + std::to_string(c), k), resource_type::file,
+                                                          asio::as_tuple(asio::use_awaitable));
+                    if (ec) ++errors;
+                }
+                ++finished;
+            },
+            asio::detached);
+    std::vector<std::thread> runners;
+    for (int i = 0; i < 3; ++i) runners.emplace_back([&] { ctx.run(); });
+    std::vector<std::thread> callers;
+    for (int i = 0; i < threads; ++i)
+        callers.emplace_back([&, i] {
+            for (int k = 0; k < per; ++k) {
+                std::error_code ec;
+                t.register_resource(name_of("t" + std::to_string(i), k), resource_type::file, ec);
+                if (ec) ++errors;
+            }
+        });
+    for (auto& c : callers) c.join();
+    while (finished < coroutines) std::this_thread::sleep_for(1ms);
+    std::promise<std::error_code> stopped;
+    t.async_stop(10s, [&](std::error_code ec, std::optional<int>) { stopped.set_value(ec); });
+    BOOST_CHECK(!stopped.get_future().get());
+    guard.reset();
+    for (auto& r : runners) r.join();
+    BOOST_CHECK_EQUAL(errors.load(), 0);
+
+    const auto lines = lines_of(st::read_file(record));
+    BOOST_REQUIRE_EQUAL(lines.size(), static_cast<std::size_t>((coroutines + threads) * per));
+    std::map<std::string, int> next;  // per source: the k expected next
+    for (const auto& l : lines) {
+        const std::string prefix = "REGISTER:/tmp/stw_cl_mt_";
+        BOOST_REQUIRE_MESSAGE(l.rfind(prefix, 0) == 0 && l.size() > 5 && l.substr(l.size() - 5) == ":file",
+                              "torn line: " << l);
+        const std::string body = l.substr(prefix.size(), l.size() - prefix.size() - 5);
+        const auto us = body.rfind('_');
+        const std::string who = body.substr(0, us);
+        const int k = std::stoi(body.substr(us + 1));
+        BOOST_REQUIRE_MESSAGE(next[who] == k, who << ": expected " << next[who] << ", got " << k);
+        ++next[who];
+    }
+    BOOST_CHECK_EQUAL(next.size(), static_cast<std::size_t>(coroutines + threads));
+}
