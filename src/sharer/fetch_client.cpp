@@ -303,19 +303,39 @@ private:
         self->ensure_reader();
     }
 
+    // Delivered replies are collected over consecutive reads (each read returns one reply: the
+    // kernel never merges descriptor batches) and settled together when the socket has nothing
+    // more or a batch is full: one CONFIRM for all of them, written before their handlers run,
+    // so that a caller that tears down its io_context right after its fetch completed does not
+    // leave the delivery unconfirmed (the server would offer the share again).
+    static constexpr std::size_t settle_batch = 32;
+
+    bool settle() {
+        const bool had = !delivered_.empty() || !confirmed_.empty();
+        if (state_ != state::dead) send_confirmations();
+        complete_delivered();
+        if (state_ == state::dead) return had;
+        send_waiting();
+        disarm_timer_if_idle();
+        return had;
+    }
+
     static asio::awaitable<void> reader(std::shared_ptr<fetch_connection> self) {
         std::vector<unique_fd> batch;
         for (;;) {
             if (self->state_ == state::dead) break;
             if (self->state_ != state::hello_sent && self->in_flight_.empty() &&
-                !self->assembler_.in_progress() && self->decoder_.buffered() == 0)
+                !self->assembler_.in_progress() && self->decoder_.buffered() == 0) {
+                if (self->settle()) continue;
                 break;  // nothing expected: no pending read keeps the io_context busy
+            }
             const std::span<std::byte> room = self->decoder_.prepare(read_chunk);
             batch.clear();
             const io::detail::attempt_result r = io::detail::recv_attempt(
                 self->socket_.native_handle(), asio::buffer(room.data(), room.size()), self->control_,
                 io::detail::socket_kind::stream, batch);
             if (r.would_block) {
+                if (self->settle()) continue;
                 auto [ec] = co_await self->socket_.async_wait(asio::socket_base::wait_read, use_tuple);
                 if (ec) {
                     self->fail(wire::normalize(ec));
@@ -323,7 +343,6 @@ private:
                 }
                 continue;
             }
-
             const bool truncated = r.ec == errc::control_truncated;
             if ((r.ec && !truncated && r.ec != errc::unexpected_control) || r.bytes == 0) {
                 self->fail(r.ec == asio::error::eof || r.bytes == 0
@@ -339,15 +358,13 @@ private:
                 if (self->state_ == state::dead) break;
             }
             if (ec && self->state_ != state::dead) self->fail(ec);
-            // Confirm before handing the descriptors over, so that a caller that tears down its
-            // io_context right after its fetch completed does not leave the delivery unconfirmed
-            // (the server would offer the share again).
-            if (self->state_ != state::dead) self->send_confirmations();
-            self->complete_delivered();
             if (self->state_ == state::dead) break;
-            self->send_waiting();
-            self->disarm_timer_if_idle();
+            if (self->delivered_.size() >= settle_batch)
+                self->settle();
+            else
+                self->send_waiting();
         }
+        self->settle();  // a dead connection still hands over what arrived whole
         self->reader_running_ = false;
     }
 

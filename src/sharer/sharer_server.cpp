@@ -734,6 +734,22 @@ private:
         notify_empty(std::move(waiters), {});
     }
 
+    // Confirms the first @p n unconfirmed deliveries of @p conn.
+    void delivered_prefix(sharer_connection& conn, std::size_t n) {
+        std::vector<sharer_stop_handler> waiters;
+        {
+            std::lock_guard lock(mutex_);
+            if (conn.generation == generation_) {
+                for (std::size_t i = 0; i < n; ++i) in_transfer_.erase(conn.unconfirmed[i].key);
+                stats_.delivered += n;
+                waiters = take_empty_waiters_locked();
+            }
+        }
+        conn.unconfirmed.erase(conn.unconfirmed.begin(),
+                               conn.unconfirmed.begin() + static_cast<std::ptrdiff_t>(n));
+        notify_empty(std::move(waiters), {});
+    }
+
     void count(std::uint64_t sharer_stats::*field) {
         std::lock_guard lock(mutex_);
         ++(stats_.*field);
@@ -1120,10 +1136,13 @@ private:
                 continue;
             }
             if (auto* c = std::get_if<native::confirm>(&msg)) {
-                while (!conn->unconfirmed.empty() && conn->unconfirmed.front().request_id <= c->up_to) {
-                    taken_share t = std::move(conn->unconfirmed.front());
-                    conn->unconfirmed.pop_front();
-                    self->delivered(t, conn->generation);
+                // The cumulative part under one lock; the descriptors are closed after it.
+                std::size_t covered = 0;
+                while (covered < conn->unconfirmed.size() &&
+                       conn->unconfirmed[covered].request_id <= c->up_to)
+                    ++covered;
+                if (covered != 0) {
+                    self->delivered_prefix(*conn, covered);
                 }
                 for (std::uint64_t id : c->ids) {
                     auto it = std::find_if(conn->unconfirmed.begin(), conn->unconfirmed.end(),
