@@ -50,7 +50,8 @@ struct fd_count_guard {
         if (after != before)
             for (const auto& e : fs::directory_iterator("/proc/self/fd")) {
                 std::error_code ec;
-                BOOST_TEST_MESSAGE(e.path().filename().string() << " -> " << fs::read_symlink(e.path(), ec).string());
+                BOOST_TEST_MESSAGE(e.path().filename().string()
+                                   << " -> " << fs::read_symlink(e.path(), ec).string());
             }
     }
 };
@@ -94,7 +95,8 @@ STEWARD_CORO_TEST(thousand_coroutines_every_line_intact_complete_and_in_order) {
     // Names of varying length (some need JSON: a ':' or a non-ASCII byte) so batch edges fall
     // everywhere.
     auto name_of = [&](int c, int k) {
-        std::string n = "/tmp/stw_cl_" + std::to_string(::getpid()) + "_" + std::to_string(c) + "_" + std::to_string(k);
+        std::string n =
+            "/tmp/stw_cl_" + std::to_string(::getpid()) + "_" + std::to_string(c) + "_" + std::to_string(k);
         n.append(static_cast<std::size_t>((c * 7 + k * 13) % 90), 'x');
         if (c % 10 == 3) n += ":colon";
         if (c % 10 == 7) n += "\xc3\xa9";
@@ -132,7 +134,8 @@ STEWARD_CORO_TEST(thousand_coroutines_every_line_intact_complete_and_in_order) {
     BOOST_REQUIRE_EQUAL(lines.size(), static_cast<std::size_t>(coroutines * (per + 1)));
     std::map<std::string, std::size_t> position;
     const std::regex colon(R"re(^(REGISTER|UNREGISTER):(/tmp/stw_cl_[0-9_]+x*):file$)re");
-    const std::regex json(R"re(^\{"cmd":"(REGISTER|UNREGISTER)","rtype":"file","base64_name":"[A-Za-z0-9_=-]+"\}$)re");
+    const std::regex json(
+        R"re(^\{"cmd":"(REGISTER|UNREGISTER)","rtype":"file","base64_name":"[A-Za-z0-9_=-]+"\}$)re");
     for (std::size_t i = 0; i < lines.size(); ++i) {
         const bool ok = std::regex_match(lines[i], colon) || std::regex_match(lines[i], json);
         BOOST_REQUIRE_MESSAGE(ok, "torn or unexpected line " << i << ": " << lines[i]);
@@ -186,7 +189,8 @@ STEWARD_CORO_TEST(real_daemon_removes_registered_keeps_unregistered_blocking_cal
     BOOST_CHECK(!st::shm_exists(c));
     ::shm_unlink(b.c_str());
     const auto text = err.text();
-    BOOST_CHECK_MESSAGE(text.find("There appear to be 2 leaked shared_memory objects") != std::string::npos, text);
+    BOOST_CHECK_MESSAGE(text.find("There appear to be 2 leaked shared_memory objects") != std::string::npos,
+                        text);
     BOOST_CHECK_EQUAL(t.fd(), -1);
 }
 
@@ -195,11 +199,14 @@ STEWARD_CORO_TEST(message_too_long_and_invalid_names_write_nothing) {
     st::temp_dir dir("long");
     const auto record = dir.path / "record.txt";
     tracker t(ctx.get_executor(), tracker_options{st::make_recorder(dir.path, record)});
-    const std::string fits = "/" + std::string(512 - std::string("REGISTER::shared_memory\n").size() - 1, 'a');
+    const std::string fits =
+        "/" + std::string(512 - std::string("REGISTER::shared_memory\n").size() - 1, 'a');
     const std::string too_long = fits + "a";
-    auto [e1] = co_await t.async_register(too_long, resource_type::shared_memory, asio::as_tuple(asio::use_awaitable));
+    auto [e1] = co_await t.async_register(too_long, resource_type::shared_memory,
+                                          asio::as_tuple(asio::use_awaitable));
     BOOST_CHECK(e1 == steward::errc::message_too_long);
-    auto [e2] = co_await t.async_register(std::string(5000, 'b'), resource_type::file, asio::as_tuple(asio::use_awaitable));
+    auto [e2] = co_await t.async_register(std::string(5000, 'b'), resource_type::file,
+                                          asio::as_tuple(asio::use_awaitable));
     BOOST_CHECK(e2 == steward::errc::message_too_long);
     std::error_code e3;
     t.register_resource(too_long, resource_type::shared_memory, e3);
@@ -209,9 +216,11 @@ STEWARD_CORO_TEST(message_too_long_and_invalid_names_write_nothing) {
     auto [e4] = co_await t.async_register("/" + std::string(400, 'c') + ":", resource_type::shared_memory,
                                           asio::as_tuple(asio::use_awaitable));
     BOOST_CHECK(e4 == steward::errc::message_too_long);
-    auto [e5] = co_await t.async_register("", resource_type::shared_memory, asio::as_tuple(asio::use_awaitable));
+    auto [e5] =
+        co_await t.async_register("", resource_type::shared_memory, asio::as_tuple(asio::use_awaitable));
     BOOST_CHECK(e5 == std::errc::invalid_argument);
-    auto [e6] = co_await t.async_register("relative/file", resource_type::file, asio::as_tuple(asio::use_awaitable));
+    auto [e6] =
+        co_await t.async_register("relative/file", resource_type::file, asio::as_tuple(asio::use_awaitable));
     BOOST_CHECK(e6 == std::errc::invalid_argument);
     auto [e7] = co_await t.async_register("/x", resource_type::noop, asio::as_tuple(asio::use_awaitable));
     BOOST_CHECK(e7 == std::errc::invalid_argument);
@@ -231,15 +240,16 @@ STEWARD_CORO_TEST(executable_not_found_names_the_paths_tried) {
     BOOST_CHECK(ec == steward::errc::executable_not_found);
     BOOST_CHECK_MESSAGE(t.last_error_detail().find("/nonexistent/stw/steward-tracker") != std::string::npos,
                         t.last_error_detail());
-    auto [ec2] = co_await t.async_register("/stw_nf", resource_type::shared_memory, asio::as_tuple(asio::use_awaitable));
+    auto [ec2] = co_await t.async_register("/stw_nf", resource_type::shared_memory,
+                                           asio::as_tuple(asio::use_awaitable));
     BOOST_CHECK(ec2 == steward::errc::executable_not_found);
     try {
         t.register_resource("/stw_nf", resource_type::shared_memory);
         BOOST_ERROR("no exception");
     } catch (const std::system_error& e) {
         BOOST_CHECK(e.code() == steward::errc::executable_not_found);
-        BOOST_CHECK_MESSAGE(std::string(e.what()).find("/nonexistent/stw/steward-tracker") != std::string::npos,
-                            e.what());
+        BOOST_CHECK_MESSAGE(
+            std::string(e.what()).find("/nonexistent/stw/steward-tracker") != std::string::npos, e.what());
     }
     // A directory is not a program either.
     tracker d(ctx.get_executor(), tracker_options{"/tmp"});
@@ -335,7 +345,8 @@ STEWARD_CORO_TEST(daemon_has_only_stdio_pipe_and_ring_fds_and_ignores_int_term) 
         if (n == 3) {
             BOOST_CHECK_EQUAL(target, "pipe:[" + std::to_string(ours.st_ino) + "]");
         } else if (n > 3) {
-            BOOST_CHECK_MESSAGE(target.rfind("anon_inode:", 0) == 0, "unexpected daemon fd " << n << " -> " << target);
+            BOOST_CHECK_MESSAGE(target.rfind("anon_inode:", 0) == 0,
+                                "unexpected daemon fd " << n << " -> " << target);
         }
     }
     BOOST_CHECK(numbers.count(3));
@@ -388,9 +399,11 @@ STEWARD_CORO_TEST(daemon_killed_is_relaunched_with_every_registration_and_warns_
     ::shm_unlink(gone.c_str());
     const auto text = err.text();
     std::size_t warnings = 0;
-    for (std::size_t p = 0; (p = text.find("the tracker daemon is gone", p)) != std::string::npos; ++p) ++warnings;
+    for (std::size_t p = 0; (p = text.find("the tracker daemon is gone", p)) != std::string::npos; ++p)
+        ++warnings;
     BOOST_CHECK_MESSAGE(warnings == 1, text);
-    BOOST_CHECK_MESSAGE(text.find("There appear to be 5 leaked shared_memory objects") != std::string::npos, text);
+    BOOST_CHECK_MESSAGE(text.find("There appear to be 5 leaked shared_memory objects") != std::string::npos,
+                        text);
 }
 
 STEWARD_CORO_TEST(forked_child_registers_through_the_parent_daemon_and_never_owns_it) {
@@ -450,7 +463,7 @@ STEWARD_CORO_TEST(async_stop_returns_in_time_while_a_child_holds_the_pipe) {
     const auto took = std::chrono::steady_clock::now() - start;
     BOOST_CHECK(ec == steward::errc::timed_out);
     BOOST_CHECK(!status.has_value());
-    BOOST_CHECK_LT(took, 30s);  // bounded, not a hang (the limit itself is no timing target)
+    BOOST_CHECK_LT(took, 30s);          // bounded, not a hang (the limit itself is no timing target)
     BOOST_CHECK(st::shm_exists(name));  // the child's write end keeps the daemon alive
     ::close(go[1]);
     int wstatus = 0;
@@ -531,7 +544,8 @@ STEWARD_CORO_TEST(epipe_on_an_adopted_pipe_relaunches_a_daemon_and_re_registers)
     const std::string x = make_shm("epipe_x"), y = make_shm("epipe_y");
     co_await t.async_register(x, resource_type::shared_memory, asio::use_awaitable);
     read_end.reset();  // the "daemon" is gone: the next write fails with EPIPE
-    auto [ec] = co_await t.async_register(y, resource_type::shared_memory, asio::as_tuple(asio::use_awaitable));
+    auto [ec] =
+        co_await t.async_register(y, resource_type::shared_memory, asio::as_tuple(asio::use_awaitable));
     BOOST_CHECK(!ec);
     BOOST_CHECK_GT(t.daemon_pid(), 0);  // a daemon of its own now
     auto [sec, status] = co_await t.async_stop(10s, asio::as_tuple(asio::use_awaitable));
@@ -557,14 +571,17 @@ BOOST_AUTO_TEST_CASE(threads_and_coroutines_together_every_line_once_and_in_orde
     constexpr int coroutines = 200, threads = 4, per = 50;
     std::atomic<int> finished{0};
     std::atomic<int> errors{0};
-    auto name_of = [](const std::string& who, int k) { return "/tmp/stw_cl_mt_" + who + "_" + std::to_string(k); };
+    auto name_of = [](const std::string& who, int k) {
+        return "/tmp/stw_cl_mt_" + who + "_" + std::to_string(k);
+    };
     for (int c = 0; c < coroutines; ++c)
         asio::co_spawn(
             ctx,
             [&, c]() -> asio::awaitable<void> {
                 for (int k = 0; k < per; ++k) {
-                    auto [ec] = co_await t.async_register(name_of("c" + std::to_string(c), k), resource_type::file,
-                                                          asio::as_tuple(asio::use_awaitable));
+                    auto [ec] =
+                        co_await t.async_register(name_of("c" + std::to_string(c), k), resource_type::file,
+                                                  asio::as_tuple(asio::use_awaitable));
                     if (ec) ++errors;
                 }
                 ++finished;

@@ -41,7 +41,8 @@ void report(int fd, char kind, int pid) {
 }
 
 // Creates and destroys resources through @p t until killed. Never returns.
-[[noreturn]] void churn(tracker& t, const std::string& prefix, const fs::path& dir, int report_fd, unsigned seed) {
+[[noreturn]] void churn(tracker& t, const std::string& prefix, const fs::path& dir, int report_fd,
+                        unsigned seed) {
     std::mt19937 rng(seed ^ static_cast<unsigned>(::getpid()));
     std::vector<shared_memory> segments;
     std::vector<named_semaphore> semaphores;
@@ -58,30 +59,30 @@ void report(int fd, char kind, int pid) {
     for (unsigned i = 0;; ++i) {
         try {
             switch (rng() % 4) {
-            case 0:
-                segments.push_back(shared_memory::create(t, me + std::to_string(i), 4096));
-                if (segments.size() > 3) segments.erase(segments.begin());
-                break;
-            case 1:
-                semaphores.push_back(named_semaphore::create(t, me + "s" + std::to_string(i), 1));
-                if (semaphores.size() > 2) semaphores.erase(semaphores.begin());
-                break;
-            case 2: {
-                // Files follow the same order: register, create; remove, unregister.
-                const std::string path = (dir / (me + "f" + std::to_string(i))).string();
-                t.register_resource(path, resource_type::file);
-                const int fd = ::open(path.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
-                if (fd >= 0) ::close(fd);
-                files.push_back(path);
-                if (files.size() > 2) {
-                    ::unlink(files.front().c_str());
-                    t.unregister_resource(files.front(), resource_type::file);
-                    files.erase(files.begin());
+                case 0:
+                    segments.push_back(shared_memory::create(t, me + std::to_string(i), 4096));
+                    if (segments.size() > 3) segments.erase(segments.begin());
+                    break;
+                case 1:
+                    semaphores.push_back(named_semaphore::create(t, me + "s" + std::to_string(i), 1));
+                    if (semaphores.size() > 2) semaphores.erase(semaphores.begin());
+                    break;
+                case 2: {
+                    // Files follow the same order: register, create; remove, unregister.
+                    const std::string path = (dir / (me + "f" + std::to_string(i))).string();
+                    t.register_resource(path, resource_type::file);
+                    const int fd = ::open(path.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+                    if (fd >= 0) ::close(fd);
+                    files.push_back(path);
+                    if (files.size() > 2) {
+                        ::unlink(files.front().c_str());
+                        t.unregister_resource(files.front(), resource_type::file);
+                        files.erase(files.begin());
+                    }
+                    break;
                 }
-                break;
-            }
-            default:
-                ::usleep(static_cast<useconds_t>(rng() % 300));
+                default:
+                    ::usleep(static_cast<useconds_t>(rng() % 300));
             }
         } catch (...) {
             ::usleep(100);
@@ -89,7 +90,9 @@ void report(int fd, char kind, int pid) {
     }
 }
 
-std::string self_exe() { return fs::read_symlink("/proc/self/exe").string(); }
+std::string self_exe() {
+    return fs::read_symlink("/proc/self/exe").string();
+}
 
 // The exec'd members of the family run this instead of the test module (before main).
 struct exec_child_mode {
@@ -209,7 +212,8 @@ void run_family(unsigned seed) {
     ::kill(-lead, SIGTERM);
     ::usleep(50000);
     const std::string state = st::proc_status_field(daemon, "State");
-    BOOST_CHECK_MESSAGE(!state.empty() && state[0] != 'Z' && state[0] != 'X', "daemon state after INT/TERM: " << state);
+    BOOST_CHECK_MESSAGE(!state.empty() && state[0] != 'Z' && state[0] != 'X',
+                        "daemon state after INT/TERM: " << state);
 
     // SIGKILL everyone, in random order, at random moments of their churn.
     std::mt19937 rng(seed);
@@ -237,7 +241,8 @@ void run_family(unsigned seed) {
         std::string holders;
         for (const auto& proc : fs::directory_iterator("/proc", ec)) {
             const auto name = proc.path().filename().string();
-            if (name.find_first_not_of("0123456789") != std::string::npos || name == std::to_string(daemon)) continue;
+            if (name.find_first_not_of("0123456789") != std::string::npos || name == std::to_string(daemon))
+                continue;
             std::error_code ec2;
             for (const auto& fd : fs::directory_iterator(proc.path() / "fd", ec2)) {
                 std::error_code ec3;
@@ -245,18 +250,20 @@ void run_family(unsigned seed) {
                     std::ifstream cmd(proc.path() / "cmdline");
                     std::string c;
                     std::getline(cmd, c, '\0');
-                    holders += name + " (" + c + ", state " + st::proc_status_field(std::stoi(name), "State") + ") ";
+                    holders +=
+                        name + " (" + c + ", state " + st::proc_status_field(std::stoi(name), "State") + ") ";
                 }
             }
         }
         const std::string d = "/proc/" + std::to_string(daemon);
-        holders += "; daemon state " + st::proc_status_field(daemon, "State") + ", wchan " + st::read_file(d + "/wchan") +
-                   ", syscall " + st::read_file(d + "/syscall");
+        holders += "; daemon state " + st::proc_status_field(daemon, "State") + ", wchan " +
+                   st::read_file(d + "/wchan") + ", syscall " + st::read_file(d + "/syscall");
         if (std::getenv("STEWARD_FAMILY_TEST_HOLD")) ::sleep(600);
         ::kill(daemon, SIGKILL);
         ::waitpid(daemon, nullptr, 0);
         st::scrub_dev_shm(prefix);
-        BOOST_FAIL("the daemon did not exit after the family was killed; pipe " << pipe << " held by " << holders);
+        BOOST_FAIL("the daemon did not exit after the family was killed; pipe " << pipe << " held by "
+                                                                                << holders);
     }
     BOOST_REQUIRE(WIFEXITED(wstatus));
     // 1: leaks cleaned; 2: some cleanup failed (a process killed between unlink and unregister
@@ -265,7 +272,8 @@ void run_family(unsigned seed) {
                         "daemon exit status " << WEXITSTATUS(wstatus));
 
     const auto left = st::dev_shm_matching(prefix);
-    BOOST_CHECK_MESSAGE(left.empty(), left.size() << " left in /dev/shm, e.g. " << (left.empty() ? "" : left[0]));
+    BOOST_CHECK_MESSAGE(left.empty(), left.size()
+                                          << " left in /dev/shm, e.g. " << (left.empty() ? "" : left[0]));
     std::size_t files_left = 0;
     for (const auto& e : fs::directory_iterator(dir.path)) {
         (void)e;
@@ -279,6 +287,12 @@ void run_family(unsigned seed) {
 
 }  // namespace
 
-BOOST_AUTO_TEST_CASE(family_killed_at_random_points_leaves_nothing_seed_1) { run_family(1); }
-BOOST_AUTO_TEST_CASE(family_killed_at_random_points_leaves_nothing_seed_2) { run_family(2); }
-BOOST_AUTO_TEST_CASE(family_killed_at_random_points_leaves_nothing_seed_3) { run_family(3); }
+BOOST_AUTO_TEST_CASE(family_killed_at_random_points_leaves_nothing_seed_1) {
+    run_family(1);
+}
+BOOST_AUTO_TEST_CASE(family_killed_at_random_points_leaves_nothing_seed_2) {
+    run_family(2);
+}
+BOOST_AUTO_TEST_CASE(family_killed_at_random_points_leaves_nothing_seed_3) {
+    run_family(3);
+}

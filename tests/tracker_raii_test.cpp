@@ -138,16 +138,20 @@ STEWARD_CORO_TEST(async_create_of_both_kinds) {
     fd_count_guard fds(ctx);
     tracker t(ctx.get_executor());
     const std::string stem = st::unique_stem("acr");
-    auto [ec, shm] = co_await shared_memory::async_create(t, stem + "_m", 1 << 16, asio::as_tuple(asio::use_awaitable));
+    auto [ec, shm] =
+        co_await shared_memory::async_create(t, stem + "_m", 1 << 16, asio::as_tuple(asio::use_awaitable));
     BOOST_REQUIRE(!ec);
     BOOST_CHECK_EQUAL(shm.size(), 1u << 16);
-    auto [ec2, sem] = co_await named_semaphore::async_create(t, stem + "_s", 1, asio::as_tuple(asio::use_awaitable));
+    auto [ec2, sem] =
+        co_await named_semaphore::async_create(t, stem + "_s", 1, asio::as_tuple(asio::use_awaitable));
     BOOST_REQUIRE(!ec2);
     BOOST_CHECK(sem.try_wait());
     BOOST_CHECK(!sem.try_wait());
-    auto [ec3, dup] = co_await shared_memory::async_create(t, stem + "_m", 10, asio::as_tuple(asio::use_awaitable));
+    auto [ec3, dup] =
+        co_await shared_memory::async_create(t, stem + "_m", 10, asio::as_tuple(asio::use_awaitable));
     BOOST_CHECK(ec3 == std::errc::file_exists);
-    auto [ec4, bad] = co_await named_semaphore::async_create(t, "x/y", 0, asio::as_tuple(asio::use_awaitable));
+    auto [ec4, bad] =
+        co_await named_semaphore::async_create(t, "x/y", 0, asio::as_tuple(asio::use_awaitable));
     BOOST_CHECK(ec4 == std::errc::invalid_argument);
     const std::string shm_name = shm.name(), sem_name = sem.name();
     BOOST_CHECK(st::shm_exists(shm_name));

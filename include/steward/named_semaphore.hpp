@@ -24,16 +24,17 @@ namespace steward {
 class named_semaphore;
 
 namespace detail {
-void async_create_named_semaphore(tracker& t, std::string name, unsigned value,
-                                  asio::any_completion_handler<void(std::error_code, named_semaphore)> handler);
+void async_create_named_semaphore(
+    tracker& t, std::string name, unsigned value,
+    asio::any_completion_handler<void(std::error_code, named_semaphore)> handler);
 }
 
 /// An open POSIX named semaphore (see the file comment). Move-only.
 ///
 /// @par Destruction
 /// Closes it. The creating process (not its forked children) also unlinks it when it is still
-/// tracked; an attached semaphore is never unlinked. The tracker must outlive the object; destroy (or unlink) tracked objects before
-/// tracker::async_stop(), or their unregistration starts a new daemon.
+/// tracked; an attached semaphore is never unlinked. The tracker must outlive the object; destroy (or unlink)
+/// tracked objects before tracker::async_stop(), or their unregistration starts a new daemon.
 class named_semaphore {
 public:
     named_semaphore() noexcept = default;
@@ -56,8 +57,9 @@ public:
     /// @par Per-Operation Cancellation
     /// Not supported.
     template <typename CompletionToken = asio::default_completion_token_t<tracker::executor_type>>
-    static auto async_create(tracker& t, std::string_view name, unsigned value,
-                             CompletionToken&& token = asio::default_completion_token_t<tracker::executor_type>()) {
+    static auto async_create(
+        tracker& t, std::string_view name, unsigned value,
+        CompletionToken&& token = asio::default_completion_token_t<tracker::executor_type>()) {
         return asio::async_initiate<CompletionToken, void(std::error_code, named_semaphore)>(
             [&t](auto handler, std::string n, unsigned v) {
                 detail::async_create_named_semaphore(t, std::move(n), v, std::move(handler));
@@ -88,7 +90,8 @@ public:
 
 private:
     friend void detail::async_create_named_semaphore(
-        tracker&, std::string, unsigned, asio::any_completion_handler<void(std::error_code, named_semaphore)>);
+        tracker&, std::string, unsigned,
+        asio::any_completion_handler<void(std::error_code, named_semaphore)>);
     static named_semaphore create_registered(tracker& t, std::string name, unsigned value, bool withdraw,
                                              std::error_code& ec);
     static named_semaphore open_existing(tracker* t, std::string_view name, std::error_code& ec);

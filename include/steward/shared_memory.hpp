@@ -55,9 +55,9 @@ public:
     /// Registers @p name with @p t (blocking), then creates and maps a new segment of @p size bytes
     /// (mode 0600). Errors: those of tracker::register_resource(); std::errc::file_exists when the
     /// name is taken (the registration is withdrawn again, unless this process had registered the name
-    /// before, i.e. it belongs to another live object of this process); std::errc::invalid_argument for a name
-    /// with '/' after the first byte, or size 0; other shm_open/ftruncate/mmap errors (the segment
-    /// is unlinked and unregistered again). @throws std::system_error naming the segment.
+    /// before, i.e. it belongs to another live object of this process); std::errc::invalid_argument for a
+    /// name with '/' after the first byte, or size 0; other shm_open/ftruncate/mmap errors (the segment is
+    /// unlinked and unregistered again). @throws std::system_error naming the segment.
     static shared_memory create(tracker& t, std::string_view name, std::size_t size);
     static shared_memory create(tracker& t, std::string_view name, std::size_t size, std::error_code& ec);
 
@@ -70,8 +70,9 @@ public:
     /// @par Per-Operation Cancellation
     /// Not supported.
     template <typename CompletionToken = asio::default_completion_token_t<tracker::executor_type>>
-    static auto async_create(tracker& t, std::string_view name, std::size_t size,
-                             CompletionToken&& token = asio::default_completion_token_t<tracker::executor_type>()) {
+    static auto async_create(
+        tracker& t, std::string_view name, std::size_t size,
+        CompletionToken&& token = asio::default_completion_token_t<tracker::executor_type>()) {
         return asio::async_initiate<CompletionToken, void(std::error_code, shared_memory)>(
             [&t](auto handler, std::string n, std::size_t s) {
                 detail::async_create_shared_memory(t, std::move(n), s, std::move(handler));
@@ -107,7 +108,8 @@ public:
 
 private:
     friend void detail::async_create_shared_memory(
-        tracker&, std::string, std::size_t, asio::any_completion_handler<void(std::error_code, shared_memory)>);
+        tracker&, std::string, std::size_t,
+        asio::any_completion_handler<void(std::error_code, shared_memory)>);
     static shared_memory create_registered(tracker& t, std::string name, std::size_t size, bool withdraw,
                                            std::error_code& ec);
     static shared_memory open_existing(tracker* t, std::string_view name, std::error_code& ec);

@@ -56,7 +56,8 @@ void print_entries(const char* when, const std::vector<std::string>& entries) {
         asio::io_context ctx;
         tracker t(ctx.get_executor());
         t.ensure_running();
-        std::printf("leader %d: tracker daemon started (pid %d)\n", static_cast<int>(::getpid()), t.daemon_pid());
+        std::printf("leader %d: tracker daemon started (pid %d)\n", static_cast<int>(::getpid()),
+                    t.daemon_pid());
         auto a = shared_memory::create(t, stem + "_leader_a", 1 << 16);
         auto b = shared_memory::create(t, stem + "_leader_b", 4096);
         auto sem = named_semaphore::create(t, stem + "_leader_sem", 0);

@@ -43,7 +43,9 @@ named_semaphore& named_semaphore::operator=(named_semaphore&& other) noexcept {
     return *this;
 }
 
-named_semaphore::~named_semaphore() { reset(); }
+named_semaphore::~named_semaphore() {
+    reset();
+}
 
 void named_semaphore::reset() noexcept {
     if (tracker_ && creator_ == ::getpid()) {
@@ -56,8 +58,8 @@ void named_semaphore::reset() noexcept {
     creator_ = -1;
 }
 
-named_semaphore named_semaphore::create_registered(tracker& t, std::string name, unsigned value, bool withdraw,
-                                                   std::error_code& ec) {
+named_semaphore named_semaphore::create_registered(tracker& t, std::string name, unsigned value,
+                                                   bool withdraw, std::error_code& ec) {
     named_semaphore sem;
     sem_t* s = ::sem_open(name.c_str(), O_CREAT | O_EXCL, 0600, value);
     if (s == SEM_FAILED) {
@@ -73,7 +75,8 @@ named_semaphore named_semaphore::create_registered(tracker& t, std::string name,
     return sem;
 }
 
-named_semaphore named_semaphore::create(tracker& t, std::string_view name, unsigned value, std::error_code& ec) {
+named_semaphore named_semaphore::create(tracker& t, std::string_view name, unsigned value,
+                                        std::error_code& ec) {
     std::string canonical = shared_memory::canonical_name(name);
     ec = check_name(canonical);
     if (ec) return {};
@@ -153,7 +156,8 @@ void named_semaphore::unlink() {
 }
 
 void named_semaphore::post() {
-    if (!sem_ || ::sem_post(sem_) != 0) throw std::system_error(errno_code(sem_ ? errno : EINVAL), "sem_post");
+    if (!sem_ || ::sem_post(sem_) != 0)
+        throw std::system_error(errno_code(sem_ ? errno : EINVAL), "sem_post");
 }
 
 void named_semaphore::wait() {
@@ -174,8 +178,9 @@ bool named_semaphore::try_wait() {
 
 namespace detail {
 
-void async_create_named_semaphore(tracker& t, std::string name, unsigned value,
-                                  asio::any_completion_handler<void(std::error_code, named_semaphore)> handler) {
+void async_create_named_semaphore(
+    tracker& t, std::string name, unsigned value,
+    asio::any_completion_handler<void(std::error_code, named_semaphore)> handler) {
     std::string canonical = shared_memory::canonical_name(name);
     std::error_code bad = check_name(canonical);
     if (bad) {
@@ -185,10 +190,13 @@ void async_create_named_semaphore(tracker& t, std::string name, unsigned value,
     const std::string key = canonical;
     const bool withdraw = !t.is_registered(canonical, resource_type::semaphore);
     t.async_register(key, resource_type::semaphore,
-                     [&t, canonical = std::move(canonical), value, withdraw, h = std::move(handler)](std::error_code rec) mutable {
+                     [&t, canonical = std::move(canonical), value, withdraw,
+                      h = std::move(handler)](std::error_code rec) mutable {
                          std::error_code ec = rec;
                          named_semaphore sem;
-                         if (!ec) sem = named_semaphore::create_registered(t, std::move(canonical), value, withdraw, ec);
+                         if (!ec)
+                             sem = named_semaphore::create_registered(t, std::move(canonical), value,
+                                                                      withdraw, ec);
                          asio::dispatch(t.get_executor(), asio::append(std::move(h), ec, std::move(sem)));
                      });
 }

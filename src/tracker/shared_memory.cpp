@@ -78,7 +78,9 @@ shared_memory& shared_memory::operator=(shared_memory&& other) noexcept {
     return *this;
 }
 
-shared_memory::~shared_memory() { reset(); }
+shared_memory::~shared_memory() {
+    reset();
+}
 
 void shared_memory::reset() noexcept {
     // Only the creating process removes the segment; forked children share the object's memory
@@ -111,7 +113,8 @@ shared_memory shared_memory::create_registered(tracker& t, std::string name, std
     return shm;
 }
 
-shared_memory shared_memory::create(tracker& t, std::string_view name, std::size_t size, std::error_code& ec) {
+shared_memory shared_memory::create(tracker& t, std::string_view name, std::size_t size,
+                                    std::error_code& ec) {
     std::string canonical = canonical_name(name);
     ec = check_name(canonical);
     if (!ec && size == 0) ec = std::make_error_code(std::errc::invalid_argument);
@@ -219,10 +222,13 @@ void async_create_shared_memory(tracker& t, std::string name, std::size_t size,
     const std::string key = canonical;  // the lambda below takes canonical; async_register copies key
     const bool withdraw = !t.is_registered(canonical, resource_type::shared_memory);
     t.async_register(key, resource_type::shared_memory,
-                     [&t, canonical = std::move(canonical), size, withdraw, h = std::move(handler)](std::error_code rec) mutable {
+                     [&t, canonical = std::move(canonical), size, withdraw,
+                      h = std::move(handler)](std::error_code rec) mutable {
                          std::error_code ec = rec;
                          shared_memory shm;
-                         if (!ec) shm = shared_memory::create_registered(t, std::move(canonical), size, withdraw, ec);
+                         if (!ec)
+                             shm = shared_memory::create_registered(t, std::move(canonical), size, withdraw,
+                                                                    ec);
                          asio::dispatch(t.get_executor(), asio::append(std::move(h), ec, std::move(shm)));
                      });
 }

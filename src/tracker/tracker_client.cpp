@@ -15,9 +15,9 @@
 //
 // Registrations this process made (and has not unregistered) are remembered from the moment the call
 // is accepted. When a daemon is relaunched after a death, that set is written first as REGISTER
-// lines, and the bytes of every batch still queued are dropped (their effect is already in the set; replaying an
-// UNREGISTER the new daemon never saw would only produce a warning). Their callers complete once the
-// set has been written.
+// lines, and the bytes of every batch still queued are dropped (their effect is already in the set; replaying
+// an UNREGISTER the new daemon never saw would only produce a warning). Their callers complete once the set
+// has been written.
 #include <steward/tracker.hpp>
 
 #include "tracker/tracker_client_codec.hpp"
@@ -89,7 +89,9 @@ constexpr int daemon_fd = 3;
 // Bumped in every child of fork(): a cheap way for each call to notice it runs in a new process
 // without a getpid() system call per message.
 std::atomic<unsigned> fork_generation{0};
-void on_fork_child() noexcept { fork_generation.fetch_add(1, std::memory_order_relaxed); }
+void on_fork_child() noexcept {
+    fork_generation.fetch_add(1, std::memory_order_relaxed);
+}
 void install_fork_hook() {
     static std::once_flag once;
     std::call_once(once, [] { ::pthread_atfork(nullptr, nullptr, on_fork_child); });
@@ -163,7 +165,8 @@ public:
 
     // ---- entry points -----------------------------------------------------------------------
 
-    void async_message(bool reg, std::string_view name, resource_type type, handler_type handler, bool direct) {
+    void async_message(bool reg, std::string_view name, resource_type type, handler_type handler,
+                       bool direct) {
         encoded msg;
         if (auto ec = encode(reg, name, type, msg)) {
             post_completion(std::move(handler), ec);
@@ -215,10 +218,11 @@ public:
         }
         // Messages accepted before the stop are written before the write end is closed.
         auto self = shared_from_this();
-        room_locked(0).handlers.push_back({handler_type([self, timeout, h = std::move(handler)](std::error_code) mutable {
-                                               self->close_for_stop(timeout, std::move(h));
-                                           }),
-                                           false});
+        room_locked(0).handlers.push_back(
+            {handler_type([self, timeout, h = std::move(handler)](std::error_code) mutable {
+                 self->close_for_stop(timeout, std::move(h));
+             }),
+             false});
         schedule_flush_locked();
     }
 
@@ -262,8 +266,11 @@ public:
         std::lock_guard lk(m_);
         check_fork_locked();
         const int fd = write_fd_.get();
-        if (fd < 0) throw std::system_error(make_error_code(errc::tracker_not_running), "tracker::export_environment");
-        if (::fcntl(fd, F_SETFD, 0) != 0) throw std::system_error(errno_code(errno), "tracker::export_environment");
+        if (fd < 0)
+            throw std::system_error(make_error_code(errc::tracker_not_running),
+                                    "tracker::export_environment");
+        if (::fcntl(fd, F_SETFD, 0) != 0)
+            throw std::system_error(errno_code(errno), "tracker::export_environment");
         const std::string value = std::to_string(fd);
         if (::setenv(tracker::environment_variable, value.c_str(), 1) != 0)
             throw std::system_error(errno_code(errno), "tracker::export_environment: setenv");
@@ -527,7 +534,8 @@ private:
         if (!options_.executable.empty()) {
             candidates.push_back(options_.executable);
         } else {
-            if (const char* env = std::getenv("STEWARD_TRACKER_EXE"); env && *env) candidates.emplace_back(env);
+            if (const char* env = std::getenv("STEWARD_TRACKER_EXE"); env && *env)
+                candidates.emplace_back(env);
             if (*STEWARD_INSTALLED_TRACKER) candidates.emplace_back(STEWARD_INSTALLED_TRACKER);
             if (*STEWARD_BUILD_TREE_TRACKER) candidates.emplace_back(STEWARD_BUILD_TREE_TRACKER);
         }
@@ -546,7 +554,8 @@ private:
             tried += c + " (" + std::strerror(err) + ")";
         }
         ec = errc::executable_not_found;
-        last_error_ = "steward-tracker not found; tried: " + (tried.empty() ? std::string("no candidate path") : tried) +
+        last_error_ = "steward-tracker not found; tried: " +
+                      (tried.empty() ? std::string("no candidate path") : tried) +
                       ". Set tracker_options::executable or STEWARD_TRACKER_EXE.";
         return {};
     }
@@ -716,16 +725,21 @@ private:
                 self->stopping_ = std::move(op->child);  // a later async_stop waits again
             }
             auto h = std::move(op->handler);
-            asio::post(self->ex_, asio::append(std::move(h), make_error_code(errc::timed_out), std::optional<int>{}));
+            asio::post(self->ex_,
+                       asio::append(std::move(h), make_error_code(errc::timed_out), std::optional<int>{}));
         }));
-        op->child.async_wait(asio::bind_executor(op->strand, [op, self](std::error_code ec, io::exit_status st) {
-            if (op->done) return;
-            op->done = true;
-            op->timer.cancel();
-            { io::child_process reaped = std::move(op->child); }  // its pidfd goes now, not with the timer's handler
-            auto h = std::move(op->handler);
-            asio::post(self->ex_, asio::append(std::move(h), ec, ec ? std::optional<int>{} : status_code(st)));
-        }));
+        op->child.async_wait(
+            asio::bind_executor(op->strand, [op, self](std::error_code ec, io::exit_status st) {
+                if (op->done) return;
+                op->done = true;
+                op->timer.cancel();
+                {
+                    io::child_process reaped = std::move(op->child);
+                }  // its pidfd goes now, not with the timer's handler
+                auto h = std::move(op->handler);
+                asio::post(self->ex_,
+                           asio::append(std::move(h), ec, ec ? std::optional<int>{} : status_code(st)));
+            }));
     }
 
     void post_completion(handler_type handler, std::error_code ec) {
@@ -816,7 +830,9 @@ tracker tracker::from_environment(executor_type ex, std::error_code& ec) {
     return t;
 }
 
-tracker::executor_type tracker::get_executor() const noexcept { return impl_->executor(); }
+tracker::executor_type tracker::get_executor() const noexcept {
+    return impl_->executor();
+}
 
 void tracker::initiate_ensure_running(asio::any_completion_handler<void(std::error_code)> handler) {
     impl_->async_barrier(std::move(handler));
@@ -840,7 +856,9 @@ namespace {
 }
 }  // namespace
 
-void tracker::ensure_running(std::error_code& ec) { ec = impl_->sync_barrier(); }
+void tracker::ensure_running(std::error_code& ec) {
+    ec = impl_->sync_barrier();
+}
 void tracker::ensure_running() {
     std::error_code ec;
     ensure_running(ec);
@@ -864,7 +882,9 @@ void tracker::unregister_resource(std::string_view name, resource_type type) {
     if (ec) throw_with_detail(ec, "tracker::unregister_resource", last_error_detail());
 }
 
-int tracker::fd() const noexcept { return impl_ ? impl_->fd() : -1; }
+int tracker::fd() const noexcept {
+    return impl_ ? impl_->fd() : -1;
+}
 std::string tracker::environment_entry(int child_fd) {
     return std::string(environment_variable) + "=" + std::to_string(child_fd);
 }
@@ -875,7 +895,11 @@ void tracker::export_environment() {
 bool tracker::is_registered(std::string_view name, resource_type type) const {
     return impl_ && impl_->is_registered(name, type);
 }
-int tracker::daemon_pid() const noexcept { return impl_ ? impl_->daemon_pid() : -1; }
-std::string tracker::last_error_detail() const { return impl_ ? impl_->last_error_detail() : std::string(); }
+int tracker::daemon_pid() const noexcept {
+    return impl_ ? impl_->daemon_pid() : -1;
+}
+std::string tracker::last_error_detail() const {
+    return impl_ ? impl_->last_error_detail() : std::string();
+}
 
 }  // namespace steward

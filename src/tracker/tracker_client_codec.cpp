@@ -21,7 +21,8 @@ std::error_code tracker_canonical_name(resource_type type, std::string_view name
 std::error_code tracker_encode(bool register_it, resource_type type, std::string_view name, char* out,
                                std::size_t& size) noexcept {
     tracker::encoded_message message;
-    const auto cmd = register_it ? tracker::command::register_resource : tracker::command::unregister_resource;
+    const auto cmd =
+        register_it ? tracker::command::register_resource : tracker::command::unregister_resource;
     size = 0;
     if (auto ec = tracker::encode_message(cmd, type, name, message)) return ec;
     std::memcpy(out, message.bytes.data(), message.size);

@@ -9,11 +9,11 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
-#include <poll.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -37,7 +37,9 @@ inline std::string unique_stem(std::string_view stem) {
     return "stw_cl_" + std::string(stem) + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++);
 }
 
-inline bool shm_exists(const std::string& canonical) { return ::access(("/dev/shm" + canonical).c_str(), F_OK) == 0; }
+inline bool shm_exists(const std::string& canonical) {
+    return ::access(("/dev/shm" + canonical).c_str(), F_OK) == 0;
+}
 inline bool sem_exists(const std::string& canonical) {
     return ::access(("/dev/shm/sem." + canonical.substr(1)).c_str(), F_OK) == 0;
 }
@@ -47,7 +49,8 @@ inline std::vector<std::string> dev_shm_matching(std::string_view needle) {
     std::vector<std::string> out;
     if (DIR* d = ::opendir("/dev/shm")) {
         while (auto* e = ::readdir(d))
-            if (std::string_view(e->d_name).find(needle) != std::string_view::npos) out.emplace_back(e->d_name);
+            if (std::string_view(e->d_name).find(needle) != std::string_view::npos)
+                out.emplace_back(e->d_name);
         ::closedir(d);
     }
     return out;
