@@ -810,3 +810,44 @@ BOOST_AUTO_TEST_CASE(native_stream_protocol_errors) {
     BOOST_TEST(!assembler.in_progress());
     BOOST_TEST(steward::test::open_fd_count() == fds_before);  // the 253 were closed
 }
+
+BOOST_AUTO_TEST_CASE(assembler_refuses_parts_that_change_what_part_zero_announced) {
+    // Found by the native_frame fuzzer: each part is valid alone, but part 1 claims a larger total
+    // (or more parts, or another status) than part 0 did.
+    const int fds_before = steward::test::open_fd_count();
+    auto batch_of = [](std::size_t n) {
+        std::vector<steward::unique_fd> fds;
+        for (std::size_t i = 0; i < n; ++i) fds.push_back(open_null());
+        return fds;
+    };
+    auto feed_two = [&](native::reply second) {
+        native::reply_assembler assembler;
+        std::error_code ec;
+        const auto first = native::split_reply(1, 256)[0];
+        BOOST_TEST(!assembler.add(first, batch_of(first.part_fds), false, ec));
+        BOOST_TEST(!ec);
+        auto done = assembler.add(second, batch_of(second.part_fds), false, ec);
+        BOOST_TEST(!done.has_value());
+        BOOST_TEST(!assembler.in_progress());
+        return ec;
+    };
+    auto grown = native::split_reply(1, 300)[1];  // {index 1 of 2, 47 fds, total 300}
+    BOOST_TEST((feed_two(grown) == steward::errc::malformed_message));
+    auto more_parts = native::split_reply(1, 256)[1];
+    more_parts.part_count = 3;
+    BOOST_TEST((feed_two(more_parts) == steward::errc::malformed_message));
+    auto other_status = native::split_reply(1, 256)[1];
+    other_status.status = native::reply_status::not_available;
+    BOOST_TEST((feed_two(other_status) == steward::errc::malformed_message));
+    BOOST_TEST(steward::test::open_fd_count() == fds_before);
+
+    // The honest sequence still assembles all 256.
+    native::reply_assembler assembler;
+    std::error_code ec;
+    const auto parts = native::split_reply(1, 256);
+    BOOST_TEST(!assembler.add(parts[0], batch_of(parts[0].part_fds), false, ec));
+    auto done = assembler.add(parts[1], batch_of(parts[1].part_fds), false, ec);
+    BOOST_REQUIRE(done.has_value());
+    BOOST_TEST(!ec);
+    BOOST_TEST(done->fds.size() == 256u);
+}

@@ -103,9 +103,15 @@ std::optional<reply_assembler::completed> reply_assembler::add(const reply& part
         active_ = true;
         broken_ = false;
         request_id_ = part.request_id;
+        total_fds_ = part.total_fds;
+        part_count_ = part.part_count;
+        status_ = part.status;
         next_index_ = 0;
         fds_.clear();
-    } else if (part.request_id != request_id_ || part.part_index != next_index_) {
+    } else if (part.request_id != request_id_ || part.part_index != next_index_ ||
+               part.total_fds != total_fds_ || part.part_count != part_count_ || part.status != status_) {
+        // Every part repeats what part 0 announced; a part that changes it is a protocol error,
+        // otherwise a peer could grow the reply past what the first part promised.
         return protocol_error();
     }
     if (fds.size() > part.part_fds) return protocol_error();
@@ -126,6 +132,7 @@ std::optional<reply_assembler::completed> reply_assembler::add(const reply& part
     active_ = false;
     if (broken_)
         return completed{request_id_, reply_status::ok, {}, make_error_code(errc::control_truncated)};
+    if (fds_.size() != total_fds_) return protocol_error();
     return completed{request_id_, reply_status::ok, std::move(fds_), {}};
 }
 

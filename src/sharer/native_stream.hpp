@@ -80,8 +80,9 @@ public:
     };
 
     /// Feeds one part and its batch. Returns the reply once its last part arrived. A part that
-    /// does not continue the reply in progress (another request id, wrong index, a batch with
-    /// more descriptors than declared) sets @p ec to errc::malformed_message: a protocol error
+    /// does not continue the reply in progress (another request id, wrong index, a total, part
+    /// count or status other than part 0's, a batch with more descriptors than declared, a whole
+    /// reply whose descriptors do not add up to the announced total) sets @p ec to errc::malformed_message: a protocol error
     /// that ends the connection.
     [[nodiscard]] std::optional<completed> add(const reply& part, std::vector<unique_fd> fds, bool truncated,
                                                std::error_code& ec);
@@ -94,6 +95,9 @@ private:
     bool broken_ = false;
     std::uint64_t request_id_ = 0;
     std::uint32_t next_index_ = 0;
+    std::uint32_t total_fds_ = 0;   // as announced by part 0
+    std::uint32_t part_count_ = 0;  // as announced by part 0
+    reply_status status_ = reply_status::ok;
     std::vector<unique_fd> fds_;
 };
 
