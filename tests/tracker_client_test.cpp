@@ -599,7 +599,11 @@ BOOST_AUTO_TEST_CASE(threads_and_coroutines_together_every_line_once_and_in_orde
             }
         });
     for (auto& c : callers) c.join();
-    while (finished < coroutines) std::this_thread::sleep_for(1ms);
+    // A lost flush would leave coroutines waiting forever: bounded, and reported.
+    const auto deadline = std::chrono::steady_clock::now() + 60s;
+    while (finished < coroutines && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(1ms);
+    BOOST_REQUIRE_EQUAL(finished.load(), coroutines);
     std::promise<std::error_code> stopped;
     t.async_stop(10s, [&](std::error_code ec, std::optional<int>) { stopped.set_value(ec); });
     BOOST_CHECK(!stopped.get_future().get());

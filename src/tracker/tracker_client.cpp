@@ -385,6 +385,13 @@ private:
         role_ = true;
         int batches = 0;
         std::vector<waiting> done;
+        done.reserve(256);  // swapped into the batches, whose vectors keep their capacity when recycled
+        // A blocking caller leaves as soon as its own message is written; whatever it leaves behind
+        // (messages queued while it held the role, whose callers therefore posted no flush) goes to
+        // the executor.
+        auto hand_over = [&] {
+            if (!role_ && (head_ || inflight_)) schedule_flush_locked();
+        };
         for (;;) {
             check_fork_locked();
             if (!inflight_) {
@@ -403,7 +410,10 @@ private:
                 if (!done.empty()) {
                     release_role_locked();
                     complete_all(lk, done, mine != nullptr);
-                    if ((mine && mine->done) || role_) return;
+                    if ((mine && mine->done) || role_) {
+                        hand_over();
+                        return;
+                    }
                     role_ = true;
                 }
                 continue;
@@ -438,7 +448,10 @@ private:
             recycle_locked(b);
             release_role_locked();
             complete_all(lk, done, mine != nullptr);
-            if (mine && mine->done) return;
+            if (mine && mine->done) {
+                hand_over();
+                return;
+            }
             if (role_) return;  // another thread took over while the lock was released
             if (!mine && ++batches >= 16) {
                 schedule_flush_locked();
@@ -447,8 +460,6 @@ private:
             role_ = true;
         }
         release_role_locked();
-        // A blocking caller that leaves work behind hands it to the executor.
-        if (mine && (head_ || inflight_)) schedule_flush_locked();
     }
 
     void take_locked(batch* b, std::error_code ec, std::vector<waiting>& done) {
