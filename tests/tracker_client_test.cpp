@@ -627,3 +627,53 @@ BOOST_AUTO_TEST_CASE(threads_and_coroutines_together_every_line_once_and_in_orde
     }
     BOOST_CHECK_EQUAL(next.size(), static_cast<std::size_t>(coroutines + threads));
 }
+
+STEWARD_CORO_TEST(a_full_pipe_is_waited_out_by_coroutines_and_blocking_callers) {
+    fd_count_guard fds(ctx);
+    st::temp_dir dir("slow");
+    const auto record = dir.path / "record.txt";
+    const auto script = dir.path / "slow.sh";
+    {
+        // A reader that starts late: the pipe (64 KiB) fills long before it reads anything.
+        std::ofstream f(script);
+        f << "#!/bin/sh\nsleep 0.3\nexec cat <&3 >'" << record.string() << "'\n";
+    }
+    ::chmod(script.c_str(), 0700);
+    tracker t(ctx.get_executor(), tracker_options{script.string()});
+    co_await t.async_ensure_running(asio::use_awaitable);
+    constexpr int coroutines = 300, per = 10;  // about 150 KiB of messages
+    int finished = 0;
+    std::atomic<int> blocking_done{0};
+    for (int c = 0; c < coroutines; ++c)
+        asio::co_spawn(
+            ctx,
+            [&, c]() -> asio::awaitable<void> {
+                for (int k = 0; k < per; ++k)
+                    co_await t.async_register("/tmp/stw_cl_slow_c" + std::to_string(c) + "_" +
+                                                  std::to_string(k) + std::string(20, 'x'),
+                                              resource_type::file, asio::use_awaitable);
+                ++finished;
+            },
+            asio::detached);
+    std::thread blocking([&] {
+        for (int k = 0; k < 200; ++k)
+            t.register_resource("/tmp/stw_cl_slow_t_" + std::to_string(k) + std::string(20, 'x'),
+                                resource_type::file);
+        ++blocking_done;
+    });
+    while (finished < coroutines || blocking_done == 0) {
+        asio::steady_timer timer(ctx, 5ms);
+        co_await timer.async_wait(asio::use_awaitable);
+    }
+    blocking.join();
+    auto [ec, status] = co_await t.async_stop(10s, asio::as_tuple(asio::use_awaitable));
+    BOOST_CHECK(!ec);
+    const auto lines = lines_of(st::read_file(record));
+    BOOST_CHECK_EQUAL(lines.size(), static_cast<std::size_t>(coroutines * per + 200));
+    std::set<std::string> unique(lines.begin(), lines.end());
+    BOOST_CHECK_EQUAL(unique.size(), lines.size());
+    for (const auto& l : lines)
+        BOOST_REQUIRE_MESSAGE(l.rfind("REGISTER:/tmp/stw_cl_slow_", 0) == 0 &&
+                                  l.find("xxxxxxxxxxxxxxxxxxxx:file") != std::string::npos,
+                              "torn line: " << l);
+}
