@@ -1,6 +1,6 @@
 #define BOOST_TEST_MODULE cli_demo_test
-#include "support/test_support.hpp"
 #include "support/cli_process.hpp"
+#include "support/test_support.hpp"
 
 #include <algorithm>
 #include <string>
@@ -45,7 +45,8 @@ BOOST_AUTO_TEST_CASE(demo_runs_every_chapter_and_leaves_nothing_behind,
             "its socket and directory are gone",
             "demo finished.",
         };
-        for (const char* line : expected) BOOST_TEST(r.out.find(line) != std::string::npos, "missing: " << line);
+        for (const char* line : expected)
+            BOOST_TEST(r.out.find(line) != std::string::npos, "missing: " << line);
 
         BOOST_TEST(dir.empty(), "the demo's sharer left its socket directory behind");
         const std::vector<std::string> shm_after = sorted_entries("/dev/shm");
@@ -57,7 +58,8 @@ BOOST_AUTO_TEST_CASE(demo_runs_every_chapter_and_leaves_nothing_behind,
     BOOST_TEST(steward::test::open_fd_count() == fds_before);
 }
 
-BOOST_AUTO_TEST_CASE(demo_worker_rejects_bad_usage, *boost::unit_test::precondition(steward::test::io_uring_available)) {
+BOOST_AUTO_TEST_CASE(demo_worker_rejects_bad_usage,
+                     *boost::unit_test::precondition(steward::test::io_uring_available)) {
     const auto r = steward::test::run_cli({"__demo-sharer-worker"});
     BOOST_TEST(r.status == 64);
     BOOST_TEST(r.err.find("usage") != std::string::npos, r.err);

@@ -1,7 +1,7 @@
 #define BOOST_TEST_MODULE cli_share_fetch_test
-#include "support/test_support.hpp"
 #include "support/cli_process.hpp"
 #include "support/python3.hpp"
+#include "support/test_support.hpp"
 
 #include <steward/authkey.hpp>
 #include <steward/share_id.hpp>
@@ -95,7 +95,9 @@ bool exists(const std::string& path) {
     return ::lstat(path.c_str(), &st) == 0;
 }
 
-std::string parent_dir(const std::string& path) { return path.substr(0, path.rfind('/')); }
+std::string parent_dir(const std::string& path) {
+    return path.substr(0, path.rfind('/'));
+}
 
 }  // namespace
 
@@ -387,24 +389,26 @@ BOOST_AUTO_TEST_CASE(bad_arguments_fail_and_serve_nothing, *needs_io_uring) {
 }
 
 BOOST_AUTO_TEST_CASE(fetch_from_cpython_resource_sharer,
-                     *needs_io_uring * boost::unit_test::precondition(steward::test::python3_available)) {
+                     *needs_io_uring* boost::unit_test::precondition(steward::test::python3_available)) {
     const int fds_before = steward::test::open_fd_count();
     {
         const steward::authkey key = steward::authkey::generate();
-        steward::test::python_process py({steward::test::python_script("cpython_share_server.py"), key.to_hex()},
-                                         true);
+        steward::test::python_process py(
+            {steward::test::python_script("cpython_share_server.py"), key.to_hex()}, true);
         const std::vector<std::string> memfd_share = split(py.read_line());
         const std::vector<std::string> pipe_share = split(py.read_line());
         BOOST_REQUIRE_EQUAL(memfd_share.size(), 2U);
         BOOST_REQUIRE_EQUAL(pipe_share.size(), 2U);
 
-        const auto fetched = run_cli({"fetch", "--authkey", key.to_hex(), "--cat", "--cpython", memfd_share[0],
-                                      memfd_share[1], "--cpython", pipe_share[0], pipe_share[1]});
+        const auto fetched =
+            run_cli({"fetch", "--authkey", key.to_hex(), "--cat", "--cpython", memfd_share[0], memfd_share[1],
+                     "--cpython", pipe_share[0], pipe_share[1]});
         BOOST_TEST(fetched.status == 0, fetched.err);
         BOOST_TEST(fetched.out == "memfd contents from CPythonpipe contents from CPython");
         const std::vector<std::string> info = lines_of(fetched.err);
         BOOST_REQUIRE_EQUAL(info.size(), 2U);
-        BOOST_TEST(info[0].find("type=memfd target=/memfd:steward-cpython-test") != std::string::npos, info[0]);
+        BOOST_TEST(info[0].find("type=memfd target=/memfd:steward-cpython-test") != std::string::npos,
+                   info[0]);
         BOOST_TEST(info[1].find("type=pipe target=pipe:[") != std::string::npos, info[1]);
 
         // CPython forgets a share once sent: the same ident again fails, with the reason.

@@ -32,7 +32,8 @@ inline std::optional<int> parse_fd_number(std::string_view text) {
 /// A positive, finite number of seconds ("30", "0.5"); at most ~31 years so the duration cannot
 /// overflow. nullopt otherwise.
 inline std::optional<double> parse_seconds(const std::string& text) {
-    if (text.empty() || text.front() == '-' || text.front() == '+' || text.front() == ' ') return std::nullopt;
+    if (text.empty() || text.front() == '-' || text.front() == '+' || text.front() == ' ')
+        return std::nullopt;
     char* end = nullptr;
     errno = 0;
     const double value = std::strtod(text.c_str(), &end);

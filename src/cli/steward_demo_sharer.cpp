@@ -54,7 +54,9 @@ void say(const std::string& text) {
     std::fflush(stdout);
 }
 
-std::system_error sys_error(const char* what) { return {errno_code(errno), what}; }
+std::system_error sys_error(const char* what) {
+    return {errno_code(errno), what};
+}
 
 std::string read_whole(int fd) {
     std::string out;
@@ -111,7 +113,8 @@ asio::awaitable<bool> sharer_story(asio::io_context& ctx) {
     io::spawn_options spawn_opts;
     spawn_opts.environment.push_back("STEWARD_AUTHKEY=" + authkey::family().to_hex());
     io::child_process worker = io::spawn(ex, {self_executable(), worker_command, id.format()}, spawn_opts);
-    say("parent: started worker pid " + std::to_string(worker.pid()) + " with that id (and STEWARD_AUTHKEY).");
+    say("parent: started worker pid " + std::to_string(worker.pid()) +
+        " with that id (and STEWARD_AUTHKEY).");
 
     // Bound everything: a worker that never answers must fail the chapter, not hang it.
     asio::ip::tcp::socket client(ctx);
@@ -190,7 +193,7 @@ int run_demo_sharer_chapter(int number) {
     asio::io_context ctx(1);
     bool ok = false;
     bool finished = false;
-    asio::co_spawn(ctx, sharer_story(ctx), [&](std::exception_ptr e, bool result) {
+    asio::co_spawn(ctx, sharer_story(ctx), [&](const std::exception_ptr& e, bool result) {
         finished = true;
         ok = result;
         if (e) {

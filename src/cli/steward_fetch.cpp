@@ -26,6 +26,8 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace steward::cli {
@@ -56,7 +58,7 @@ int usage_error(const std::string& why) {
 }
 
 struct request {
-    std::string label;          // how errors name it
+    std::string label;  // how errors name it
     std::optional<share_id> native;
     std::optional<cpython_ident> cpython;
 };
@@ -80,7 +82,7 @@ bool write_all(int fd, const char* data, std::size_t size) {
 std::string copy_to_stdout(int fd, const fd_description& what) {
     if (what.type == "dir") return "cannot --cat a directory";
     const bool seekable = what.type == "file" || what.type == "memfd";
-    std::vector<char> buffer(64 * 1024);
+    std::vector<char> buffer(std::size_t{64} * 1024);
     off_t offset = 0;
     for (;;) {
         const ssize_t n = seekable ? ::pread(fd, buffer.data(), buffer.size(), offset)
@@ -122,7 +124,8 @@ int run_fetch(std::span<char*> args) {
         if (options_done || arg.empty() || arg[0] != '-') {
             std::error_code ec;
             share_id id = share_id::parse(arg, ec);
-            if (ec) return usage_error("'" + std::string(arg) + "' is not a share id (steward1:<32 hex>@<path>)");
+            if (ec)
+                return usage_error("'" + std::string(arg) + "' is not a share id (steward1:<32 hex>@<path>)");
             requests.push_back({std::string(arg), std::move(id), std::nullopt});
             continue;
         }
@@ -148,12 +151,14 @@ int run_fetch(std::span<char*> args) {
             if (ec)
                 return usage_error("--cpython '" + ident.address + "' '" + ident.key +
                                    "': need an absolute socket path and a decimal key below 2^128");
-            requests.push_back({"(" + ident.address + ", " + ident.key + ")", std::nullopt, std::move(ident)});
+            requests.push_back(
+                {"(" + ident.address + ", " + ident.key + ")", std::nullopt, std::move(ident)});
         } else {
             return usage_error("unknown option '" + std::string(arg) + "'");
         }
     }
-    if (requests.empty()) return usage_error("nothing to fetch: give a SHARE_ID_TEXT or --cpython ADDRESS KEY");
+    if (requests.empty())
+        return usage_error("nothing to fetch: give a SHARE_ID_TEXT or --cpython ADDRESS KEY");
 
     bool key_from_environment = false;
     authkey key;
@@ -183,30 +188,35 @@ int run_fetch(std::span<char*> args) {
                 if (r.native) {
                     fetch_options options;
                     options.key = key;
-                    std::tie(ec, fds) = co_await async_fetch(ex, *r.native, asio::as_tuple(asio::use_awaitable), options);
-                } else {
                     std::tie(ec, fds) =
-                        co_await async_fetch_cpython(ex, *r.cpython, key, asio::as_tuple(asio::use_awaitable));
+                        co_await async_fetch(ex, *r.native, asio::as_tuple(asio::use_awaitable), options);
+                } else {
+                    std::tie(ec, fds) = co_await async_fetch_cpython(ex, *r.cpython, key,
+                                                                     asio::as_tuple(asio::use_awaitable));
                 }
                 if (ec) {
-                    std::fprintf(stderr, "steward fetch: %s: %s\n", r.label.c_str(),
-                                 explain(ec, key_from_environment, r.native ? r.native->address() : r.cpython->address).c_str());
+                    std::fprintf(
+                        stderr, "steward fetch: %s: %s\n", r.label.c_str(),
+                        explain(ec, key_from_environment, r.native ? r.native->address() : r.cpython->address)
+                            .c_str());
                     status = exit_failed;
                     continue;
                 }
                 for (const unique_fd& fd : fds) {
                     const fd_description d = describe_fd(fd.get());
-                    std::fprintf(info, "fd=%d type=%s target=%s\n", fd.get(), d.type.c_str(), d.target.c_str());
+                    std::fprintf(info, "fd=%d type=%s target=%s\n", fd.get(), d.type.c_str(),
+                                 d.target.c_str());
                     std::fflush(info);
                     if (!cat) continue;
                     if (const std::string why = copy_to_stdout(fd.get(), d); !why.empty()) {
-                        std::fprintf(stderr, "steward fetch: %s: fd=%d: %s\n", r.label.c_str(), fd.get(), why.c_str());
+                        std::fprintf(stderr, "steward fetch: %s: fd=%d: %s\n", r.label.c_str(), fd.get(),
+                                     why.c_str());
                         status = exit_failed;
                     }
                 }
             }
         },
-        [&](std::exception_ptr e) { failure = e; });
+        [&](std::exception_ptr e) { failure = std::move(e); });
     ctx.run();
     if (failure) std::rethrow_exception(failure);
     if (std::fflush(stdout) != 0) {

@@ -95,7 +95,8 @@ int run_share(std::span<char*> args) {
             key_hex = *value;
         } else if (name == "--ttl") {
             ttl_seconds = parse_seconds(*value);
-            if (!ttl_seconds) return usage_error("--ttl: '" + *value + "' is not a positive number of seconds");
+            if (!ttl_seconds)
+                return usage_error("--ttl: '" + *value + "' is not a positive number of seconds");
         } else {
             const std::optional<int> fd = parse_fd_number(*value);
             if (!fd) return usage_error("--fd: '" + *value + "' is not a descriptor number");
@@ -129,7 +130,8 @@ int run_share(std::span<char*> args) {
         }
         unique_fd fd(::open(s.path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY));
         if (!fd) {
-            std::fprintf(stderr, "steward share: cannot open '%s': %s\n", s.path.c_str(), std::strerror(errno));
+            std::fprintf(stderr, "steward share: cannot open '%s': %s\n", s.path.c_str(),
+                         std::strerror(errno));
             return exit_error;
         }
         to_share.push_back(fd.get());
@@ -160,8 +162,10 @@ int run_share(std::span<char*> args) {
         share_id id = server.share(to_share[i], ec, per_share);
         if (ec) {
             const source& s = sources[i];
-            const std::string what = s.inherited_fd >= 0 ? "--fd " + std::to_string(s.inherited_fd) : "'" + s.path + "'";
-            std::fprintf(stderr, "steward share: sharing %s failed: %s\n", what.c_str(), ec.message().c_str());
+            const std::string what =
+                s.inherited_fd >= 0 ? "--fd " + std::to_string(s.inherited_fd) : "'" + s.path + "'";
+            std::fprintf(stderr, "steward share: sharing %s failed: %s\n", what.c_str(),
+                         ec.message().c_str());
             server.stop(std::chrono::seconds(0));
             return exit_error;
         }
@@ -213,7 +217,8 @@ int run_share(std::span<char*> args) {
     const sharer_stats stats = server.stats();
     const std::size_t unfetched = ids.size() - std::min<std::size_t>(ids.size(), stats.delivered);
     if (signal_number != 0) {
-        std::fprintf(stderr, "steward share: %s: stopped; %zu of %zu shares were not fetched and are closed\n",
+        std::fprintf(stderr,
+                     "steward share: %s: stopped; %zu of %zu shares were not fetched and are closed\n",
                      ::strsignal(signal_number), unfetched, ids.size());
         return 128 + signal_number;
     }

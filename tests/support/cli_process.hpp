@@ -96,7 +96,8 @@ public:
             const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
                 deadline - std::chrono::steady_clock::now());
             if (left.count() <= 0) break;
-            pollfd pfds[2] = {{out_open ? out_.get() : -1, POLLIN, 0}, {err_open ? err_.get() : -1, POLLIN, 0}};
+            pollfd pfds[2] = {{out_open ? out_.get() : -1, POLLIN, 0},
+                              {err_open ? err_.get() : -1, POLLIN, 0}};
             if (::poll(pfds, 2, static_cast<int>(left.count())) <= 0) continue;
             for (int i = 0; i < 2; ++i) {
                 if (pfds[i].revents == 0) continue;
@@ -133,14 +134,15 @@ private:
             }
             const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
                 deadline - std::chrono::steady_clock::now());
-            BOOST_REQUIRE_MESSAGE(left.count() > 0, "no line from steward within the limit; so far: '"
-                                                        << buffered << "'");
+            BOOST_REQUIRE_MESSAGE(left.count() > 0,
+                                  "no line from steward within the limit; so far: '" << buffered << "'");
             pollfd pfd{fd, POLLIN, 0};
             const int ready = ::poll(&pfd, 1, static_cast<int>(left.count()));
             if (ready <= 0) continue;
             char buffer[4096];
             const ssize_t n = ::read(fd, buffer, sizeof buffer);
-            BOOST_REQUIRE_MESSAGE(n > 0, "steward closed its output before a full line: '" << buffered << "'");
+            BOOST_REQUIRE_MESSAGE(n > 0,
+                                  "steward closed its output before a full line: '" << buffered << "'");
             buffered.append(buffer, static_cast<std::size_t>(n));
         }
     }
