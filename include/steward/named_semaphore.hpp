@@ -25,7 +25,7 @@ class named_semaphore;
 
 namespace detail {
 void async_create_named_semaphore(
-    tracker& t, std::string name, unsigned value,
+    tracker& t, const std::string& name, unsigned value,
     asio::any_completion_handler<void(std::error_code, named_semaphore)> handler);
 }
 
@@ -61,8 +61,8 @@ public:
         tracker& t, std::string_view name, unsigned value,
         CompletionToken&& token = asio::default_completion_token_t<tracker::executor_type>()) {
         return asio::async_initiate<CompletionToken, void(std::error_code, named_semaphore)>(
-            [&t](auto handler, std::string n, unsigned v) {
-                detail::async_create_named_semaphore(t, std::move(n), v, std::move(handler));
+            [&t](auto handler, const std::string& n, unsigned v) {
+                detail::async_create_named_semaphore(t, n, v, std::move(handler));
             },
             token, std::string(name), value);
     }
@@ -90,7 +90,7 @@ public:
 
 private:
     friend void detail::async_create_named_semaphore(
-        tracker&, std::string, unsigned,
+        tracker&, const std::string&, unsigned,
         asio::any_completion_handler<void(std::error_code, named_semaphore)>);
     static named_semaphore create_registered(tracker& t, std::string name, unsigned value, bool withdraw,
                                              std::error_code& ec);

@@ -31,7 +31,7 @@ namespace steward {
 class shared_memory;
 
 namespace detail {
-void async_create_shared_memory(tracker& t, std::string name, std::size_t size,
+void async_create_shared_memory(tracker& t, const std::string& name, std::size_t size,
                                 asio::any_completion_handler<void(std::error_code, shared_memory)> handler);
 }
 
@@ -74,8 +74,8 @@ public:
         tracker& t, std::string_view name, std::size_t size,
         CompletionToken&& token = asio::default_completion_token_t<tracker::executor_type>()) {
         return asio::async_initiate<CompletionToken, void(std::error_code, shared_memory)>(
-            [&t](auto handler, std::string n, std::size_t s) {
-                detail::async_create_shared_memory(t, std::move(n), s, std::move(handler));
+            [&t](auto handler, const std::string& n, std::size_t s) {
+                detail::async_create_shared_memory(t, n, s, std::move(handler));
             },
             token, std::string(name), size);
     }
@@ -108,7 +108,7 @@ public:
 
 private:
     friend void detail::async_create_shared_memory(
-        tracker&, std::string, std::size_t,
+        tracker&, const std::string&, std::size_t,
         asio::any_completion_handler<void(std::error_code, shared_memory)>);
     static shared_memory create_registered(tracker& t, std::string name, std::size_t size, bool withdraw,
                                            std::error_code& ec);

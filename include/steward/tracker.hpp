@@ -229,7 +229,7 @@ private:
     // True when @p handler's associated executor is this tracker's executor (then a completion
     // running on it may invoke the handler in place, as dispatch() would).
     template <typename Handler>
-    bool runs_on_own_executor(const Handler& handler) const {
+    [[nodiscard]] bool runs_on_own_executor(const Handler& handler) const {
         const executor_type own = get_executor();
         const auto theirs = asio::get_associated_executor(handler, own);
         if constexpr (std::is_same_v<std::decay_t<decltype(theirs)>, executor_type>)

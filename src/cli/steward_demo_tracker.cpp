@@ -17,12 +17,12 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
-#include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -46,7 +46,7 @@ void print_entries(const char* when, const std::vector<std::string>& entries) {
     std::printf("/dev/shm %s: %s", when, entries.empty() ? "(none of ours)" : "");
     for (std::size_t i = 0; i < entries.size(); ++i) std::printf("%s%s", i ? " " : "", entries[i].c_str());
     std::printf("\n");
-    std::fflush(stdout);
+    (void)std::fflush(stdout);
 }
 
 // The family leader. Sends the daemon's pid on @p ready once everything exists, then waits to be
@@ -63,7 +63,7 @@ void print_entries(const char* when, const std::vector<std::string>& entries) {
         auto sem = named_semaphore::create(t, stem + "_leader_sem", 0);
         std::printf("leader: created %s, %s and semaphore %s (each registered before it existed)\n",
                     a.name().c_str(), b.name().c_str(), sem.name().c_str());
-        std::fflush(stdout);
+        (void)std::fflush(stdout);
         int worker_ready[2];
         if (::pipe2(worker_ready, O_CLOEXEC) != 0) ::_exit(20);
         const pid_t worker = ::fork();
@@ -71,7 +71,7 @@ void print_entries(const char* when, const std::vector<std::string>& entries) {
             auto w = shared_memory::create(t, stem + "_worker", 4096);
             std::printf("worker %d: created %s through the inherited tracker\n", static_cast<int>(::getpid()),
                         w.name().c_str());
-            std::fflush(stdout);
+            (void)std::fflush(stdout);
             (void)::write(worker_ready[1], "R", 1);
             for (;;) ::pause();
         }
@@ -80,13 +80,13 @@ void print_entries(const char* when, const std::vector<std::string>& entries) {
         ::kill(worker, SIGKILL);
         ::waitpid(worker, nullptr, 0);
         std::printf("leader: killed the worker with SIGKILL (its segment stays registered)\n");
-        std::fflush(stdout);
+        (void)std::fflush(stdout);
         const int daemon = t.daemon_pid();
         (void)::write(ready, &daemon, sizeof daemon);
         for (;;) ::pause();
     } catch (const std::exception& e) {
         std::printf("leader: %s\n", e.what());
-        std::fflush(stdout);
+        (void)std::fflush(stdout);
         ::_exit(21);
     }
 }
@@ -95,7 +95,7 @@ void print_entries(const char* when, const std::vector<std::string>& entries) {
 
 int demo_tracker_chapter() {
     std::printf("== 3. the tracker ==\n");
-    std::fflush(stdout);
+    (void)std::fflush(stdout);
     const std::string stem = "steward_demo_" + std::to_string(::getpid());
     int err_pipe[2], ready_pipe[2];
     if (::pipe2(err_pipe, O_CLOEXEC) != 0 || ::pipe2(ready_pipe, O_CLOEXEC) != 0) {
@@ -129,7 +129,7 @@ int demo_tracker_chapter() {
     print_entries("before", demo_entries(stem));
     std::printf("top: killing the family leader %d with SIGKILL; no destructor, no atexit runs\n",
                 static_cast<int>(leader));
-    std::fflush(stdout);
+    (void)std::fflush(stdout);
     ::kill(leader, SIGKILL);
     ::waitpid(leader, nullptr, 0);
 
@@ -171,7 +171,7 @@ int demo_tracker_chapter() {
         return 1;
     }
     std::printf("nothing leaked: every registered object was removed once the family was gone.\n");
-    std::fflush(stdout);
+    (void)std::fflush(stdout);
     return 0;
 }
 

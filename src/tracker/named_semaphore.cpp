@@ -179,7 +179,7 @@ bool named_semaphore::try_wait() {
 namespace detail {
 
 void async_create_named_semaphore(
-    tracker& t, std::string name, unsigned value,
+    tracker& t, const std::string& name, unsigned value,
     asio::any_completion_handler<void(std::error_code, named_semaphore)> handler) {
     std::string canonical = shared_memory::canonical_name(name);
     std::error_code bad = check_name(canonical);

@@ -210,7 +210,7 @@ void shared_memory::unlink() {
 
 namespace detail {
 
-void async_create_shared_memory(tracker& t, std::string name, std::size_t size,
+void async_create_shared_memory(tracker& t, const std::string& name, std::size_t size,
                                 asio::any_completion_handler<void(std::error_code, shared_memory)> handler) {
     std::string canonical = shared_memory::canonical_name(name);
     std::error_code bad = check_name(canonical);

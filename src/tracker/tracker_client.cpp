@@ -554,12 +554,10 @@ private:
         for (const auto& c : candidates) {
             struct stat st {};
             int err = 0;
-            if (::stat(c.c_str(), &st) != 0)
+            if (::stat(c.c_str(), &st) != 0 || (S_ISREG(st.st_mode) && ::access(c.c_str(), X_OK) != 0))
                 err = errno;
             else if (!S_ISREG(st.st_mode))
                 err = EISDIR;
-            else if (::access(c.c_str(), X_OK) != 0)
-                err = errno;
             if (err == 0) return c;
             if (!tried.empty()) tried += ", ";
             tried += c + " (" + std::strerror(err) + ")";
@@ -595,10 +593,10 @@ private:
         const bool relaunch = state_ == state::dead;
         if (relaunch && !warned_) {
             warned_ = true;
-            std::fprintf(stderr,
-                         "steward: the tracker daemon is gone (%s); started a new one (pid %d) and "
-                         "re-registered %zu names of this process\n",
-                         dead_status_.c_str(), static_cast<int>(child.pid()), registered_.size());
+            (void)std::fprintf(stderr,
+                               "steward: the tracker daemon is gone (%s); started a new one (pid %d) and "
+                               "re-registered %zu names of this process\n",
+                               dead_status_.c_str(), static_cast<int>(child.pid()), registered_.size());
         }
         if (owns_daemon_ && daemon_.valid()) {
             std::error_code ignore;
