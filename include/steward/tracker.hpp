@@ -15,6 +15,8 @@
 ///   calls work in the child as they are; asynchronous ones complete only if the child runs the
 ///   tracker's io_context (after `notify_fork(fork_child)`).
 /// - Moved-from trackers may only be assigned to or destroyed.
+/// - Destroy the tracker before the io_context its executor belongs to (it holds the daemon's pidfd
+///   as an I/O object of that context).
 /// - exec: the write end must be inherited and named to the new program. Recommended: spawn the
 ///   program with steward::io::async_spawn() mapping fd() to a fixed number and adding
 ///   environment_entry(that number) to its environment, e.g.
