@@ -162,16 +162,19 @@ private:
     }
 
     void send_waiting() {
-        while (!waiting_.empty() && in_flight_.size() < max_in_flight_) {
-            request r = std::move(waiting_.front());
-            waiting_.pop_front();
-            if (!r.handler) continue;
-            r.id = next_id_++;
-            r.deadline = clock::now() + r.reply_timeout;
-            const std::size_t at = out_.size();
-            out_.resize(at + wire::fetch_frame_size);
-            wire::put_fetch(out_.data() + at, r.id, r.key);
-            in_flight_.push_back(std::move(r));
+        if (!waiting_.empty()) {
+            const auto now = clock::now();
+            while (!waiting_.empty() && in_flight_.size() < max_in_flight_) {
+                request r = std::move(waiting_.front());
+                waiting_.pop_front();
+                if (!r.handler) continue;
+                r.id = next_id_++;
+                r.deadline = now + r.reply_timeout;
+                const std::size_t at = out_.size();
+                out_.resize(at + wire::fetch_frame_size);
+                wire::put_fetch(out_.data() + at, r.id, r.key);
+                in_flight_.push_back(std::move(r));
+            }
         }
         schedule_flush();
         ensure_reader();
