@@ -243,6 +243,7 @@ STEWARD_CORO_TEST(executable_not_found_names_the_paths_tried) {
     auto [ec2] = co_await t.async_register("/stw_nf", resource_type::shared_memory,
                                            asio::as_tuple(asio::use_awaitable));
     BOOST_CHECK(ec2 == steward::errc::executable_not_found);
+    BOOST_CHECK(!t.is_registered("stw_nf", resource_type::shared_memory));  // a failed registration is forgotten
     try {
         t.register_resource("/stw_nf", resource_type::shared_memory);
         BOOST_ERROR("no exception");

@@ -406,7 +406,12 @@ private:
                 }
             }
             if (state_ != state::running) {
-                if (auto ec = start_daemon_locked()) fail_all_locked(ec, done);
+                if (auto ec = start_daemon_locked()) {
+                    // Nothing queued since the last start reached a daemon: forget those names, or
+                    // a later relaunch would register names whose registration failed.
+                    if (state_ == state::idle) registered_.clear();
+                    fail_all_locked(ec, done);
+                }
                 if (!done.empty()) {
                     release_role_locked();
                     complete_all(lk, done, mine != nullptr);
