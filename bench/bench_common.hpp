@@ -82,10 +82,18 @@ inline std::string json_escape(const std::string& s) {
     std::string out;
     for (const char c : s) {
         switch (c) {
-            case '"': out += "\\\""; break;
-            case '\\': out += "\\\\"; break;
-            case '\n': out += "\\n"; break;
-            case '\t': out += "\\t"; break;
+            case '"':
+                out += "\\\"";
+                break;
+            case '\\':
+                out += "\\\\";
+                break;
+            case '\n':
+                out += "\\n";
+                break;
+            case '\t':
+                out += "\\t";
+                break;
             default:
                 if (static_cast<unsigned char>(c) < 0x20) {
                     char buf[8];
@@ -122,8 +130,8 @@ public:
         if (!latencies_.empty()) {
             std::vector<double> s = latencies_;
             std::sort(s.begin(), s.end());
-            out += ",\"latency_ns\":{\"p50\":" + num(percentile(s, 0.50)) + ",\"p99\":" +
-                   num(percentile(s, 0.99)) + ",\"max\":" + num(s.back()) +
+            out += ",\"latency_ns\":{\"p50\":" + num(percentile(s, 0.50)) +
+                   ",\"p99\":" + num(percentile(s, 0.99)) + ",\"max\":" + num(s.back()) +
                    ",\"samples\":" + std::to_string(s.size()) + "}";
         }
         if (!extras_.empty()) {
@@ -139,7 +147,8 @@ public:
 
     static double percentile(const std::vector<double>& sorted, double q) {
         if (sorted.empty()) return 0;
-        const std::size_t i = std::min(sorted.size() - 1, static_cast<std::size_t>(q * static_cast<double>(sorted.size())));
+        const std::size_t i =
+            std::min(sorted.size() - 1, static_cast<std::size_t>(q * static_cast<double>(sorted.size())));
         return sorted[i];
     }
 
@@ -223,7 +232,9 @@ struct channel {
         child_read = child_write = -1;
     }
     template <typename T>
-    void send_to_child(const T& v) const { write_all(parent_write, &v, sizeof v); }
+    void send_to_child(const T& v) const {
+        write_all(parent_write, &v, sizeof v);
+    }
     template <typename T>
     T receive_from_child() const {
         T v{};
@@ -231,9 +242,13 @@ struct channel {
         return v;
     }
     template <typename T>
-    void send_to_parent(const T& v) const { write_all(child_write, &v, sizeof v); }
+    void send_to_parent(const T& v) const {
+        write_all(child_write, &v, sizeof v);
+    }
     template <typename T>
-    bool receive_from_parent(T& v) const { return read_all(child_read, &v, sizeof v); }
+    bool receive_from_parent(T& v) const {
+        return read_all(child_read, &v, sizeof v);
+    }
 };
 
 // fork() running `body` in the child, which exits 0 on return and 1 on an exception (the reason
@@ -314,7 +329,8 @@ inline int pipe_bytes_queued(int fd) {
 // Waits until the reader of the pipe whose write end is @p write_fd has taken every byte and
 // process @p reader sleeps (blocked reading the empty pipe) on three checks in a row: the reader
 // has then processed everything written so far. Gives up after @p limit.
-inline bool wait_reader_idle(int write_fd, pid_t reader, std::chrono::milliseconds limit = std::chrono::seconds(60)) {
+inline bool wait_reader_idle(int write_fd, pid_t reader,
+                             std::chrono::milliseconds limit = std::chrono::seconds(60)) {
     const auto deadline = clock::now() + limit;
     int idle = 0;
     while (clock::now() < deadline) {
@@ -337,7 +353,9 @@ struct cpu_meter {
     rusage start{};
     bool running = false;
 
-    static double secs(const timeval& t) { return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) * 1e-6; }
+    static double secs(const timeval& t) {
+        return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) * 1e-6;
+    }
     void begin() {
         ::getrusage(RUSAGE_SELF, &start);
         running = true;

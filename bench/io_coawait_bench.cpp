@@ -123,7 +123,7 @@ double run_same_syscalls_write(std::size_t n) {
     sigemptyset(&pipe_set);
     sigaddset(&pipe_set, SIGPIPE);
     auto once = [&](std::size_t i) {
-        struct stat st{};
+        struct stat st {};
         bench::check(::fstat(p[1], &st) == 0 && S_ISFIFO(st.st_mode), "fstat");
         sigset_t old_mask, pending;
         ::pthread_sigmask(SIG_BLOCK, &pipe_set, &old_mask);
@@ -156,7 +156,8 @@ double run_steward_send(std::size_t n) {
             char byte = 'x';
             auto loop = [&](std::size_t count) -> asio::awaitable<void> {
                 for (std::size_t i = 0; i < count; ++i) {
-                    co_await steward::io::async_send_fds(sock, {}, asio::buffer(&byte, 1), asio::use_awaitable);
+                    co_await steward::io::async_send_fds(sock, {}, asio::buffer(&byte, 1),
+                                                         asio::use_awaitable);
                     if (i % send_drain_every == send_drain_every - 1) drain(sv[1]);
                 }
             };

@@ -552,7 +552,8 @@ std::vector<steward::share_id> next_round(bench::channel& ch, std::uint32_t coun
     if (address.empty()) {
         const auto len = ch.receive_from_child<std::uint32_t>();
         address.resize(len);
-        if (!bench::read_all(ch.parent_read, address.data(), len)) throw std::runtime_error("server went away");
+        if (!bench::read_all(ch.parent_read, address.data(), len))
+            throw std::runtime_error("server went away");
     }
     std::vector<steward::share_key> keys(count);
     if (!bench::read_all(ch.parent_read, keys.data(), keys.size() * sizeof(steward::share_key)))
@@ -564,8 +565,8 @@ std::vector<steward::share_id> next_round(bench::channel& ch, std::uint32_t coun
 }
 
 enum class steward_shape {
-    pipelined,    // `in_flight` fetches outstanding on the pooled connection
-    sequential,   // one fetch awaited at a time on the pooled (warm) connection
+    pipelined,        // `in_flight` fetches outstanding on the pooled connection
+    sequential,       // one fetch awaited at a time on the pooled (warm) connection
     cpython_connect,  // async_fetch_cpython: a new connection + handshake + pickle per fetch
     blocking_native,  // steward::fetch(): private io_context, new connection + handshake + HELLO per fetch
 };
@@ -601,13 +602,15 @@ int steward_fetch(const bench::args& a, std::size_t fds_per_id, std::size_t per_
                 const auto f0 = record_latency ? bench::clock::now() : bench::clock::time_point{};
                 std::vector<steward::unique_fd> fds;
                 if (shape == steward_shape::cpython_connect)
-                    fds = co_await steward::async_fetch_cpython(ex, id.to_cpython(), key, asio::use_awaitable);
+                    fds =
+                        co_await steward::async_fetch_cpython(ex, id.to_cpython(), key, asio::use_awaitable);
                 else if (shape == steward_shape::blocking_native)
                     fds = steward::fetch(id, options);
                 else
                     fds = co_await steward::async_fetch(ex, id, asio::use_awaitable, options);
                 if (timed && record_latency)
-                    latencies.push_back(std::chrono::duration<double, std::nano>(bench::clock::now() - f0).count());
+                    latencies.push_back(
+                        std::chrono::duration<double, std::nano>(bench::clock::now() - f0).count());
                 if (timed) received += fds.size();
             }
         };
@@ -665,7 +668,8 @@ int steward_fetch(const bench::args& a, std::size_t fds_per_id, std::size_t per_
 #if defined(STEWARD_BENCH_HAVE_SHARER)
 #define STEWARD_FETCH(...) return steward_fetch(__VA_ARGS__)
 #else
-#define STEWARD_FETCH(...) return bench::not_measured(a, "steward's sharer server / native fetch client not in the tree yet")
+#define STEWARD_FETCH(...) \
+    return bench::not_measured(a, "steward's sharer server / native fetch client not in the tree yet")
 #endif
 
 int main(int argc, char** argv) {
@@ -679,12 +683,14 @@ int main(int argc, char** argv) {
         if (s == "fetch_pipelined") {
             if (a.n == 0) a.n = 200000;
             if (v == "floor") return floor_stream(a, 1, per_round);
-            if (v == "steward") STEWARD_FETCH(a, 1, per_round, steward_shape::pipelined, a.get_size("in-flight", 64));
+            if (v == "steward")
+                STEWARD_FETCH(a, 1, per_round, steward_shape::pipelined, a.get_size("in-flight", 64));
         } else if (s == "fetch_batch") {
             if (a.n == 0) a.n = 253 * 2000;
             if (v == "floor") return floor_stream(a, 253, std::max<std::size_t>(1, per_round / 100));
-            if (v == "steward") STEWARD_FETCH(a, 253, std::max<std::size_t>(1, per_round / 100), steward_shape::pipelined,
-                                     a.get_size("in-flight", 4));
+            if (v == "steward")
+                STEWARD_FETCH(a, 253, std::max<std::size_t>(1, per_round / 100), steward_shape::pipelined,
+                              a.get_size("in-flight", 4));
         } else if (s == "fetch_connect") {
             if (a.n == 0) a.n = 20000;
             if (v == "floor") return floor_connect(a, per_round);

@@ -51,7 +51,9 @@ namespace {
 std::string tracker_exe(const bench::args& a) {
     return a.get("tracker-exe", bench::env_or("STEWARD_TRACKER_EXE", STEWARD_BENCH_TRACKER_EXE));
 }
-std::string python_exe(const bench::args& a) { return a.get("python", "python3"); }
+std::string python_exe(const bench::args& a) {
+    return a.get("python", "python3");
+}
 
 // "/psm_" + 8 hex digits: 13 bytes, the shape of CPython's SharedMemory names.
 std::size_t make_name(char* out, std::size_t i) {
@@ -145,7 +147,8 @@ int register_same_syscalls(const bench::args& a) {
     const auto t0 = bench::clock::now();
     for (const auto& m : msgs) {
         siginfo_t info{};
-        bench::check(::waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pidfd), &info, WEXITED | WNOHANG) == 0 &&
+        bench::check(::waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pidfd), &info,
+                              WEXITED | WNOHANG) == 0 &&
                          info.si_pid == 0,
                      "waitid: daemon gone");
         sigset_t old_mask, pending;
@@ -180,7 +183,8 @@ int register_floor(const bench::args& a, bool batched) {
     std::vector<std::size_t> ends;  // end offset of each write
     for (std::size_t i = 0; i < a.n; ++i) {
         const std::string m = message(i % 2 == 0, i / 2);
-        if (batched && !ends.empty() && all.size() + m.size() - (ends.size() > 1 ? ends[ends.size() - 2] : 0) <= 4096)
+        if (batched && !ends.empty() &&
+            all.size() + m.size() - (ends.size() > 1 ? ends[ends.size() - 2] : 0) <= 4096)
             ends.back() += m.size();
         else
             ends.push_back(all.size() + m.size());
@@ -189,8 +193,9 @@ int register_floor(const bench::args& a, bool batched) {
     const auto t0 = bench::clock::now();
     std::size_t start = 0;
     for (const std::size_t end : ends) {
-        bench::check(::write(d.write_end(), all.data() + start, end - start) == static_cast<ssize_t>(end - start),
-                     "write");
+        bench::check(
+            ::write(d.write_end(), all.data() + start, end - start) == static_cast<ssize_t>(end - start),
+            "write");
         start = end;
     }
     const double s = bench::seconds_since(t0);
