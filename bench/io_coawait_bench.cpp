@@ -166,7 +166,7 @@ double run_steward_send(std::size_t n) {
             co_await loop(n);
             seconds = bench::seconds_since(t0);
         },
-        [&](std::exception_ptr e) { error = e; });
+        [&](const std::exception_ptr& e) { error = e; });
     ctx.run();
     ::close(sv[1]);
     if (error) std::rethrow_exception(error);
@@ -195,7 +195,7 @@ double run_steward_write(std::size_t n) {
             co_await loop(n);
             seconds = bench::seconds_since(t0);
         },
-        [&](std::exception_ptr e) { error = e; });
+        [&](const std::exception_ptr& e) { error = e; });
     ctx.run();
     ::close(p[0]);
     if (error) std::rethrow_exception(error);

@@ -109,7 +109,7 @@ std::size_t receive_and_close(int sock) {
 
 // CPU time per unit of the result's value (per fetch, or per descriptor for fd/s), split by side.
 void cpu_extras(bench::result& r, const bench::cpu_meter& client, double server_user, double server_sys) {
-    const double n = static_cast<double>(r.count_value());
+    const auto n = static_cast<double>(r.count_value());
     if (n <= 0) return;
     r.extra("client_user_ns", client.user * 1e9 / n);
     r.extra("client_sys_ns", client.sys * 1e9 / n);
@@ -320,8 +320,8 @@ constexpr std::size_t sha_prefix_size = sizeof sha_prefix - 1;
 void deliver_challenge(frame_reader& in, const unsigned char* key) {
     const int sock = in.sock;
     unsigned char msg[11 + sha_prefix_size + 40];
-    std::memcpy(msg, "#CHALLENGE#", 11);
-    std::memcpy(msg + 11, sha_prefix, sha_prefix_size);
+    std::copy_n("#CHALLENGE#", 11, msg);
+    std::copy_n(sha_prefix, sha_prefix_size, msg + 11);
     bench::check(::getrandom(msg + 11 + sha_prefix_size, 40, 0) == 40, "getrandom");
     send_frame(sock, msg, sizeof msg);
     unsigned char answer[256];
@@ -618,7 +618,7 @@ int steward_fetch(const bench::args& a, std::size_t fds_per_id, std::size_t per_
             // `in_flight` workers on this one coroutine chain: all use the pooled connection.
             auto done = std::make_shared<asio::steady_timer>(ctx, asio::steady_timer::time_point::max());
             for (std::size_t w = 0; w < in_flight; ++w)
-                asio::co_spawn(ctx, worker(), [&, done](std::exception_ptr e) {
+                asio::co_spawn(ctx, worker(), [&, done](const std::exception_ptr& e) {
                     if (e && !error) error = e;
                     if (--running == 0) done->cancel();
                 });
@@ -642,7 +642,7 @@ int steward_fetch(const bench::args& a, std::size_t fds_per_id, std::size_t per_
                 done += count;
             }
         },
-        [&](std::exception_ptr e) {
+        [&](const std::exception_ptr& e) {
             if (e && !error) error = e;
         });
     ctx.run();
@@ -674,7 +674,7 @@ int steward_fetch(const bench::args& a, std::size_t fds_per_id, std::size_t per_
 
 int main(int argc, char** argv) {
     bench::args a = bench::parse_args(argc, argv, 0);
-    std::signal(SIGPIPE, SIG_IGN);
+    (void)std::signal(SIGPIPE, SIG_IGN);
     bench::raise_nofile_limit();
     try {
         const std::string& s = a.scenario;
@@ -686,7 +686,7 @@ int main(int argc, char** argv) {
             if (v == "steward")
                 STEWARD_FETCH(a, 1, per_round, steward_shape::pipelined, a.get_size("in-flight", 64));
         } else if (s == "fetch_batch") {
-            if (a.n == 0) a.n = 253 * 2000;
+            if (a.n == 0) a.n = std::size_t{253} * 2000;
             if (v == "floor") return floor_stream(a, 253, std::max<std::size_t>(1, per_round / 100));
             if (v == "steward")
                 STEWARD_FETCH(a, 253, std::max<std::size_t>(1, per_round / 100), steward_shape::pipelined,

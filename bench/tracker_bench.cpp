@@ -97,7 +97,10 @@ public:
         if (write_end_ >= 0) ::close(write_end_);
         if (pid_ > 0) {
             ::kill(pid_, SIGKILL);
-            bench::wait_child(pid_);
+            try {
+                bench::wait_child(pid_);
+            } catch (const std::exception&) {  // already reaped: nothing left to do
+            }
         }
     }
 
@@ -119,7 +122,7 @@ private:
         std::size_t start = 0;
         while (start <= path.size()) {
             const std::size_t end = std::min(path.find(':', start), path.size());
-            const std::string candidate = path.substr(start, end - start) + "/" + name;
+            std::string candidate = path.substr(start, end - start) + "/" + name;
             if (::access(candidate.c_str(), X_OK) == 0) return candidate;
             start = end + 1;
         }
@@ -251,12 +254,12 @@ int register_steward(const bench::args& a, std::size_t coroutines) {
                             if (!ec) status = st;
                         }
                     },
-                    [&](std::exception_ptr e) {
+                    [&](const std::exception_ptr& e) {
                         if (e && !error) error = e;
                     });
             }
         },
-        [&](std::exception_ptr e) {
+        [&](const std::exception_ptr& e) {
             if (e && !error) error = e;
         });
     ctx.run();
@@ -282,7 +285,7 @@ int daemon_ingest(const bench::args& a) {
         chunk += message(false, i % 4096);
         chunk_msgs += 2;
     }
-    const std::size_t rounds = std::max<std::size_t>(1, a.n / chunk_msgs);
+    const std::size_t rounds = std::max<std::size_t>(1, a.n / std::max<std::size_t>(1, chunk_msgs));
     daemon_process d(a, a.variant);
     const auto t0 = bench::clock::now();
     for (std::size_t i = 0; i < rounds; ++i) bench::write_all(d.write_end(), chunk.data(), chunk.size());
@@ -375,7 +378,7 @@ int cleanup(const bench::args& a) {
 
 int main(int argc, char** argv) {
     bench::args a = bench::parse_args(argc, argv, 0);
-    std::signal(SIGPIPE, SIG_IGN);
+    (void)std::signal(SIGPIPE, SIG_IGN);
     try {
         const std::string& s = a.scenario;
         const std::string& v = a.variant;
