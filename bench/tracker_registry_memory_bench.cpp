@@ -71,7 +71,7 @@ int main(int argc, char** argv) {
 
     std::size_t accounted = 0;
     const long steward_kib = peak_growth_in_child([&] {
-        steward::tracker::registry r;
+        steward::detail::tracking::registry r;
         char b[32];
         for (std::size_t i = 0; i < names; ++i) {
             const int n = make_name(b, i);
@@ -102,7 +102,7 @@ int main(int argc, char** argv) {
     stream.reserve(64 * 1024 * 1024);
     std::size_t produced = 0;
     const int fd = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
-    steward::tracker::daemon_core core(fd);
+    steward::detail::tracking::daemon_core core(fd);
     const auto start = std::chrono::steady_clock::now();
     double build_seconds = 0;
     while (produced < messages) {

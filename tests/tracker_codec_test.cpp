@@ -25,7 +25,7 @@
 #include <string>
 #include <vector>
 
-using namespace steward::tracker;
+using namespace steward::detail::tracking;
 using steward::resource_type;
 
 namespace {
@@ -463,7 +463,7 @@ BOOST_AUTO_TEST_CASE(registry_survives_growth_churn_and_compaction) {
     const int n = 50000;
     for (int i = 0; i < n; ++i) r.insert(resource_type::file, "/f/" + std::to_string(i));
     for (int i = 0; i < n; i += 2) BOOST_REQUIRE(r.erase(resource_type::file, "/f/" + std::to_string(i)));
-    const steward::tracker::file_identity id{7, 99};
+    const steward::detail::tracking::file_identity id{7, 99};
     r.set_identity(r.find(resource_type::file, "/f/1"), &id);
     // Churn: register and unregister many fresh names; memory must not grow with the churn.
     for (int round = 0; round < 4; ++round) {

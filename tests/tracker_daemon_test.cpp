@@ -35,7 +35,7 @@
 // The steward-tracker executable fed by hand: fork+exec with a pipe, lines written, the pipe
 // closed, then exit status, stderr and the state of /dev/shm checked.
 
-using namespace steward::tracker;
+using namespace steward::detail::tracking;
 using steward::resource_type;
 using steward::unique_fd;
 namespace fs = std::filesystem;

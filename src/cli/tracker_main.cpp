@@ -100,5 +100,5 @@ int main(int argc, char** argv) {
     sigaddset(&unblock, SIGTERM);
     ::sigprocmask(SIG_UNBLOCK, &unblock, nullptr);
 
-    return steward::tracker::run_daemon(steward::unique_fd{fd}, io_uring);
+    return steward::detail::tracking::run_daemon(steward::unique_fd{fd}, io_uring);
 }

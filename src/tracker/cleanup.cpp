@@ -19,7 +19,7 @@
 #include <cstring>
 #include <string>
 
-namespace steward::tracker {
+namespace steward::detail::tracking {
 namespace {
 
 constexpr std::size_t path_buffer_size = PATH_MAX + 16;
@@ -282,4 +282,4 @@ cleanup_result remove_resource(resource_type type, std::string_view name,
     return cleanup_result::removed;
 }
 
-}  // namespace steward::tracker
+}  // namespace steward::detail::tracking

@@ -13,7 +13,7 @@
 #include <string_view>
 #include <system_error>
 
-namespace steward::tracker {
+namespace steward::detail::tracking {
 
 /// The filesystem object behind a tracked name: `/dev/shm/<name>` for shared memory,
 /// `/dev/shm/sem.<name>` for semaphores (glibc's layout), the path itself for files and
@@ -62,4 +62,4 @@ cleanup_result remove_resource(resource_type type, std::string_view name,
 cleanup_result remove_tree(std::string_view path, const std::optional<file_identity>& expected,
                            const failure_callback& on_failure);
 
-}  // namespace steward::tracker
+}  // namespace steward::detail::tracking

@@ -2,7 +2,9 @@
 
 #include <steward/error.hpp>
 
-namespace steward::tracker {
+#include <cstring>
+
+namespace steward::detail::tracking {
 namespace {
 
 constexpr bool is_blank(char c) noexcept {
@@ -557,4 +559,24 @@ std::error_code append_message(command cmd, resource_type type, std::string_view
     return {};
 }
 
-}  // namespace steward::tracker
+std::error_code client_canonical_name(resource_type type, std::string_view name, char* out,
+                                       std::string_view& result) noexcept {
+    if (type == resource_type::noop) return std::make_error_code(std::errc::invalid_argument);
+    if (canonical_name(type, name, out, result) != decode_error::none)
+        return std::make_error_code(std::errc::invalid_argument);
+    return {};
+}
+
+std::error_code encode_into(bool register_it, resource_type type, std::string_view name, char* out,
+                               std::size_t& size) noexcept {
+    encoded_message message;
+    const auto cmd =
+        register_it ? command::register_resource : command::unregister_resource;
+    size = 0;
+    if (auto ec = encode_message(cmd, type, name, message)) return ec;
+    std::memcpy(out, message.bytes.data(), message.size);
+    size = message.size;
+    return {};
+}
+
+}  // namespace steward::detail::tracking

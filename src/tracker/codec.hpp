@@ -18,7 +18,7 @@
 #include <string_view>
 #include <system_error>
 
-namespace steward::tracker {
+namespace steward::detail::tracking {
 
 /// Largest message on the wire, newline included.
 inline constexpr std::size_t max_message_size = 512;
@@ -97,6 +97,16 @@ struct encoded_message {
 /// std::errc::invalid_argument (empty name, NUL byte, or REGISTER/UNREGISTER with type noop).
 [[nodiscard]] std::error_code encode_message(command cmd, resource_type type, std::string_view name,
                                              encoded_message& out) noexcept;
+
+/// The client's form of canonical_name(): std::errc::invalid_argument for every name the daemon
+/// would refuse (and for the noop type, which is never registered).
+[[nodiscard]] std::error_code client_canonical_name(resource_type type, std::string_view name, char* out,
+                                                    std::string_view& result) noexcept;
+
+/// Encodes REGISTER (@p register_it) or UNREGISTER of an already canonical @p name into @p out
+/// (max_message_size bytes); @p size receives the length (0 on error).
+[[nodiscard]] std::error_code encode_into(bool register_it, resource_type type, std::string_view name,
+                                          char* out, std::size_t& size) noexcept;
 
 /// As encode_message(), appending to @p out (unchanged on error). For writers that coalesce
 /// several messages into one write.
@@ -182,4 +192,4 @@ private:
     bool discarding_ = false;
 };
 
-}  // namespace steward::tracker
+}  // namespace steward::detail::tracking

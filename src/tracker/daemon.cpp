@@ -19,7 +19,7 @@
 #include <exception>
 #include <memory>
 
-namespace steward::tracker {
+namespace steward::detail::tracking {
 namespace {
 
 constexpr std::string_view prefix = "steward-tracker: ";
@@ -402,4 +402,4 @@ int run_daemon(unique_fd fd, bool allow_io_uring) {
     return core.finish();
 }
 
-}  // namespace steward::tracker
+}  // namespace steward::detail::tracking

@@ -17,7 +17,7 @@
 #include <string_view>
 #include <vector>
 
-namespace steward::tracker {
+namespace steward::detail::tracking {
 
 inline constexpr int exit_clean = 0;
 inline constexpr int exit_leaks_cleaned = 1;
@@ -77,4 +77,4 @@ void append_quoted(std::string& out, std::string_view bytes);
 /// to run would leak everything it was meant to clean. Returns the exit status.
 int run_daemon(unique_fd fd, bool allow_io_uring = true);
 
-}  // namespace steward::tracker
+}  // namespace steward::detail::tracking

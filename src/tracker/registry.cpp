@@ -3,7 +3,7 @@
 #include <cstring>
 #include <stdexcept>
 
-namespace steward::tracker {
+namespace steward::detail::tracking {
 namespace {
 
 __extension__ using uint128 = unsigned __int128;  // GCC and Clang; silences -Wpedantic
@@ -215,4 +215,4 @@ std::size_t registry::memory_bytes() const noexcept {
            arena_pages_.capacity() * sizeof(void*);
 }
 
-}  // namespace steward::tracker
+}  // namespace steward::detail::tracking

@@ -18,7 +18,7 @@
 #include <string_view>
 #include <vector>
 
-namespace steward::tracker {
+namespace steward::detail::tracking {
 
 /// (st_dev, st_ino) of the object a name referred to when it was registered.
 struct file_identity {
@@ -129,4 +129,4 @@ private:
     std::array<std::size_t, 5> per_type_{};
 };
 
-}  // namespace steward::tracker
+}  // namespace steward::detail::tracking

@@ -20,7 +20,7 @@
 // has been written.
 #include <steward/tracker.hpp>
 
-#include "tracker/tracker_client_codec.hpp"
+#include "tracker/codec.hpp"
 
 #include <steward/io/async_spawn.hpp>
 #include <steward/io/async_write_message.hpp>
@@ -234,10 +234,10 @@ public:
 
     bool is_registered(std::string_view name, resource_type type) {
         encoded msg;
-        if (name.size() >= tracker_max_message ||
-            tracker_canonical_name(type, name, msg.canonical_buf.data(), msg.canonical))
+        if (name.size() >= tracking::max_message_size ||
+            tracking::client_canonical_name(type, name, msg.canonical_buf.data(), msg.canonical))
             return false;
-        std::array<char, tracker_max_message + 3> buf;
+        std::array<char, tracking::max_message_size + 3> buf;
         const std::string_view key = make_key(type, msg.canonical, buf.data());
         std::lock_guard lk(m_);
         check_fork_locked();
@@ -280,17 +280,17 @@ private:
     enum class state { idle, running, dead };
 
     struct encoded {
-        std::array<char, tracker_max_message> bytes;
+        std::array<char, tracking::max_message_size> bytes;
         std::size_t size = 0;
-        std::array<char, tracker_max_message + 2> canonical_buf;
+        std::array<char, tracking::max_message_size + 2> canonical_buf;
         std::string_view canonical;
     };
 
     static std::error_code encode(bool reg, std::string_view name, resource_type type, encoded& out) {
         // A name this long cannot fit a 512-byte line in either format.
-        if (name.size() >= tracker_max_message) return errc::message_too_long;
-        if (auto ec = tracker_canonical_name(type, name, out.canonical_buf.data(), out.canonical)) return ec;
-        return tracker_encode(reg, type, out.canonical, out.bytes.data(), out.size);
+        if (name.size() >= tracking::max_message_size) return errc::message_too_long;
+        if (auto ec = tracking::client_canonical_name(type, name, out.canonical_buf.data(), out.canonical)) return ec;
+        return tracking::encode_into(reg, type, out.canonical, out.bytes.data(), out.size);
     }
 
     // ---- queue ------------------------------------------------------------------------------
@@ -336,7 +336,7 @@ private:
     }
 
     void remember_locked(bool reg, resource_type type, std::string_view name) {
-        std::array<char, tracker_max_message + 3> buf;
+        std::array<char, tracking::max_message_size + 3> buf;
         const std::string_view key = make_key(type, name, buf.data());
         if (reg) {
             if (registered_.find(key) == registered_.end()) registered_.emplace(key);
@@ -627,11 +627,11 @@ private:
         for (batch* b = head_; b; b = b->next) b->size = 0;
         batch* first = nullptr;
         batch* last = nullptr;
-        std::array<char, tracker_max_message> line;
+        std::array<char, tracking::max_message_size> line;
         for (const auto& key : registered_) {
             const auto type = static_cast<resource_type>(key[0] - '0');
             std::size_t n = 0;
-            if (tracker_encode(true, type, std::string_view(key).substr(1), line.data(), n)) continue;
+            if (tracking::encode_into(true, type, std::string_view(key).substr(1), line.data(), n)) continue;
             if (!last || last->size + n > batch_capacity) {
                 batch* b = new_batch_locked();
                 if (last)

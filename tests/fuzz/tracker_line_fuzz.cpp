@@ -11,13 +11,13 @@
 // - line_splitter: cutting the stream into arbitrary reads yields exactly the lines and errors of
 //   a straightforward reference split, and never holds back more than 512 bytes;
 // - base64: decode(encode(x)) == x, and decode is stable under one re-encoding;
-// - the client's codec (tracker_client_codec.hpp) refuses a name exactly when the daemon would,
+// - the client's codec (codec.hpp) refuses a name exactly when the daemon would,
 //   and what it accepts reaches the daemon as exactly its canonical name.
 
 #include "fuzz_support.hpp"
 
 #include "tracker/codec.hpp"
-#include "tracker/tracker_client_codec.hpp"
+#include "tracker/codec.hpp"
 
 #include <steward/error.hpp>
 
@@ -27,7 +27,7 @@
 
 namespace {
 
-using namespace steward::tracker;
+using namespace steward::detail::tracking;
 using steward::fuzz::as_bytes;
 
 bool within(std::string_view inner, const char* begin, std::size_t size) {
@@ -179,7 +179,7 @@ void check_base64(std::string_view input) {
     FUZZ_CHECK(std::string_view(back.data(), back_size) == first);
 }
 
-// The client's side of the contract (tracker_client_codec.hpp): for the input as a name of each
+// The client's side of the contract (codec.hpp): for the input as a name of each
 // type, the client refuses it exactly when the daemon would, and a name it accepts reaches the
 // daemon as exactly the canonical name the client computed.
 void check_client_path(std::string_view name) {
@@ -188,7 +188,7 @@ void check_client_path(std::string_view name) {
                             resource_type::directory, resource_type::noop}) {
         std::string out(name.size() + 2, '\0');
         std::string_view canonical;
-        const std::error_code ec = steward::detail::tracker_canonical_name(type, name, out.data(), canonical);
+        const std::error_code ec = steward::detail::tracking::client_canonical_name(type, name, out.data(), canonical);
         encoded_message raw;
         const bool raw_encoded = !encode_message(command::register_resource, type, name, raw);
         decoded_message m;
@@ -201,9 +201,9 @@ void check_client_path(std::string_view name) {
         }
         FUZZ_CHECK(type != resource_type::noop);
         check_canonical(type, canonical);
-        std::array<char, steward::detail::tracker_max_message> wire;
+        std::array<char, steward::detail::tracking::max_message_size> wire;
         std::size_t size = 0;
-        const std::error_code eec = steward::detail::tracker_encode(true, type, canonical, wire.data(), size);
+        const std::error_code eec = steward::detail::tracking::encode_into(true, type, canonical, wire.data(), size);
         if (eec) {
             FUZZ_CHECK(eec == steward::errc::message_too_long && size == 0);
             continue;
