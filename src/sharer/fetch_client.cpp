@@ -10,6 +10,7 @@
 #include "sharer/handshake_driver.hpp"
 #include "sharer/native_protocol.hpp"
 #include "sharer/native_stream.hpp"
+#include "sharer/sharer_handshake.hpp"
 #include "sharer/sharer_wire.hpp"
 
 #include <asio/append.hpp>
@@ -288,7 +289,8 @@ private:
         const asio::local::stream_protocol::endpoint endpoint(self->address_);
         auto [cec] = co_await self->socket_.async_connect(endpoint, use_tuple);
         if (cec) co_return self->fail(wire::normalize(cec));
-        ec = co_await authenticate_as_client(self->socket_, self->key_, handshake_timeout);
+        ec = co_await fast_handshake::run(self->socket_, auth::handshake::role::client, self->key_,
+                                          handshake_timeout, self);
         if (ec) {
             // A server that refuses the peer (uid) closes before its challenge.
             if (ec == asio::error::eof || ec == asio::error::connection_reset ||

@@ -8,6 +8,7 @@
 #include "sharer/handshake_driver.hpp"
 #include "sharer/native_protocol.hpp"
 #include "sharer/pickle.hpp"
+#include "sharer/sharer_handshake.hpp"
 #include "sharer/sharer_wire.hpp"
 
 #include <asio/append.hpp>
@@ -838,8 +839,8 @@ private:
         conn->peer_pid = cred.pid;
 
         // 2. The mutual HMAC handshake, under its own deadline.
-        std::error_code ec =
-            co_await authenticate_as_server(conn->socket, self->key_, self->options_.handshake_timeout);
+        std::error_code ec = co_await fast_handshake::run(conn->socket, auth::handshake::role::server,
+                                                          self->key_, self->options_.handshake_timeout, conn);
         if (ec) {
             if (ec == errc::timed_out)
                 self->count(&sharer_stats::handshake_timeouts);
