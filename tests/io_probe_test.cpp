@@ -1,4 +1,5 @@
 #define BOOST_TEST_MODULE io_probe
+#include "support/seccomp_filter.hpp"
 #include "support/test_support.hpp"
 
 #include <steward/error.hpp>
@@ -7,10 +8,6 @@
 #include <steward/unique_fd.hpp>
 
 #include <fcntl.h>
-#include <linux/audit.h>
-#include <linux/filter.h>
-#include <linux/seccomp.h>
-#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -33,35 +30,7 @@
 
 namespace {
 
-#if defined(__x86_64__)
-constexpr std::uint32_t native_audit_arch = AUDIT_ARCH_X86_64;
-#elif defined(__aarch64__)
-constexpr std::uint32_t native_audit_arch = AUDIT_ARCH_AARCH64;
-#else
-#error "io_probe_test: add the AUDIT_ARCH_* value of this architecture"
-#endif
-
-/// Makes io_uring_setup fail with @p err in the calling thread and its future children; every
-/// other system call is allowed. A system call from a foreign ABI kills the process, so a filter
-/// that does not match what it was written for is noticed instead of silently allowing
-/// everything.
-int install_io_uring_setup_filter(int err) {
-    sock_filter program[] = {
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, arch)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, native_audit_arch, 1, 0),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (static_cast<std::uint32_t>(err) & SECCOMP_RET_DATA)),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-    };
-    sock_fprog fprog{static_cast<unsigned short>(std::size(program)), program};
-    // Without no_new_privs an unprivileged process may not install a filter; as root it is not
-    // needed, but setting it keeps the test identical for every user.
-    if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return errno;
-    if (::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &fprog) != 0) return errno;
-    return 0;
-}
+int install_io_uring_setup_filter(int err) { return steward::test::install_errno_filter(__NR_io_uring_setup, err); }
 
 /// What a child saw when it ran the probe.
 struct probe_outcome {
@@ -191,17 +160,7 @@ probe_outcome probe_in_child(std::optional<int> filter_errno, std::optional<rlim
     return r;
 }
 
-/// Precondition: a forked child can install a seccomp filter (some sandboxes refuse seccomp).
-boost::test_tools::assertion_result seccomp_available(boost::unit_test::test_unit_id) {
-    const pid_t pid = ::fork();
-    if (pid < 0) return false;
-    if (pid == 0) ::_exit(install_io_uring_setup_filter(EPERM) == 0 ? 0 : 1);
-    int status = 0;
-    boost::test_tools::assertion_result ok =
-        ::waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0;
-    if (!ok) ok.message() << "seccomp filters cannot be installed here, test skipped";
-    return ok;
-}
+using steward::test::seccomp_available;
 
 [[maybe_unused]] std::string sysctl_value() {
     std::ifstream in("/proc/sys/kernel/io_uring_disabled");

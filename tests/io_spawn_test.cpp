@@ -1,4 +1,5 @@
 #define BOOST_TEST_MODULE io_spawn
+#include "support/seccomp_filter.hpp"
 #include "support/test_support.hpp"
 
 #include <steward/error.hpp>
@@ -13,13 +14,9 @@
 #include <asio/use_awaitable.hpp>
 
 #include <fcntl.h>
-#include <linux/audit.h>
-#include <linux/filter.h>
-#include <linux/seccomp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sys/mman.h>
-#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -485,41 +482,10 @@ BOOST_AUTO_TEST_CASE(destructor_reaps_an_exited_child_and_leaves_a_running_one,
 
 namespace {
 
-#if defined(__x86_64__)
-constexpr std::uint32_t native_audit_arch = AUDIT_ARCH_X86_64;
-#elif defined(__aarch64__)
-constexpr std::uint32_t native_audit_arch = AUDIT_ARCH_AARCH64;
-#else
-#error "io_spawn_test: add the AUDIT_ARCH_* value of this architecture"
-#endif
-
 // Makes pidfd_open fail with ENOSYS (as on Linux < 5.3) for the calling process and its children.
-bool install_pidfd_open_enosys_filter() {
-    sock_filter program[] = {
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, arch)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, native_audit_arch, 1, 0),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_pidfd_open, 0, 1),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (ENOSYS & SECCOMP_RET_DATA)),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-    };
-    sock_fprog fprog{static_cast<unsigned short>(std::size(program)), program};
-    return ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
-           ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &fprog) == 0;
-}
+bool install_pidfd_open_enosys_filter() { return steward::test::install_errno_filter(SYS_pidfd_open, ENOSYS) == 0; }
 
-// Precondition: a forked child can install the filter (some sandboxes refuse seccomp).
-boost::test_tools::assertion_result seccomp_available(boost::unit_test::test_unit_id) {
-    const pid_t pid = ::fork();
-    if (pid == 0) ::_exit(install_pidfd_open_enosys_filter() ? 0 : 1);
-    int status = 0;
-    const bool ok =
-        pid > 0 && ::waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0;
-    boost::test_tools::assertion_result result(ok);
-    if (!ok) result.message() << "seccomp filters cannot be installed here, test skipped";
-    return result;
-}
+using steward::test::seccomp_available;
 
 }  // namespace
 

@@ -1,4 +1,5 @@
 #define BOOST_TEST_MODULE tracker_client_test
+#include "support/seccomp_filter.hpp"
 #include "support/test_support.hpp"
 #include "support/tracker_client_support.hpp"
 
@@ -677,4 +678,43 @@ STEWARD_CORO_TEST(a_full_pipe_is_waited_out_by_coroutines_and_blocking_callers) 
         BOOST_REQUIRE_MESSAGE(l.rfind("REGISTER:/tmp/stw_cl_slow_", 0) == 0 &&
                                   l.find("xxxxxxxxxxxxxxxxxxxx:file") != std::string::npos,
                               "torn line: " << l);
+}
+
+// Where io_uring is blocked (a container's seccomp profile) the first start fails with the probe's
+// error and its explanation, before any I/O object could throw from inside Asio. Run in a forked
+// child: the filter cannot be removed.
+BOOST_AUTO_TEST_CASE(blocked_io_uring_fails_the_start_with_the_probe_explanation,
+                     *boost::unit_test::precondition(steward::test::seccomp_available)) {
+#if STEWARD_IO_URING_BACKEND
+    int report[2];
+    BOOST_REQUIRE(::pipe2(report, O_CLOEXEC) == 0);
+    const pid_t pid = ::fork();
+    BOOST_REQUIRE(pid >= 0);
+    if (pid == 0) {
+        ::close(report[0]);
+        int code = 10;
+        if (steward::test::install_errno_filter(__NR_io_uring_setup, EPERM) == 0) {
+            asio::io_context ctx;
+            tracker t(ctx.get_executor());
+            std::error_code ec;
+            t.register_resource("/stw_cl_blocked", resource_type::shared_memory, ec);
+            const std::string detail = t.last_error_detail();
+            code = ec == steward::errc::io_uring_blocked ? 0 : 11;
+            if (code == 0 && detail.find("seccomp") == std::string::npos) code = 12;
+            if (code == 0 && detail.find("STEWARD_IO_BACKEND=epoll") == std::string::npos) code = 13;
+            if (code == 0 && t.daemon_pid() != -1) code = 14;
+        }
+        (void)!::write(report[1], &code, sizeof code);
+        ::_exit(0);
+    }
+    ::close(report[1]);
+    int code = -1;
+    BOOST_TEST(::read(report[0], &code, sizeof code) == static_cast<ssize_t>(sizeof code));
+    ::close(report[0]);
+    int status = 0;
+    BOOST_TEST(::waitpid(pid, &status, 0) == pid);
+    BOOST_TEST(code == 0);  // 10 filter, 11 wrong code, 12/13 explanation incomplete, 14 a daemon started
+#else
+    BOOST_TEST_MESSAGE("epoll build: io_uring is never used, nothing to refuse");
+#endif
 }

@@ -1,4 +1,5 @@
 #define BOOST_TEST_MODULE tracker_daemon_test
+#include "support/seccomp_filter.hpp"
 #include "support/test_support.hpp"
 
 #include "tracker/codec.hpp"
@@ -6,14 +7,11 @@
 #include <steward/unique_fd.hpp>
 
 #include <fcntl.h>
-#include <linux/filter.h>
-#include <linux/seccomp.h>
 #include <poll.h>
 #include <semaphore.h>
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -91,17 +89,7 @@ std::string unreg(resource_type t, std::string_view n) {
 
 // Installs a seccomp filter making io_uring_setup fail with EPERM (Docker's default profile does
 // the same). Async-signal-safe: used between fork and exec.
-bool forbid_io_uring_setup() {
-    sock_filter filter[] = {
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (EPERM & SECCOMP_RET_DATA)),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-    };
-    sock_fprog program{static_cast<unsigned short>(sizeof filter / sizeof filter[0]), filter};
-    return ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
-           ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &program) == 0;
-}
+bool forbid_io_uring_setup() { return steward::test::install_errno_filter(__NR_io_uring_setup, EPERM) == 0; }
 
 // One daemon under test. Its stdin is /dev/null, stdout ours, stderr a pipe we read at the end.
 class daemon_process {

@@ -23,6 +23,8 @@
 #include "tracker/codec.hpp"
 
 #include <steward/io/async_spawn.hpp>
+#include <steward/io/backend_probe.hpp>
+#include <steward/io_uring_check.hpp>
 #include <steward/io/async_write_message.hpp>
 #include <steward/io/child_process.hpp>
 #include <steward/unique_fd.hpp>
@@ -575,7 +577,11 @@ private:
     }
 
     std::error_code start_daemon_locked() {
-        std::error_code ec;
+        std::error_code ec = io::io_uring_status();  // cached: a probe per process, not per start
+        if (ec) {
+            check_io_uring(ec, &last_error_);  // the full explanation, for last_error_detail()
+            return ec;
+        }
         const std::string exe = find_executable_locked(ec);
         if (ec) return ec;
         int fds[2];
