@@ -9,8 +9,10 @@ namespace steward {
 
 /// Checks that this process can create an io_uring (io_uring_setup with a tiny ring).
 ///
-/// Runs automatically before steward's first operation; call it earlier to fail fast with a
-/// message a user can act on:
+/// steward runs it (once per process, cached) before a tracker starts its daemon, a sharer starts
+/// its listener and a fetch opens a connection, and reports its code; tracker::last_error_detail()
+/// carries the explanation. Call it at start-up, before creating the io_context, to fail fast with
+/// a message a user can act on:
 /// - steward::errc::io_uring_blocked (EPERM): a seccomp policy (Docker's default profile) or the
 ///   `kernel.io_uring_disabled` sysctl (its value is named) forbids io_uring;
 /// - steward::errc::io_uring_unsupported (ENOSYS): a kernel without io_uring or a sandbox such

@@ -1,4 +1,5 @@
 #include <steward/cpython_fetch.hpp>
+#include <steward/io/backend_probe.hpp>
 
 #include <steward/error.hpp>
 #include <steward/io/async_recv_fds.hpp>
@@ -72,6 +73,8 @@ asio::awaitable<fetch_result> fetch_cpython_coro(cpython_ident ident, authkey ke
         co_return fail(std::make_error_code(std::errc::invalid_argument));
     if (ident.address.size() > max_address)
         co_return fail(std::make_error_code(std::errc::filename_too_long));
+
+    if (auto probe = io::io_uring_status()) co_return fail(probe);  // cached per process
 
     // Asio opens sockets without SOCK_CLOEXEC; open it ourselves and hand it over.
     unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));

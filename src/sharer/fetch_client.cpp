@@ -3,6 +3,7 @@
 // writes coalesced. All connection state lives on the connection's strand.
 
 #include <steward/fetch.hpp>
+#include <steward/io/backend_probe.hpp>
 
 #include <steward/error.hpp>
 #include <steward/io/detail/scm_rights.hpp>
@@ -280,7 +281,8 @@ private:
 
     static asio::awaitable<void> setup(std::shared_ptr<fetch_connection> self,
                                        clock::duration handshake_timeout) {
-        std::error_code ec;
+        std::error_code ec = io::io_uring_status();  // cached per process
+        if (ec) co_return self->fail(ec);
         unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
         if (!fd) co_return self->fail(errno_code(errno));
         self->socket_.assign(asio::local::stream_protocol(), fd.get(), ec);

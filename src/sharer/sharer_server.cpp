@@ -1,4 +1,5 @@
 #include <steward/sharer.hpp>
+#include <steward/io/backend_probe.hpp>
 
 #include <steward/error.hpp>
 #include <steward/io_uring_check.hpp>
@@ -495,6 +496,7 @@ private:
     }
 
     std::error_code start_listener_locked() {
+        if (auto probe = io::io_uring_status()) return probe;  // cached per process
         std::vector<std::string> bases;
         if (!options_.socket_base_dir.empty()) {
             bases.push_back(options_.socket_base_dir);
