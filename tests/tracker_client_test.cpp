@@ -718,3 +718,21 @@ BOOST_AUTO_TEST_CASE(blocked_io_uring_fails_the_start_with_the_probe_explanation
     BOOST_TEST_MESSAGE("epoll build: io_uring is never used, nothing to refuse");
 #endif
 }
+
+// A deferred operation starts when it is awaited: the tracker must hold its own copy of the name by
+// then (ASan reports the use after free otherwise; without it, the registered name would differ).
+STEWARD_CORO_TEST(deferred_register_keeps_its_own_copy_of_the_name) {
+    tracker t(ctx.get_executor());
+    const std::string expected = "/stw_cl_deferred_" + std::to_string(::getpid()) + "_longer_than_sso";
+    auto op = [&] {
+        std::string name = expected;  // destroyed before the operation starts
+        return t.async_register(name, resource_type::shared_memory, asio::deferred);
+    }();
+    std::string clobber(expected.size(), 'x');  // likely reuses the freed block
+    co_await std::move(op)(asio::use_awaitable);
+    BOOST_TEST(t.is_registered(expected, resource_type::shared_memory));
+    co_await t.async_unregister(expected, resource_type::shared_memory, asio::use_awaitable);
+    const auto status = co_await t.async_stop(std::chrono::seconds(10), asio::use_awaitable);
+    BOOST_TEST(status.has_value());
+    if (status) BOOST_TEST(*status == 0);  // nothing leaked: the unregister matched the register
+}

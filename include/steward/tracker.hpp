@@ -147,11 +147,11 @@ public:
     auto async_register(std::string_view name, resource_type type,
                         CompletionToken&& token = asio::default_completion_token_t<executor_type>()) {
         return asio::async_initiate<CompletionToken, void(std::error_code)>(
-            [this, name, type](auto handler) {
+            [this, type](auto handler, const std::string& n) {
                 const bool direct = runs_on_own_executor(handler);
-                initiate_message(true, name, type, direct, std::move(handler));
+                initiate_message(true, n, type, direct, std::move(handler));
             },
-            token);
+            token, std::string(name));  // a copy: a deferred operation may start after @p name is gone
     }
 
     /// Unregisters @p name (it will not be removed at shutdown). As async_register() otherwise.
@@ -159,11 +159,11 @@ public:
     auto async_unregister(std::string_view name, resource_type type,
                           CompletionToken&& token = asio::default_completion_token_t<executor_type>()) {
         return asio::async_initiate<CompletionToken, void(std::error_code)>(
-            [this, name, type](auto handler) {
+            [this, type](auto handler, const std::string& n) {
                 const bool direct = runs_on_own_executor(handler);
-                initiate_message(false, name, type, direct, std::move(handler));
+                initiate_message(false, n, type, direct, std::move(handler));
             },
-            token);
+            token, std::string(name));  // a copy: a deferred operation may start after @p name is gone
     }
 
     /// Closes this process's write end and, when this process started the daemon, waits up to
