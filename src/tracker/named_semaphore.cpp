@@ -1,5 +1,7 @@
 // steward::named_semaphore: register before create, unlink before unregister (see the header).
 #include <steward/named_semaphore.hpp>
+
+#include "tracker/unlink_then_unregister.hpp"
 #include <steward/shared_memory.hpp>
 
 #include <asio/append.hpp>
@@ -135,18 +137,7 @@ named_semaphore named_semaphore::attach(tracker& t, std::string_view name) {
 }
 
 void named_semaphore::unlink(std::error_code& ec) {
-    ec.clear();
-    if (name_.empty()) {
-        ec = std::make_error_code(std::errc::invalid_argument);
-        return;
-    }
-    if (::sem_unlink(name_.c_str()) != 0) ec = errno_code(errno);
-    if (tracker_) {
-        std::error_code uec;
-        tracker_->unregister_resource(name_, resource_type::semaphore, uec);
-        tracker_ = nullptr;
-        if (!ec) ec = uec;
-    }
+    detail::unlink_then_unregister(name_, resource_type::semaphore, ::sem_unlink, tracker_, ec);
 }
 
 void named_semaphore::unlink() {

@@ -1,6 +1,8 @@
 // steward::shared_memory: register before create, unlink before unregister (see the header).
 #include <steward/shared_memory.hpp>
 
+#include "tracker/unlink_then_unregister.hpp"
+
 #include <asio/append.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/dispatch.hpp>
@@ -188,18 +190,7 @@ shared_memory shared_memory::attach(tracker& t, std::string_view name) {
 }
 
 void shared_memory::unlink(std::error_code& ec) {
-    ec.clear();
-    if (name_.empty()) {
-        ec = std::make_error_code(std::errc::invalid_argument);
-        return;
-    }
-    if (::shm_unlink(name_.c_str()) != 0) ec = errno_code(errno);
-    if (tracker_) {
-        std::error_code uec;
-        tracker_->unregister_resource(name_, resource_type::shared_memory, uec);
-        tracker_ = nullptr;
-        if (!ec) ec = uec;
-    }
+    detail::unlink_then_unregister(name_, resource_type::shared_memory, ::shm_unlink, tracker_, ec);
 }
 
 void shared_memory::unlink() {
