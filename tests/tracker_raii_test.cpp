@@ -195,3 +195,57 @@ STEWARD_CORO_TEST(named_semaphore_create_attach_post_wait_unlink) {
     BOOST_CHECK_EQUAL(co_await stop(t), 0);
     st::scrub_dev_shm(stem);
 }
+
+STEWARD_CORO_TEST(failed_create_of_a_foreign_name_withdraws_its_registration) {
+    fd_count_guard fds(ctx);
+    tracker t(ctx.get_executor());
+    const std::string stem = st::unique_stem("frn");
+    // Objects this family did not create: a create that finds them must leave them alone, and its
+    // registration must be withdrawn, or the daemon would remove someone else's object at exit.
+    const std::string shm_name = "/" + stem + "_m";
+    const int fd = ::shm_open(shm_name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+    BOOST_REQUIRE(fd >= 0);
+    ::close(fd);
+    const std::string sem_name = "/" + stem + "_s";
+    sem_t* s = ::sem_open(sem_name.c_str(), O_CREAT | O_EXCL, 0600, 0);
+    BOOST_REQUIRE(s != SEM_FAILED);
+    ::sem_close(s);
+
+    std::error_code ec;
+    (void)shared_memory::create(t, shm_name, 64, ec);
+    BOOST_CHECK(ec == std::errc::file_exists);
+    BOOST_CHECK(!t.is_registered(shm_name, resource_type::shared_memory));
+    (void)named_semaphore::create(t, sem_name, 0, ec);
+    BOOST_CHECK(ec == std::errc::file_exists);
+    BOOST_CHECK(!t.is_registered(sem_name, resource_type::semaphore));
+    auto [ec2, shm] = co_await shared_memory::async_create(t, shm_name, 64, asio::as_tuple(asio::use_awaitable));
+    BOOST_CHECK(ec2 == std::errc::file_exists);
+    BOOST_CHECK(!shm.valid());
+    auto [ec3, sem] = co_await named_semaphore::async_create(t, sem_name, 0, asio::as_tuple(asio::use_awaitable));
+    BOOST_CHECK(ec3 == std::errc::file_exists);
+    BOOST_CHECK(!t.is_registered(shm_name, resource_type::shared_memory));
+    BOOST_CHECK(!t.is_registered(sem_name, resource_type::semaphore));
+
+    // The throwing forms name the object.
+    try {
+        (void)shared_memory::create(t, shm_name.substr(1), 64);
+        BOOST_ERROR("create of an existing segment did not throw");
+    } catch (const std::system_error& e) {
+        BOOST_CHECK(e.code() == std::errc::file_exists);
+        BOOST_CHECK(std::string(e.what()).find("shared_memory::create " + shm_name) != std::string::npos);
+    }
+    try {
+        (void)named_semaphore::attach(sem_name + "_missing");
+        BOOST_ERROR("attach of a missing semaphore did not throw");
+    } catch (const std::system_error& e) {
+        BOOST_CHECK(std::string(e.what()).find("named_semaphore::attach " + sem_name + "_missing") !=
+                    std::string::npos);
+    }
+
+    BOOST_CHECK_EQUAL(co_await stop(t), 0);  // nothing registered: the daemon removes nothing
+    BOOST_CHECK(st::shm_exists(shm_name));
+    BOOST_CHECK(st::sem_exists(sem_name));
+    ::shm_unlink(shm_name.c_str());
+    ::sem_unlink(sem_name.c_str());
+    st::scrub_dev_shm(stem);
+}

@@ -1,13 +1,9 @@
 // steward::named_semaphore: register before create, unlink before unregister (see the header).
 #include <steward/named_semaphore.hpp>
 
+#include "tracker/register_then_create.hpp"
 #include "tracker/unlink_then_unregister.hpp"
 #include <steward/shared_memory.hpp>
-
-#include <asio/append.hpp>
-#include <asio/associated_executor.hpp>
-#include <asio/dispatch.hpp>
-#include <asio/post.hpp>
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -16,17 +12,6 @@
 #include <utility>
 
 namespace steward {
-
-namespace {
-
-std::error_code check_name(const std::string& canonical) {
-    if (canonical.size() < 2 || canonical.find('/', 1) != std::string::npos ||
-        canonical.find('\0') != std::string::npos)
-        return std::make_error_code(std::errc::invalid_argument);
-    return {};
-}
-
-}  // namespace
 
 named_semaphore::named_semaphore(named_semaphore&& other) noexcept
     : name_(std::move(other.name_)),
@@ -80,26 +65,25 @@ named_semaphore named_semaphore::create_registered(tracker& t, std::string name,
 named_semaphore named_semaphore::create(tracker& t, std::string_view name, unsigned value,
                                         std::error_code& ec) {
     std::string canonical = shared_memory::canonical_name(name);
-    ec = check_name(canonical);
+    ec = detail::check_posix_name(canonical);
     if (ec) return {};
-    // A name this process registered already belongs to one of its live objects: a failed
-    // create must not withdraw that registration.
-    const bool withdraw = !t.is_registered(canonical, resource_type::semaphore);
-    t.register_resource(canonical, resource_type::semaphore, ec);
-    if (ec) return {};
-    return create_registered(t, std::move(canonical), value, withdraw, ec);
+    return detail::register_then_create<named_semaphore>(
+        t, std::move(canonical), resource_type::semaphore,
+        [&t, value](std::string n, bool withdraw, std::error_code& e) {
+            return create_registered(t, std::move(n), value, withdraw, e);
+        },
+        ec);
 }
 
 named_semaphore named_semaphore::create(tracker& t, std::string_view name, unsigned value) {
     std::error_code ec;
-    named_semaphore sem = create(t, name, value, ec);
-    if (ec) throw std::system_error(ec, "named_semaphore::create " + shared_memory::canonical_name(name));
-    return sem;
+    return detail::value_or_throw(create(t, name, value, ec), ec, "named_semaphore::create",
+                                  shared_memory::canonical_name(name));
 }
 
 named_semaphore named_semaphore::open_existing(tracker* t, std::string_view name, std::error_code& ec) {
     std::string canonical = shared_memory::canonical_name(name);
-    ec = check_name(canonical);
+    ec = detail::check_posix_name(canonical);
     if (ec) return {};
     named_semaphore sem;
     sem_t* s = ::sem_open(canonical.c_str(), 0);
@@ -122,18 +106,16 @@ named_semaphore named_semaphore::attach(std::string_view name, std::error_code& 
 }
 named_semaphore named_semaphore::attach(std::string_view name) {
     std::error_code ec;
-    named_semaphore sem = attach(name, ec);
-    if (ec) throw std::system_error(ec, "named_semaphore::attach " + shared_memory::canonical_name(name));
-    return sem;
+    return detail::value_or_throw(attach(name, ec), ec, "named_semaphore::attach",
+                                  shared_memory::canonical_name(name));
 }
 named_semaphore named_semaphore::attach(tracker& t, std::string_view name, std::error_code& ec) {
     return open_existing(&t, name, ec);
 }
 named_semaphore named_semaphore::attach(tracker& t, std::string_view name) {
     std::error_code ec;
-    named_semaphore sem = attach(t, name, ec);
-    if (ec) throw std::system_error(ec, "named_semaphore::attach " + shared_memory::canonical_name(name));
-    return sem;
+    return detail::value_or_throw(attach(t, name, ec), ec, "named_semaphore::attach",
+                                  shared_memory::canonical_name(name));
 }
 
 void named_semaphore::unlink(std::error_code& ec) {
@@ -173,23 +155,13 @@ void async_create_named_semaphore(
     tracker& t, const std::string& name, unsigned value,
     asio::any_completion_handler<void(std::error_code, named_semaphore)> handler) {
     std::string canonical = shared_memory::canonical_name(name);
-    std::error_code bad = check_name(canonical);
-    if (bad) {
-        asio::post(t.get_executor(), asio::append(std::move(handler), bad, named_semaphore()));
-        return;
-    }
-    const std::string key = canonical;
-    const bool withdraw = !t.is_registered(canonical, resource_type::semaphore);
-    t.async_register(key, resource_type::semaphore,
-                     [&t, canonical = std::move(canonical), value, withdraw,
-                      h = std::move(handler)](std::error_code rec) mutable {
-                         std::error_code ec = rec;
-                         named_semaphore sem;
-                         if (!ec)
-                             sem = named_semaphore::create_registered(t, std::move(canonical), value,
-                                                                      withdraw, ec);
-                         asio::dispatch(t.get_executor(), asio::append(std::move(h), ec, std::move(sem)));
-                     });
+    const std::error_code bad = check_posix_name(canonical);
+    async_register_then_create<named_semaphore>(
+        t, std::move(canonical), resource_type::semaphore, bad,
+        [&t, value](std::string n, bool withdraw, std::error_code& ec) {
+            return named_semaphore::create_registered(t, std::move(n), value, withdraw, ec);
+        },
+        std::move(handler));
 }
 
 }  // namespace detail

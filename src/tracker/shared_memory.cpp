@@ -1,12 +1,8 @@
 // steward::shared_memory: register before create, unlink before unregister (see the header).
 #include <steward/shared_memory.hpp>
 
+#include "tracker/register_then_create.hpp"
 #include "tracker/unlink_then_unregister.hpp"
-
-#include <asio/append.hpp>
-#include <asio/associated_executor.hpp>
-#include <asio/dispatch.hpp>
-#include <asio/post.hpp>
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -20,10 +16,9 @@ namespace steward {
 
 namespace {
 
-std::error_code check_name(const std::string& canonical) {
-    if (canonical.size() < 2 || canonical.find('/', 1) != std::string::npos ||
-        canonical.find('\0') != std::string::npos)
-        return std::make_error_code(std::errc::invalid_argument);
+std::error_code check_arguments(const std::string& canonical, std::size_t size) {
+    if (std::error_code ec = detail::check_posix_name(canonical)) return ec;
+    if (size == 0) return std::make_error_code(std::errc::invalid_argument);
     return {};
 }
 
@@ -118,27 +113,24 @@ shared_memory shared_memory::create_registered(tracker& t, std::string name, std
 shared_memory shared_memory::create(tracker& t, std::string_view name, std::size_t size,
                                     std::error_code& ec) {
     std::string canonical = canonical_name(name);
-    ec = check_name(canonical);
-    if (!ec && size == 0) ec = std::make_error_code(std::errc::invalid_argument);
+    ec = check_arguments(canonical, size);
     if (ec) return {};
-    // A name this process registered already belongs to one of its live objects: a failed
-    // create must not withdraw that registration.
-    const bool withdraw = !t.is_registered(canonical, resource_type::shared_memory);
-    t.register_resource(canonical, resource_type::shared_memory, ec);
-    if (ec) return {};
-    return create_registered(t, std::move(canonical), size, withdraw, ec);
+    return detail::register_then_create<shared_memory>(
+        t, std::move(canonical), resource_type::shared_memory,
+        [&t, size](std::string n, bool withdraw, std::error_code& e) {
+            return create_registered(t, std::move(n), size, withdraw, e);
+        },
+        ec);
 }
 
 shared_memory shared_memory::create(tracker& t, std::string_view name, std::size_t size) {
     std::error_code ec;
-    shared_memory shm = create(t, name, size, ec);
-    if (ec) throw std::system_error(ec, "shared_memory::create " + canonical_name(name));
-    return shm;
+    return detail::value_or_throw(create(t, name, size, ec), ec, "shared_memory::create", canonical_name(name));
 }
 
 shared_memory shared_memory::open_existing(tracker* t, std::string_view name, std::error_code& ec) {
     std::string canonical = canonical_name(name);
-    ec = check_name(canonical);
+    ec = detail::check_posix_name(canonical);
     if (ec) return {};
     shared_memory shm;
     const int raw = ::shm_open(canonical.c_str(), O_RDWR | O_CLOEXEC, 0);
@@ -175,18 +167,14 @@ shared_memory shared_memory::attach(std::string_view name, std::error_code& ec) 
 }
 shared_memory shared_memory::attach(std::string_view name) {
     std::error_code ec;
-    shared_memory shm = attach(name, ec);
-    if (ec) throw std::system_error(ec, "shared_memory::attach " + canonical_name(name));
-    return shm;
+    return detail::value_or_throw(attach(name, ec), ec, "shared_memory::attach", canonical_name(name));
 }
 shared_memory shared_memory::attach(tracker& t, std::string_view name, std::error_code& ec) {
     return open_existing(&t, name, ec);
 }
 shared_memory shared_memory::attach(tracker& t, std::string_view name) {
     std::error_code ec;
-    shared_memory shm = attach(t, name, ec);
-    if (ec) throw std::system_error(ec, "shared_memory::attach " + canonical_name(name));
-    return shm;
+    return detail::value_or_throw(attach(t, name, ec), ec, "shared_memory::attach", canonical_name(name));
 }
 
 void shared_memory::unlink(std::error_code& ec) {
@@ -204,24 +192,13 @@ namespace detail {
 void async_create_shared_memory(tracker& t, const std::string& name, std::size_t size,
                                 asio::any_completion_handler<void(std::error_code, shared_memory)> handler) {
     std::string canonical = shared_memory::canonical_name(name);
-    std::error_code bad = check_name(canonical);
-    if (!bad && size == 0) bad = std::make_error_code(std::errc::invalid_argument);
-    if (bad) {
-        asio::post(t.get_executor(), asio::append(std::move(handler), bad, shared_memory()));
-        return;
-    }
-    const std::string key = canonical;  // the lambda below takes canonical; async_register copies key
-    const bool withdraw = !t.is_registered(canonical, resource_type::shared_memory);
-    t.async_register(key, resource_type::shared_memory,
-                     [&t, canonical = std::move(canonical), size, withdraw,
-                      h = std::move(handler)](std::error_code rec) mutable {
-                         std::error_code ec = rec;
-                         shared_memory shm;
-                         if (!ec)
-                             shm = shared_memory::create_registered(t, std::move(canonical), size, withdraw,
-                                                                    ec);
-                         asio::dispatch(t.get_executor(), asio::append(std::move(h), ec, std::move(shm)));
-                     });
+    const std::error_code bad = check_arguments(canonical, size);
+    async_register_then_create<shared_memory>(
+        t, std::move(canonical), resource_type::shared_memory, bad,
+        [&t, size](std::string n, bool withdraw, std::error_code& ec) {
+            return shared_memory::create_registered(t, std::move(n), size, withdraw, ec);
+        },
+        std::move(handler));
 }
 
 }  // namespace detail
