@@ -552,7 +552,12 @@ BOOST_AUTO_TEST_CASE(open_descriptors_are_stdio_the_pipe_and_the_ring_only) {
             BOOST_TEST(target == pipe_link);  // our pipe's read end, nothing else
             continue;
         }
+#if STEWARD_IO_URING_BACKEND
         const bool ring = target == "anon_inode:[io_uring]" || target == "anon_inode:[eventfd]";
+#else  // Asio's epoll reactor: its epoll set, its interrupter and its timer descriptor
+        const bool ring = target == "anon_inode:[eventpoll]" || target == "anon_inode:[eventfd]" ||
+                          target == "anon_inode:[timerfd]";
+#endif
         BOOST_TEST(ring, "unexpected descriptor " << fd << " -> " << target);
         ring_fds += ring;
     }
@@ -560,7 +565,11 @@ BOOST_AUTO_TEST_CASE(open_descriptors_are_stdio_the_pipe_and_the_ring_only) {
     BOOST_TEST(seen.count(1) == 1u);
     BOOST_TEST(seen.count(2) == 1u);
     BOOST_TEST(seen.count(child_fd) == 1u);
+#if STEWARD_IO_URING_BACKEND
     BOOST_TEST(ring_fds <= 2);
+#else
+    BOOST_TEST(ring_fds <= 3);
+#endif
     // Our write end is not among them (it would keep the daemon from ever seeing EOF).
     BOOST_TEST(d.finish() == 0);
 }
@@ -614,10 +623,14 @@ BOOST_AUTO_TEST_CASE(falls_back_to_blocking_reads_when_seccomp_forbids_io_uring)
         BOOST_TEST(fs::read_symlink(entry.path()).string() != "anon_inode:[io_uring]");
     BOOST_TEST(d.finish() == 1);
     const auto lines = d.err_lines();
+#if STEWARD_IO_URING_BACKEND
     BOOST_REQUIRE_EQUAL(lines.size(), 2u);
     BOOST_TEST(lines[0].starts_with("steward-tracker: io_uring unavailable ("), lines[0]);
     BOOST_TEST(contains(lines[0], "reading with blocking read() instead"));
-    BOOST_TEST(lines[1] == leak_line("shared_memory", {s.name}));
+#else  // an epoll build never asks for io_uring: the filter changes nothing and says nothing
+    BOOST_REQUIRE_EQUAL(lines.size(), 1u);
+#endif
+    BOOST_TEST(lines.back() == leak_line("shared_memory", {s.name}));
     BOOST_TEST(!shm_exists(s.name));
 }
 
