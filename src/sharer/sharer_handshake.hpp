@@ -23,6 +23,7 @@
 #include <cerrno>
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -90,6 +91,74 @@ inline asio::awaitable<std::error_code> read_frame(local_socket& socket, std::ve
     co_return std::error_code{};
 }
 
+/// A deadline on one socket: when it passes, the socket's pending waits are cancelled and
+/// expired() says why. Armed lazily (arm()), so a path that never waits costs no timer.
+class socket_deadline {
+public:
+    /// @p keepalive owns @p socket (the timer's handler may run after this object is gone).
+    socket_deadline(local_socket& socket, std::chrono::steady_clock::duration timeout,
+                    std::shared_ptr<void> keepalive)
+        : socket_(socket), timeout_(timeout), keepalive_(std::move(keepalive)) {}
+    socket_deadline(const socket_deadline&) = delete;
+    socket_deadline& operator=(const socket_deadline&) = delete;
+    ~socket_deadline() { disarm(); }
+
+    void arm() {
+        if (timer_) return;
+        state_ = std::make_shared<flags>();
+        timer_.emplace(socket_.get_executor(), timeout_);
+        timer_->async_wait([state = state_, keepalive = keepalive_, &socket = socket_](std::error_code ec) {
+            if (ec || state->done) return;
+            state->expired = true;
+            std::error_code ignored;
+            socket.cancel(ignored);
+        });
+    }
+    void disarm() noexcept {
+        if (!timer_) return;
+        state_->done = true;
+        timer_->cancel();
+        timer_.reset();
+    }
+    [[nodiscard]] bool expired() const noexcept { return state_ && state_->expired; }
+    /// @p ec, or errc::timed_out when the deadline is what ended the wait.
+    [[nodiscard]] std::error_code translate(std::error_code ec) const {
+        return expired() ? make_error_code(errc::timed_out) : ec;
+    }
+
+private:
+    struct flags {
+        bool expired = false;
+        bool done = false;  // a timer handler already queued when the wait ended does nothing
+    };
+    local_socket& socket_;
+    std::chrono::steady_clock::duration timeout_;
+    std::shared_ptr<void> keepalive_;
+    std::shared_ptr<flags> state_;
+    std::optional<asio::steady_timer> timer_;
+};
+
+/// Drives @p hs to its end; @p received, if given, is a frame that already arrived (the server
+/// read it to see whether it was a QUICK; its own challenge went out before). No deadline here.
+inline asio::awaitable<std::error_code> drive(local_socket& socket, auth::handshake& hs,
+                                              std::optional<std::span<const std::byte>> received) {
+    std::vector<std::byte> payload;
+    if (received) {
+        if (auto reply = hs.on_frame(*received)) {
+            const std::error_code ec = co_await write_frame(socket, *reply);
+            if (ec && !hs.error()) co_return ec;
+        }
+    }
+    while (!hs.done()) {
+        if (auto ec = co_await read_frame(socket, payload)) co_return ec;
+        if (auto reply = hs.on_frame(payload)) {
+            const std::error_code ec = co_await write_frame(socket, *reply);
+            if (ec && !hs.error()) co_return ec;
+        }
+    }
+    co_return hs.error();
+}
+
 /// Runs @p role of the handshake on @p socket under @p timeout. @p keepalive owns the socket (the
 /// timer's handler may run after the handshake finished). Errors as run_handshake().
 template <typename Owner>
@@ -97,34 +166,12 @@ asio::awaitable<std::error_code> run(local_socket& socket, auth::handshake::role
                                      std::chrono::steady_clock::duration timeout,
                                      const std::shared_ptr<Owner>& keepalive) {
     auth::handshake hs(role, key);
-    struct flags {
-        bool expired = false;
-        bool done = false;  // a timer handler already queued when the handshake ended does nothing
-    };
-    auto state = std::make_shared<flags>();
-    asio::steady_timer timer(socket.get_executor(), timeout);
-    timer.async_wait([state, keepalive, &socket](std::error_code ec) {
-        if (ec || state->done) return;
-        state->expired = true;
-        std::error_code ignored;
-        socket.cancel(ignored);
-    });
+    socket_deadline deadline(socket, timeout, keepalive);
+    deadline.arm();
     std::error_code result;
     if (auto first = hs.start()) result = co_await write_frame(socket, *first);
-    std::vector<std::byte> payload;
-    while (!result && !hs.done()) {
-        result = co_await read_frame(socket, payload);
-        if (result) break;
-        if (auto reply = hs.on_frame(payload)) {
-            const std::error_code ec = co_await write_frame(socket, *reply);
-            if (ec && !hs.error()) result = ec;
-        }
-        if (hs.done()) result = hs.error();
-    }
-    state->done = true;
-    timer.cancel();
-    if (state->expired) co_return make_error_code(errc::timed_out);
-    co_return result;
+    if (!result) result = co_await drive(socket, hs, std::nullopt);
+    co_return deadline.translate(result);
 }
 
 }  // namespace steward::detail::fast_handshake

@@ -9,6 +9,7 @@
 #include "sharer/handshake_driver.hpp"
 #include "sharer/native_protocol.hpp"
 #include "sharer/pickle.hpp"
+#include "sharer/quick_connect.hpp"
 #include "sharer/sharer_handshake.hpp"
 #include "sharer/sharer_wire.hpp"
 
@@ -97,6 +98,7 @@ struct sharer_connection {
     clock::time_point last_activity = clock::now();
     std::deque<taken_share> unconfirmed;  // delivered, not yet confirmed; ordered by request id
     bool idle_closed = false;
+    bool idle_armed = false;  // the idle timer runs (it re-arms itself until the connection ends)
 };
 
 class sharer_impl : public std::enable_shared_from_this<sharer_impl> {
@@ -787,7 +789,13 @@ private:
     // Closes a connection after idle_timeout without traffic and with nothing unconfirmed.
     static void arm_idle(const std::shared_ptr<sharer_impl>& self,
                          const std::shared_ptr<sharer_connection>& conn) {
-        conn->idle_timer.expires_at(conn->last_activity + self->options_.idle_timeout);
+        conn->idle_armed = true;
+        // A connection holding unconfirmed deliveries is not idle: look again a full period later
+        // (not at a deadline that may already have passed).
+        const auto at = conn->unconfirmed.empty()
+                            ? conn->last_activity + self->options_.idle_timeout
+                            : std::max(conn->last_activity, clock::now()) + self->options_.idle_timeout;
+        conn->idle_timer.expires_at(at);
         conn->idle_timer.async_wait([self, conn](std::error_code ec) {
             if (ec || !conn->socket.is_open()) return;
             if (conn->unconfirmed.empty() &&
@@ -826,6 +834,15 @@ private:
         conn->socket.close(ignored);
     }
 
+    static void count_handshake_error(const std::shared_ptr<sharer_impl>& self, std::error_code ec) {
+        if (ec == errc::timed_out)
+            self->count(&sharer_stats::handshake_timeouts);
+        else if (ec == errc::limit_exceeded)
+            self->count(&sharer_stats::limit_violations);
+        else if (ec == errc::authentication_failed || ec == errc::malformed_message)
+            self->count(&sharer_stats::refused_auth);
+    }
+
     static asio::awaitable<void> serve_connection(const std::shared_ptr<sharer_impl>& self,
                                                   const std::shared_ptr<sharer_connection>& conn) {
         // 1. The peer's credentials, from the kernel.
@@ -840,24 +857,51 @@ private:
         }
         conn->peer_pid = cred.pid;
 
-        // 2. The mutual HMAC handshake, under its own deadline.
-        std::error_code ec = co_await fast_handshake::run(conn->socket, auth::handshake::role::server,
-                                                          self->key_, self->options_.handshake_timeout, conn);
-        if (ec) {
-            if (ec == errc::timed_out)
-                self->count(&sharer_stats::handshake_timeouts);
-            else if (ec == errc::limit_exceeded)
-                self->count(&sharer_stats::limit_violations);
-            else if (ec == errc::authentication_failed || ec == errc::malformed_message)
-                self->count(&sharer_stats::refused_auth);
+        // 2. A quick-connect client writes its QUICK right after connect, without waiting for a
+        // challenge: if bytes are already here, they must be that frame and no challenge is sent.
+        // Otherwise the CPython challenge goes out and the first frame answers it (or is a QUICK
+        // that lost the race with the challenge: the client skips one leading challenge).
+        connection_reader reader(self->options_.max_frame_size);
+        fast_handshake::socket_deadline deadline(conn->socket, self->options_.handshake_timeout, conn);
+        std::span<const std::byte> first;
+        std::error_code ec = reader.try_receive(conn->socket);
+        if (!ec) {
+            if (!reader.has_whole_frame()) deadline.arm();
+            ec = deadline.translate(co_await reader.next_frame(conn->socket, first));
+            if (!ec && !quick::is_request(first)) ec = errc::authentication_failed;  // no challenge was sent
+            if (ec) {
+                count_handshake_error(self, ec);
+                co_return;
+            }
+            deadline.disarm();
+            co_await serve_quick(self, conn, reader, first);
             co_return;
         }
+        if (ec != std::errc::resource_unavailable_try_again) co_return;  // EOF or reset before anything
+
+        deadline.arm();
+        auth::handshake hs(auth::handshake::role::server, self->key_);
+        std::vector<std::byte> response;
+        if (auto challenge = hs.start()) ec = co_await fast_handshake::write_frame(conn->socket, *challenge);
+        // Exactly one frame (a handshake frame is at most 256 bytes, and a QUICK fits): nothing
+        // that follows is consumed here.
+        if (!ec) ec = co_await fast_handshake::read_frame(conn->socket, response);
+        if (!ec && quick::is_request(response)) {
+            deadline.disarm();
+            co_await serve_quick(self, conn, reader, response);
+            co_return;
+        }
+        if (!ec) ec = co_await fast_handshake::drive(conn->socket, hs, std::span<const std::byte>(response));
+        ec = deadline.translate(ec);
+        if (ec) {
+            count_handshake_error(self, ec);
+            co_return;
+        }
+        deadline.disarm();
         conn->last_activity = clock::now();
         arm_idle(self, conn);
 
         // 3. The first frame picks the protocol.
-        connection_reader reader(self->options_.max_frame_size);
-        std::span<const std::byte> first;
         ec = co_await reader.next_frame(conn->socket, first);
         if (ec) {
             note_read_error(self, ec);
@@ -869,7 +913,7 @@ private:
                 co_await serve_cpython(self, conn, first);
                 co_return;
             case native::first_frame_kind::native_hello:
-                co_await serve_native(self, conn, reader, first);
+                co_await serve_hello(self, conn, reader, first);
                 co_return;
             case native::first_frame_kind::unknown:
                 self->count(&sharer_stats::protocol_errors);
@@ -889,59 +933,106 @@ private:
     class connection_reader {
     public:
         explicit connection_reader(std::uint64_t max_payload)
-            : max_payload_(max_payload), buffer_(std::min<std::uint64_t>(max_payload, 64 * 1024) + 64) {}
+            : max_payload_(max_payload), buffer_(std::min<std::uint64_t>(max_payload + 64, initial_size)) {}
 
-        // The next frame's payload (valid until the next call), or an error (eof, limit_exceeded,
-        // malformed_message, socket errors).
-        asio::awaitable<std::error_code> next_frame(local_socket& socket,
-                                                    std::span<const std::byte>& payload) {
+        // One recv(MSG_DONTWAIT): success if bytes arrived, resource_unavailable_try_again if none
+        // were there, eof, or the socket's error.
+        std::error_code try_receive(local_socket& socket) {
             for (;;) {
-                const auto have = std::span<const std::byte>(buffer_).subspan(begin_, end_ - begin_);
-                const framing::frame_probe probe = framing::probe_frame(have, max_payload_);
-                if (probe.status == framing::frame_status::too_large)
-                    co_return make_error_code(errc::limit_exceeded);
-                if (probe.status == framing::frame_status::malformed)
-                    co_return make_error_code(errc::malformed_message);
-                if (probe.status == framing::frame_status::frame) {
-                    payload = have.subspan(probe.header_size, static_cast<std::size_t>(probe.payload_size));
-                    begin_ += static_cast<std::size_t>(probe.total_size());
-                    co_return std::error_code{};
-                }
-                // Need more: make room (frames never exceed the buffer: limit + header).
-                if (begin_ == end_) {
-                    begin_ = end_ = 0;
-                } else if (probe.header_size != 0 && begin_ + probe.total_size() > buffer_.size()) {
-                    std::memmove(buffer_.data(), buffer_.data() + begin_, end_ - begin_);
-                    end_ -= begin_;
-                    begin_ = 0;
-                } else if (end_ == buffer_.size()) {
-                    std::memmove(buffer_.data(), buffer_.data() + begin_, end_ - begin_);
-                    end_ -= begin_;
-                    begin_ = 0;
-                }
-                if (probe.header_size != 0 && probe.total_size() > buffer_.size())
-                    buffer_.resize(static_cast<std::size_t>(probe.total_size()));  // within max_payload
                 const ssize_t n = ::recv(socket.native_handle(), buffer_.data() + end_, buffer_.size() - end_,
                                          MSG_DONTWAIT);
                 if (n > 0) {
+                    filled_ = end_ + static_cast<std::size_t>(n) == buffer_.size();
                     end_ += static_cast<std::size_t>(n);
-                    continue;
+                    return {};
                 }
-                if (n == 0) co_return make_error_code(asio::error::eof);
+                if (n == 0) return make_error_code(asio::error::eof);
                 if (errno == EINTR) continue;
-                if (errno != EAGAIN && errno != EWOULDBLOCK) co_return errno_code(errno);
-                auto [ec] = co_await socket.async_wait(asio::socket_base::wait_read, use_tuple);
-                if (ec) co_return ec;
+                if (errno == EWOULDBLOCK) return std::make_error_code(std::errc::resource_unavailable_try_again);
+                return errno_code(errno);
             }
+        }
+
+        // The next frame already buffered, without reading: true and @p payload set (valid until
+        // the next call), false when more bytes are needed or @p ec is set (limit, malformed).
+        bool pop_frame(std::span<const std::byte>& payload, std::error_code& ec) {
+            const auto have = std::span<const std::byte>(buffer_).subspan(begin_, end_ - begin_);
+            const framing::frame_probe probe = framing::probe_frame(have, max_payload_);
+            if (probe.status == framing::frame_status::too_large) {
+                ec = make_error_code(errc::limit_exceeded);
+                return false;
+            }
+            if (probe.status == framing::frame_status::malformed) {
+                ec = make_error_code(errc::malformed_message);
+                return false;
+            }
+            if (probe.status != framing::frame_status::frame) return false;
+            payload = have.subspan(probe.header_size, static_cast<std::size_t>(probe.payload_size));
+            begin_ += static_cast<std::size_t>(probe.total_size());
+            return true;
+        }
+
+        [[nodiscard]] bool has_whole_frame() const noexcept {
+            const auto have = std::span<const std::byte>(buffer_).subspan(begin_, end_ - begin_);
+            return framing::probe_frame(have, max_payload_).status != framing::frame_status::need_more;
+        }
+
+        // The next frame's payload (valid until the next call), or an error (eof, limit_exceeded,
+        // malformed_message, socket errors). @p before_wait runs each time the socket has nothing
+        // and the reader is about to wait for it.
+        template <typename BeforeWait>
+        asio::awaitable<std::error_code> next_frame(local_socket& socket, std::span<const std::byte>& payload,
+                                                    BeforeWait before_wait) {
+            for (;;) {
+                std::error_code ec;
+                if (pop_frame(payload, ec)) co_return std::error_code{};
+                if (ec) co_return ec;
+                make_room();
+                ec = try_receive(socket);
+                if (!ec) continue;
+                if (ec != std::errc::resource_unavailable_try_again) co_return ec;
+                before_wait();
+                auto [wec] = co_await socket.async_wait(asio::socket_base::wait_read, use_tuple);
+                if (wec) co_return wec;
+            }
+        }
+
+        asio::awaitable<std::error_code> next_frame(local_socket& socket, std::span<const std::byte>& payload) {
+            co_return co_await next_frame(socket, payload, [] {});
         }
 
         [[nodiscard]] bool has_buffered() const noexcept { return begin_ != end_; }
 
     private:
+        // Frames never exceed the buffer (limit + header): move the partial frame to the front
+        // when it would not fit, grow only up to the limit.
+        void make_room() {
+            const auto have = std::span<const std::byte>(buffer_).subspan(begin_, end_ - begin_);
+            const framing::frame_probe probe = framing::probe_frame(have, max_payload_);
+            if (begin_ == end_) {
+                begin_ = end_ = 0;
+                // A read that filled the buffer: the peer pipelines, take bigger bites.
+                if (filled_ && buffer_.size() < grown_size) buffer_.resize(grown_size);
+                filled_ = false;
+            } else if ((probe.header_size != 0 && begin_ + probe.total_size() > buffer_.size()) ||
+                       end_ == buffer_.size()) {
+                std::memmove(buffer_.data(), buffer_.data() + begin_, end_ - begin_);
+                end_ -= begin_;
+                begin_ = 0;
+            }
+            if (probe.header_size != 0 && probe.total_size() > buffer_.size())
+                buffer_.resize(static_cast<std::size_t>(probe.total_size()));  // within max_payload
+        }
+
+        // Small at first (a connection per fetch reads ~100 bytes), larger once a read fills it.
+        static constexpr std::size_t initial_size = 4096;
+        static constexpr std::size_t grown_size = 64 * 1024;
+
         std::uint64_t max_payload_;
         std::vector<std::byte> buffer_;
         std::size_t begin_ = 0;
         std::size_t end_ = 0;
+        bool filled_ = false;
     };
 
     // Sends all of @p data, the descriptors riding on its first byte.
@@ -1022,9 +1113,205 @@ private:
         (void)co_await send_fully(socket, out, {});
     }
 
-    static asio::awaitable<void> serve_native(const std::shared_ptr<sharer_impl>& self,
-                                              const std::shared_ptr<sharer_connection>& conn,
-                                              connection_reader& reader, std::span<const std::byte> first) {
+    // The replies of one pass over the requests read so far, as packets: a packet is one sendmsg
+    // of whole frames plus one SCM_RIGHTS batch. Version 2 puts every single-part reply of the
+    // pass into as few packets as the 253-descriptor limit allows (docs/protocol.md, coalesced
+    // replies); version 1 sends each part that carries descriptors alone.
+    class reply_writer {
+    public:
+        explicit reply_writer(bool coalesce) : coalesce_(coalesce) {
+            bytes_.reserve(4096);
+            fds_.reserve(native::max_fds_per_part);
+        }
+        [[nodiscard]] bool coalesce() const noexcept { return coalesce_; }
+        [[nodiscard]] bool empty() const noexcept { return bytes_.empty(); }
+        [[nodiscard]] bool has_fds() const noexcept { return !fds_.empty(); }
+        [[nodiscard]] bool fits(std::size_t n) const noexcept { return fds_.size() + n <= native::max_fds_per_part; }
+        std::vector<std::byte>& bytes() noexcept { return bytes_; }
+
+        void add_failure(std::uint64_t id, native::reply_status status) {
+            const std::size_t at = bytes_.size();
+            bytes_.resize(at + wire::reply_frame_size);
+            wire::put_reply(bytes_.data() + at, native::failure_reply(id, status));
+        }
+        // A whole single-part reply (1..253 descriptors); the caller checked fits().
+        void add_single(std::uint64_t id, const std::vector<unique_fd>& fds) {
+            native::reply part;
+            part.request_id = id;
+            part.part_fds = static_cast<std::uint16_t>(fds.size());
+            part.total_fds = static_cast<std::uint32_t>(fds.size());
+            const std::size_t at = bytes_.size();
+            bytes_.resize(at + wire::reply_frame_size);
+            wire::put_reply(bytes_.data() + at, part);
+            for (const auto& f : fds) fds_.push_back(f.get());
+            replies_.push_back(at);
+        }
+        void clear() noexcept {
+            bytes_.clear();
+            fds_.clear();
+            replies_.clear();
+        }
+        [[nodiscard]] std::span<const int> fds() const noexcept { return fds_; }
+        // Offsets of the REPLY frames that carry descriptors.
+        [[nodiscard]] const std::vector<std::size_t>& replies() const noexcept { return replies_; }
+        void drop_fds() noexcept {
+            fds_.clear();
+            replies_.clear();
+        }
+
+    private:
+        bool coalesce_;
+        std::vector<std::byte> bytes_;
+        std::vector<int> fds_;
+        std::vector<std::size_t> replies_;
+    };
+
+    // Sends the packet. ETOOMANYREFS (the kernel refused the descriptors, nothing went out): every
+    // reply in it becomes server_error and its share goes back; the rest of the packet is sent.
+    // Returns false when the connection is unusable.
+    static asio::awaitable<bool> flush(const std::shared_ptr<sharer_impl>& self,
+                                       const std::shared_ptr<sharer_connection>& conn, reply_writer& w) {
+        if (w.empty()) co_return true;
+        int err = co_await send_fully(conn->socket, w.bytes(), w.fds());
+        if (err == ETOOMANYREFS && w.has_fds()) {
+            for (std::size_t at : w.replies()) {
+                const auto id = wire::get_be<std::uint64_t>(w.bytes().data() + at + 5);
+                auto it = std::find_if(conn->unconfirmed.rbegin(), conn->unconfirmed.rend(),
+                                       [id](const taken_share& t) { return t.request_id == id; });
+                if (it != conn->unconfirmed.rend()) {
+                    taken_share back = std::move(*it);
+                    conn->unconfirmed.erase(std::next(it).base());
+                    self->put_back(std::move(back), conn->generation);
+                }
+                wire::put_reply(w.bytes().data() + at, native::failure_reply(id, native::reply_status::server_error));
+            }
+            w.drop_fds();
+            err = co_await send_fully(conn->socket, w.bytes(), {});
+        }
+        w.clear();
+        co_return err == 0;
+    }
+
+    struct fetch_outcome {
+        native::reply_status status = native::reply_status::ok;
+        share_entry entry;
+    };
+
+    // Takes the shares of one pass under one lock. A connection may hold at most @p room more
+    // delivered but unconfirmed requests: requests beyond it are answered busy.
+    void take_batch(std::span<const native::fetch> fetches, pid_t peer, std::uint64_t gen, std::size_t room,
+                    std::vector<fetch_outcome>& out) {
+        out.clear();
+        out.resize(fetches.size());
+        std::vector<sharer_stop_handler> waiters;
+        {
+            std::lock_guard lock(mutex_);
+            const bool current = gen == generation_;
+            const auto now = clock::now();
+            for (std::size_t i = 0; i < fetches.size(); ++i) {
+                fetch_outcome& o = out[i];
+                if (room == 0) {
+                    o.status = native::reply_status::busy;
+                    continue;
+                }
+                ++stats_.requests;
+                auto it = current ? cache_.find(fetches[i].key) : cache_.end();
+                if (it != cache_.end() && it->second.expiry && *it->second.expiry <= now) {
+                    cache_.erase(it);
+                    ++stats_.expired;
+                    it = cache_.end();
+                }
+                if (it == cache_.end() || (it->second.pid && *it->second.pid != peer)) {
+                    ++stats_.refused_requests;
+                    o.status = native::reply_status::not_available;
+                    continue;
+                }
+                o.entry = std::move(it->second);
+                cache_.erase(it);
+                in_transfer_.emplace(fetches[i].key, false);
+                --room;
+            }
+            waiters = take_empty_waiters_locked();
+        }
+        notify_empty(std::move(waiters), {});
+    }
+
+    // Serves the fetches of one pass and writes every reply of it. False: connection finished.
+    static asio::awaitable<bool> serve_pass(const std::shared_ptr<sharer_impl>& self,
+                                            const std::shared_ptr<sharer_connection>& conn, reply_writer& w,
+                                            std::vector<native::fetch>& fetches,
+                                            std::vector<fetch_outcome>& outcomes) {
+        if (!fetches.empty()) {
+            const std::size_t max_unconfirmed = std::size_t{self->options_.max_in_flight} * 4;
+            const std::size_t room =
+                conn->unconfirmed.size() >= max_unconfirmed ? 0 : max_unconfirmed - conn->unconfirmed.size();
+            self->take_batch(fetches, conn->peer_pid, conn->generation, room, outcomes);
+            for (std::size_t i = 0; i < fetches.size(); ++i) {
+                const std::uint64_t id = fetches[i].request_id;
+                fetch_outcome& o = outcomes[i];
+                if (o.status != native::reply_status::ok) {
+                    w.add_failure(id, o.status);
+                    continue;
+                }
+                const std::size_t total = o.entry.fds.size();
+                conn->unconfirmed.push_back(taken_share{id, fetches[i].key, std::move(o.entry)});
+                if (total <= native::max_fds_per_part) {
+                    // Version 1: the part alone in its sendmsg; version 2: with the others.
+                    if (!w.coalesce() ? !w.empty() : !w.fits(total)) {
+                        if (!co_await flush(self, conn, w)) co_return false;
+                    }
+                    w.add_single(id, conn->unconfirmed.back().entry.fds);
+                    if (!w.coalesce() && !co_await flush(self, conn, w)) co_return false;
+                    continue;
+                }
+                // More than one part: each part alone, back to back.
+                if (!co_await flush(self, conn, w)) co_return false;
+                if (!co_await send_multipart(self, conn, w)) co_return false;
+            }
+            fetches.clear();
+        }
+        co_return co_await flush(self, conn, w);
+    }
+
+    // The reply of conn->unconfirmed.back(), more than 253 descriptors: one sendmsg per part.
+    static asio::awaitable<bool> send_multipart(const std::shared_ptr<sharer_impl>& self,
+                                                const std::shared_ptr<sharer_connection>& conn, reply_writer& w) {
+        const taken_share& t = conn->unconfirmed.back();
+        const std::uint64_t id = t.request_id;
+        const auto total = static_cast<std::uint32_t>(t.entry.fds.size());
+        const std::uint32_t parts = native::part_count_for(total);
+        std::vector<int> fd_numbers;
+        fd_numbers.reserve(native::max_fds_per_part);
+        for (std::uint32_t i = 0; i < parts; ++i) {
+            native::reply part;
+            part.request_id = id;
+            part.status = native::reply_status::ok;
+            part.part_fds = native::part_fds_for(total, i);
+            part.total_fds = total;
+            part.part_index = i;
+            part.part_count = parts;
+            std::array<std::byte, wire::reply_frame_size> frame{};
+            wire::put_reply(frame.data(), part);
+            fd_numbers.clear();
+            for (std::size_t k = 0; k < part.part_fds; ++k)
+                fd_numbers.push_back(t.entry.fds[std::size_t{i} * native::max_fds_per_part + k].get());
+            const int err = co_await send_fully(conn->socket, frame, fd_numbers);
+            if (err == ETOOMANYREFS && i == 0) {
+                // Nothing went out: keep the share, tell the client.
+                taken_share back = std::move(conn->unconfirmed.back());
+                conn->unconfirmed.pop_back();
+                self->put_back(std::move(back), conn->generation);
+                w.add_failure(id, native::reply_status::server_error);
+                co_return true;
+            }
+            if (err) co_return false;  // mid-reply: the connection is unusable; cleanup puts it back
+        }
+        co_return true;
+    }
+
+    static asio::awaitable<void> serve_hello(const std::shared_ptr<sharer_impl>& self,
+                                             const std::shared_ptr<sharer_connection>& conn,
+                                             connection_reader& reader, std::span<const std::byte> first) {
         std::error_code ec;
         const native::message hello_msg = native::decode(first, ec);
         if (ec || !std::holds_alternative<native::hello>(hello_msg)) {
@@ -1033,146 +1320,128 @@ private:
             co_return;
         }
         const auto& hello = std::get<native::hello>(hello_msg);
-        if (hello.min_version > native::protocol_version || hello.max_version < native::protocol_version) {
+        if (hello.min_version > quick::max_version || hello.max_version < native::protocol_version) {
             co_await send_error(conn->socket, native::error_code_value::unsupported_version,
-                                "this server speaks version 1");
+                                "this server speaks versions 1 and 2");
             co_return;
         }
-        std::vector<std::byte> out;
-        out.reserve(4096);
-        native::append_frame(out, native::hello_ack{native::protocol_version, self->options_.max_in_flight,
-                                                    self->options_.max_frame_size});
-        if (co_await send_fully(conn->socket, out, {})) co_return;
-        out.clear();
+        const std::uint16_t version = std::min<std::uint16_t>(hello.max_version, quick::max_version);
+        reply_writer w(version >= 2);
+        native::append_frame(w.bytes(), native::hello_ack{version, self->options_.max_in_flight,
+                                                          self->options_.max_frame_size});
+        co_await native_session(self, conn, reader, w, std::nullopt);
+    }
 
-        const std::size_t max_unconfirmed = std::size_t{self->options_.max_in_flight} * 4;
+    static asio::awaitable<void> serve_quick(const std::shared_ptr<sharer_impl>& self,
+                                             const std::shared_ptr<sharer_connection>& conn,
+                                             connection_reader& reader, std::span<const std::byte> payload) {
+        std::error_code ec;
+        const quick::request q = quick::decode_request(self->key_, payload, ec);
+        if (ec) {
+            self->count(&sharer_stats::refused_auth);
+            co_await send_error(conn->socket, static_cast<native::error_code_value>(quick::error_authentication_failed),
+                                ec == errc::authentication_failed ? "authentication failed" : "malformed QUICK");
+            co_return;
+        }
+        if (q.min_version > quick::max_version || q.max_version < 2) {
+            co_await send_error(conn->socket, native::error_code_value::unsupported_version,
+                                "quick connect needs version 2");
+            co_return;
+        }
+        conn->last_activity = clock::now();
+        // QUICK_ACK and the reply to the embedded FETCH leave in one sendmsg.
+        reply_writer w(true);
+        quick::append_ack_frame(w.bytes(), self->key_, q.client_nonce,
+                                native::hello_ack{2, self->options_.max_in_flight, self->options_.max_frame_size});
+        co_await native_session(self, conn, reader, w, q.first_fetch);
+    }
+
+    static asio::awaitable<void> native_session(const std::shared_ptr<sharer_impl>& self,
+                                                const std::shared_ptr<sharer_connection>& conn,
+                                                connection_reader& reader, reply_writer& w,
+                                                std::optional<native::fetch> first_fetch) {
         std::uint64_t last_id = 0;
-        std::vector<int> fd_numbers;
-        fd_numbers.reserve(native::max_fds_per_part);
+        std::vector<native::fetch> fetches;
+        std::vector<fetch_outcome> outcomes;
+        if (first_fetch) {
+            last_id = first_fetch->request_id;
+            fetches.push_back(*first_fetch);
+        }
+        std::error_code ec;
+        const auto before_wait = [&self, &conn] {
+            // Only a connection with nothing unconfirmed can be idle; arming costs a timer, so a
+            // connection that is served without ever waiting idle never arms it.
+            if (!conn->idle_armed && conn->unconfirmed.empty()) arm_idle(self, conn);
+        };
         for (;;) {
-            // Flush coalesced plain frames before waiting for more requests.
-            if (!out.empty() && !reader.has_buffered()) {
-                if (co_await send_fully(conn->socket, out, {})) co_return;
-                out.clear();
+            // Everything already buffered is one pass: its replies are written together.
+            if (!reader.has_whole_frame()) {
+                if (!co_await serve_pass(self, conn, w, fetches, outcomes)) co_return;
             }
             std::span<const std::byte> payload;
-            ec = co_await reader.next_frame(conn->socket, payload);
+            ec = co_await reader.next_frame(conn->socket, payload, before_wait);
             if (ec) {
                 note_read_error(self, ec);
                 if (ec == errc::limit_exceeded)
-                    co_await send_error(conn->socket, native::error_code_value::limit_exceeded,
-                                        "frame too large");
+                    co_await send_error(conn->socket, native::error_code_value::limit_exceeded, "frame too large");
                 co_return;
             }
-            conn->last_activity = clock::now();
-            native::message msg = native::decode(payload, ec);
-            if (ec) {
-                self->count(&sharer_stats::protocol_errors);
-                co_await send_error(conn->socket, native::error_code_value::malformed, "malformed frame");
-                co_return;
-            }
-            if (auto* f = std::get_if<native::fetch>(&msg)) {
-                if (f->request_id <= last_id) {
+            for (;;) {
+                native::message msg = native::decode(payload, ec);
+                if (ec) {
                     self->count(&sharer_stats::protocol_errors);
-                    co_await send_error(conn->socket, native::error_code_value::protocol_violation,
-                                        "request ids must increase");
+                    (void)co_await serve_pass(self, conn, w, fetches, outcomes);
+                    co_await send_error(conn->socket, native::error_code_value::malformed, "malformed frame");
                     co_return;
                 }
-                last_id = f->request_id;
-                if (conn->unconfirmed.size() >= max_unconfirmed) {
-                    const std::size_t at = out.size();
-                    out.resize(at + wire::reply_frame_size);
-                    wire::put_reply(out.data() + at,
-                                    native::failure_reply(f->request_id, native::reply_status::busy));
-                    continue;
-                }
-                std::optional<share_entry> entry = self->take(f->key, conn->peer_pid, conn->generation);
-                if (!entry) {
-                    const std::size_t at = out.size();
-                    out.resize(at + wire::reply_frame_size);
-                    wire::put_reply(out.data() + at, native::failure_reply(
-                                                         f->request_id, native::reply_status::not_available));
-                    continue;
-                }
-                // Order on the wire: coalesced frames first, then this reply's parts back to back.
-                if (!out.empty()) {
-                    if (co_await send_fully(conn->socket, out, {})) {
-                        self->put_back(taken_share{f->request_id, f->key, std::move(*entry)},
-                                       conn->generation);
+                if (auto* f = std::get_if<native::fetch>(&msg)) {
+                    if (f->request_id <= last_id) {
+                        self->count(&sharer_stats::protocol_errors);
+                        (void)co_await serve_pass(self, conn, w, fetches, outcomes);
+                        co_await send_error(conn->socket, native::error_code_value::protocol_violation,
+                                            "request ids must increase");
                         co_return;
                     }
-                    out.clear();
-                }
-                conn->unconfirmed.push_back(taken_share{f->request_id, f->key, std::move(*entry)});
-                const taken_share& t = conn->unconfirmed.back();
-                const auto total = static_cast<std::uint32_t>(t.entry.fds.size());
-                const std::uint32_t parts = native::part_count_for(total);
-                for (std::uint32_t i = 0; i < parts; ++i) {
-                    native::reply part;
-                    part.request_id = f->request_id;
-                    part.status = native::reply_status::ok;
-                    part.part_fds = native::part_fds_for(total, i);
-                    part.total_fds = total;
-                    part.part_index = i;
-                    part.part_count = parts;
-                    std::array<std::byte, wire::reply_frame_size> frame{};
-                    wire::put_reply(frame.data(), part);
-                    fd_numbers.clear();
-                    for (std::size_t k = 0; k < part.part_fds; ++k)
-                        fd_numbers.push_back(
-                            t.entry.fds[std::size_t{i} * native::max_fds_per_part + k].get());
-                    const int err = co_await send_fully(conn->socket, frame, fd_numbers);
-                    if (err == ETOOMANYREFS && i == 0) {
-                        // Nothing went out: keep the share, tell the client.
-                        taken_share back = std::move(conn->unconfirmed.back());
-                        conn->unconfirmed.pop_back();
-                        self->put_back(std::move(back), conn->generation);
-                        const std::size_t at = out.size();
-                        out.resize(at + wire::reply_frame_size);
-                        wire::put_reply(
-                            out.data() + at,
-                            native::failure_reply(f->request_id, native::reply_status::server_error));
-                        break;
-                    }
-                    if (err) co_return;  // mid-reply: the connection is unusable; cleanup puts it back
-                }
-                continue;
-            }
-            if (auto* c = std::get_if<native::confirm>(&msg)) {
-                // The cumulative part under one lock; the descriptors are closed after it.
-                std::size_t covered = 0;
-                while (covered < conn->unconfirmed.size() &&
-                       conn->unconfirmed[covered].request_id <= c->up_to)
-                    ++covered;
-                if (covered != 0) {
-                    self->delivered_prefix(*conn, covered);
-                }
-                for (std::uint64_t id : c->ids) {
+                    last_id = f->request_id;
+                    fetches.push_back(*f);
+                } else if (auto* c = std::get_if<native::confirm>(&msg)) {
+                    confirm(self, *conn, *c);
+                } else if (auto* g = std::get_if<native::give_back>(&msg)) {
                     auto it = std::find_if(conn->unconfirmed.begin(), conn->unconfirmed.end(),
-                                           [id](const taken_share& t) { return t.request_id == id; });
-                    if (it == conn->unconfirmed.end()) continue;
-                    taken_share t = std::move(*it);
-                    conn->unconfirmed.erase(it);
-                    self->delivered(t, conn->generation);
+                                           [id = g->request_id](const taken_share& t) { return t.request_id == id; });
+                    if (it != conn->unconfirmed.end()) {
+                        taken_share t = std::move(*it);
+                        conn->unconfirmed.erase(it);
+                        self->put_back(std::move(t), conn->generation);
+                    }
+                } else if (std::holds_alternative<native::error>(msg)) {
+                    co_return;
+                } else {
+                    self->count(&sharer_stats::protocol_errors);
+                    (void)co_await serve_pass(self, conn, w, fetches, outcomes);
+                    co_await send_error(conn->socket, native::error_code_value::protocol_violation,
+                                        "unexpected message");
+                    co_return;
                 }
-                continue;
+                if (!reader.pop_frame(payload, ec)) break;
             }
-            if (auto* g = std::get_if<native::give_back>(&msg)) {
-                auto it =
-                    std::find_if(conn->unconfirmed.begin(), conn->unconfirmed.end(),
-                                 [id = g->request_id](const taken_share& t) { return t.request_id == id; });
-                if (it != conn->unconfirmed.end()) {
-                    taken_share t = std::move(*it);
-                    conn->unconfirmed.erase(it);
-                    self->put_back(std::move(t), conn->generation);
-                }
-                continue;
-            }
-            if (std::holds_alternative<native::error>(msg)) co_return;
-            self->count(&sharer_stats::protocol_errors);
-            co_await send_error(conn->socket, native::error_code_value::protocol_violation,
-                                "unexpected message");
-            co_return;
+            conn->last_activity = clock::now();
+            // A frame error found while popping is reported by the next next_frame().
+        }
+    }
+
+    static void confirm(const std::shared_ptr<sharer_impl>& self, sharer_connection& conn, const native::confirm& c) {
+        // The cumulative part under one lock; the descriptors are closed after it.
+        std::size_t covered = 0;
+        while (covered < conn.unconfirmed.size() && conn.unconfirmed[covered].request_id <= c.up_to) ++covered;
+        if (covered != 0) self->delivered_prefix(conn, covered);
+        for (std::uint64_t id : c.ids) {
+            auto it = std::find_if(conn.unconfirmed.begin(), conn.unconfirmed.end(),
+                                   [id](const taken_share& t) { return t.request_id == id; });
+            if (it == conn.unconfirmed.end()) continue;
+            taken_share t = std::move(*it);
+            conn.unconfirmed.erase(it);
+            self->delivered(t, conn.generation);
         }
     }
 

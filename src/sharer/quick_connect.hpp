@@ -1,0 +1,76 @@
+#pragma once
+// Quick connect (native protocol version 2, docs/protocol.md): the client's first frame QUICK
+// replaces the CPython handshake + HELLO when the server is known (SO_PEERCRED) to run as this
+// uid or root, and may carry the first FETCH; the server answers QUICK_ACK, whose MAC binds the
+// client's nonce. This header is what the server and the fetch clients call: the frame layouts,
+// the peer decision and the MACs, in one place.
+
+#include <steward/authkey.hpp>
+
+#include "sharer/native_protocol.hpp"
+
+#include <sys/types.h>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <system_error>
+#include <vector>
+
+namespace steward::detail::quick {
+
+/// The highest native version this build speaks (quick connect and coalesced replies need it).
+inline constexpr std::uint16_t max_version = 2;
+inline constexpr std::size_t nonce_size = 32;
+inline constexpr std::size_t mac_size = 32;
+/// Payload sizes.
+inline constexpr std::size_t request_size_without_fetch = 1 + 4 + 2 + 2 + 4 + nonce_size + 1 + mac_size;
+inline constexpr std::size_t request_size_with_fetch = request_size_without_fetch + 24;
+inline constexpr std::size_t ack_size = 1 + 4 + 2 + 4 + 4 + mac_size;
+inline constexpr std::uint8_t quick_type = 0x08;
+inline constexpr std::uint8_t quick_ack_type = 0x09;
+/// ERROR code of a refused QUICK (bad MAC).
+inline constexpr std::uint16_t error_authentication_failed = 7;
+
+using nonce = std::array<std::byte, nonce_size>;
+
+struct request {
+    std::uint16_t min_version = 2;
+    std::uint16_t max_version = quick::max_version;
+    std::uint32_t flags = 0;
+    nonce client_nonce{};
+    std::optional<native::fetch> first_fetch;
+};
+
+/// Payload starts with the QUICK type byte and the magic.
+[[nodiscard]] bool is_request(std::span<const std::byte> payload) noexcept;
+/// Payload starts with the QUICK_ACK type byte and the magic.
+[[nodiscard]] bool is_ack(std::span<const std::byte> payload) noexcept;
+
+/// Appends the framed QUICK (header + payload, MAC over everything before it) to @p out.
+void append_request_frame(std::vector<std::byte>& out, const authkey& key, const request& r);
+/// Decodes and verifies a QUICK payload: errc::authentication_failed for a MAC that does not
+/// verify (constant time), errc::malformed_message for anything else that is wrong.
+[[nodiscard]] request decode_request(const authkey& key, std::span<const std::byte> payload,
+                                     std::error_code& ec) noexcept;
+
+/// Appends the framed QUICK_ACK for @p client_nonce.
+void append_ack_frame(std::vector<std::byte>& out, const authkey& key, const nonce& client_nonce,
+                      const native::hello_ack& ack);
+/// Decodes and verifies a QUICK_ACK payload (errors as decode_request).
+[[nodiscard]] native::hello_ack decode_ack(const authkey& key, const nonce& client_nonce,
+                                           std::span<const std::byte> payload, std::error_code& ec) noexcept;
+
+/// The client's rule: quick connect only to a server running as this process's uid or as root
+/// (a process of another uid must never see a MAC that is not bound to its own nonce).
+[[nodiscard]] bool peer_allows_quick(uid_t server_uid) noexcept;
+
+/// Test hook: when set, replaces the uid that SO_PEERCRED reported to the client before the
+/// decision above (so a test can take the full-handshake path against a same-uid server).
+/// Process-wide; not thread-safe against concurrent fetches; tests only.
+void set_peer_uid_override_for_tests(std::optional<uid_t> uid) noexcept;
+[[nodiscard]] std::optional<uid_t> peer_uid_override_for_tests() noexcept;
+
+}  // namespace steward::detail::quick
