@@ -11,10 +11,13 @@
 //   steward  one fetch of a 253-descriptor share at a time, pipelined
 // scenario fetch_connect     a new connection per fetch (CPython's shape); latency per fetch
 //   floor    connect + 16-byte key + recvmsg of the fd, server accept4/recv/sendmsg, no auth
-//   steward  connect + HMAC handshake + request + descriptor, against steward's sharer
-//            (steward::async_fetch_cpython: CPython's wire protocol)
-//   steward_blocking  steward::fetch(): the native protocol, a private io_context and a new
-//            connection per call
+//   steward  co_await steward::async_fetch with fetch_options::pooled = false: a new native
+//            connection per fetch (quick connect: QUICK + FETCH in one write, QUICK_ACK + REPLY +
+//            descriptor in one sendmsg, CONFIRM), against steward's sharer
+//   steward_cpython_protocol  steward::async_fetch_cpython against steward's sharer: connect +
+//            CPython's mutual HMAC handshake + pickled request + descriptor + 'A'
+//   steward_blocking  steward::fetch(): the same native exchange as `steward`, blocking, on a
+//            private io_context
 //   floor_auth  the same plus CPython's handshake (mutual HMAC-SHA256 challenge/response, framed
 //            request, 'A' acknowledgement): the eight-message exchange with blocking syscalls
 //   (cpython: bench/python/sharer_fetch.py, run by bench/run)
@@ -568,7 +571,8 @@ enum class steward_shape {
     pipelined,        // `in_flight` fetches outstanding on the pooled connection
     sequential,       // one fetch awaited at a time on the pooled (warm) connection
     cpython_connect,  // async_fetch_cpython: a new connection + handshake + pickle per fetch
-    blocking_native,  // steward::fetch(): private io_context, new connection + handshake + HELLO per fetch
+    dedicated,        // async_fetch with pooled = false: a new native connection (quick connect) per fetch
+    blocking_native,  // steward::fetch(): private io_context, a new native connection per fetch
 };
 
 int steward_fetch(const bench::args& a, std::size_t fds_per_id, std::size_t per_round, steward_shape shape,
@@ -581,6 +585,8 @@ int steward_fetch(const bench::args& a, std::size_t fds_per_id, std::size_t per_
     const asio::any_io_executor ex = ctx.get_executor();
     steward::fetch_options options;
     options.key = key;
+    steward::fetch_options dedicated_options = options;
+    dedicated_options.pooled = false;
     const std::size_t total_ids = std::max<std::size_t>(1, a.n / fds_per_id);
     std::vector<double> latencies;
     const bool record_latency = shape != steward_shape::pipelined;
@@ -606,6 +612,8 @@ int steward_fetch(const bench::args& a, std::size_t fds_per_id, std::size_t per_
                         co_await steward::async_fetch_cpython(ex, id.to_cpython(), key, asio::use_awaitable);
                 else if (shape == steward_shape::blocking_native)
                     fds = steward::fetch(id, options);
+                else if (shape == steward_shape::dedicated)
+                    fds = co_await steward::async_fetch(ex, id, asio::use_awaitable, dedicated_options);
                 else
                     fds = co_await steward::async_fetch(ex, id, asio::use_awaitable, options);
                 if (timed && record_latency)
@@ -695,7 +703,9 @@ int main(int argc, char** argv) {
             if (a.n == 0) a.n = 20000;
             if (v == "floor") return floor_connect(a, per_round);
             if (v == "floor_auth") return floor_connect_auth(a, per_round);
-            if (v == "steward") STEWARD_FETCH(a, 1, per_round, steward_shape::cpython_connect, 1);
+            if (v == "steward") STEWARD_FETCH(a, 1, per_round, steward_shape::dedicated, 1);
+            if (v == "steward_cpython_protocol")
+                STEWARD_FETCH(a, 1, per_round, steward_shape::cpython_connect, 1);
             if (v == "steward_blocking") STEWARD_FETCH(a, 1, per_round, steward_shape::blocking_native, 1);
         } else if (s == "fetch_warm") {
             if (a.n == 0) a.n = 50000;

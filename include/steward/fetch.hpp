@@ -27,6 +27,13 @@ struct fetch_options {
     std::chrono::steady_clock::duration handshake_timeout = std::chrono::seconds(5);
     /// From sending the request to receiving the whole reply.
     std::chrono::steady_clock::duration reply_timeout = std::chrono::seconds(30);
+    /// true (default): share the pooled connection of this execution context to the server (the
+    /// fastest way to make many fetches). false: a connection of its own, opened for this fetch
+    /// and closed before it completes; nothing is kept on the execution context. Use it for a
+    /// one-off fetch from a server this process will not talk to again. Either way a new
+    /// connection costs one round trip after connect when the server runs as this uid or root
+    /// (quick connect), otherwise the mutual HMAC handshake first (docs/protocol.md).
+    bool pooled = true;
 };
 
 namespace detail {
@@ -37,8 +44,8 @@ void start_fetch(const asio::any_io_executor& executor, const share_id& id, cons
 
 /// Fetches the descriptors shared under @p id from the steward::sharer at `id.address()`.
 ///
-/// Connections are pooled per execution context (the io_context behind @p executor), server
-/// address and authkey: the first fetch connects and authenticates (SO_PEERCRED on the server
+/// Unless fetch_options::pooled is false, connections are pooled per execution context (the
+/// io_context behind @p executor), server address and authkey: the first fetch connects and authenticates (SO_PEERCRED on the server
 /// side, then the mutual HMAC handshake), later and concurrent fetches reuse that connection and
 /// pipeline their requests on it. Receipts are confirmed to the server in batches. A connection
 /// with nothing in flight is closed after a few seconds of idleness.
@@ -87,7 +94,8 @@ auto async_fetch(const asio::any_io_executor& executor, const share_id& id,
         token, executor, id, options);
 }
 
-/// Blocking fetch: a new connection each call, run on an io_context private to the calling thread
+/// Blocking fetch: a connection of its own each call (as fetch_options::pooled = false, whatever
+/// @p options says), run on an io_context private to the calling thread
 /// (kept for the thread's later blocking fetches: its io_uring is one descriptor that stays open
 /// until the thread exits; a forked child makes its own).
 /// @throws std::system_error with the errors listed for async_fetch().

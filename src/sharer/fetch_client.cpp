@@ -8,6 +8,7 @@
 #include <steward/error.hpp>
 #include <steward/io/detail/scm_rights.hpp>
 
+#include "sharer/dedicated_fetch.hpp"
 #include "sharer/handshake_driver.hpp"
 #include "sharer/native_protocol.hpp"
 #include "sharer/native_stream.hpp"
@@ -580,6 +581,10 @@ void start_fetch(const asio::any_io_executor& executor, const share_id& id, cons
     }
     try {
         const authkey& key = options.key ? *options.key : authkey::family();
+        if (!options.pooled) {
+            start_dedicated_fetch(executor, id, key, options, std::move(handler));
+            return;
+        }
         asio::execution_context& ctx = asio::query(executor, asio::execution::context);
         auto& service = asio::use_service<fetch_service>(ctx);
         auto conn = service.connection_for(executor, id.address(), key, options.handshake_timeout);
@@ -632,6 +637,8 @@ std::vector<unique_fd> fetch(const share_id& id, std::error_code& ec, const fetc
         std::vector<unique_fd> out;
         bool done = false;
         ec = make_error_code(errc::timed_out);
+        fetch_options dedicated = options;
+        dedicated.pooled = false;
         async_fetch(
             ctx.get_executor(), id,
             [&](std::error_code result, std::vector<unique_fd> fds) {
@@ -639,14 +646,10 @@ std::vector<unique_fd> fetch(const share_id& id, std::error_code& ec, const fetc
                 out = std::move(fds);
                 done = true;
             },
-            options);
+            dedicated);
         while (!done && ctx.run_one() != 0) {
         }
-        // Let a confirmation or give-back still queued reach the socket, then close the connection:
-        // a blocking fetch leaves no descriptor behind but the thread's io_uring.
-        while (ctx.poll() != 0) {
-        }
-        asio::use_service<detail::fetch_service>(ctx).close_all();
+        // The connection is closed already (its CONFIRM written); let cancelled waits finish.
         while (ctx.poll() != 0) {
         }
         return out;

@@ -2,16 +2,20 @@
 
 #include <steward/error.hpp>
 
+#include "sharer/framing.hpp"
+#include "sharer/handshake.hpp"
 #include "sharer/sharer_wire.hpp"
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
-#include <openssl/hmac.h>
+#include <openssl/core_names.h>
+#include <openssl/params.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cstring>
 #include <string_view>
+#include <variant>
 
 namespace steward::detail::quick {
 namespace {
@@ -21,21 +25,44 @@ constexpr std::string_view server_context = "steward quick v2 server";
 
 using mac_bytes = std::array<std::byte, mac_size>;
 
+// One HMAC-SHA256 context per thread, its digest fetched once: the one-shot HMAC() looks the
+// algorithms up again on every call, which costs more than the MAC itself here.
+struct mac_context {
+    EVP_MAC* mac = nullptr;
+    EVP_MAC_CTX* ctx = nullptr;
+    mac_context() {
+        mac = EVP_MAC_fetch(nullptr, "HMAC", nullptr);
+        if (mac) ctx = EVP_MAC_CTX_new(mac);
+        if (ctx) {
+            char digest[] = "SHA256";
+            const OSSL_PARAM params[] = {OSSL_PARAM_construct_utf8_string("digest", digest, 0), OSSL_PARAM_END};
+            if (EVP_MAC_CTX_set_params(ctx, params) != 1) {
+                EVP_MAC_CTX_free(ctx);
+                ctx = nullptr;
+            }
+        }
+    }
+    ~mac_context() {
+        EVP_MAC_CTX_free(ctx);
+        EVP_MAC_free(mac);
+    }
+    mac_context(const mac_context&) = delete;
+    mac_context& operator=(const mac_context&) = delete;
+};
+
 // HMAC-SHA256(key, a || b || c); false if libcrypto refuses.
 bool mac_of(const authkey& key, std::string_view a, std::span<const std::byte> b, std::span<const std::byte> c,
             mac_bytes& out) noexcept {
-    std::array<unsigned char, 256> message{};
-    const std::size_t n = a.size() + b.size() + c.size();
-    if (n > message.size()) return false;
-    std::memcpy(message.data(), a.data(), a.size());
-    if (!b.empty()) std::memcpy(message.data() + a.size(), b.data(), b.size());
-    if (!c.empty()) std::memcpy(message.data() + a.size() + b.size(), c.data(), c.size());
-    unsigned int len = 0;
-    const bool ok = ::HMAC(EVP_sha256(), key.bytes.data(), static_cast<int>(key.bytes.size()), message.data(), n,
-                           reinterpret_cast<unsigned char*>(out.data()), &len) != nullptr &&
-                    len == mac_size;
-    OPENSSL_cleanse(message.data(), n);
-    return ok;
+    thread_local mac_context m;
+    if (!m.ctx) return false;
+    std::size_t len = 0;
+    const auto bytes = [](std::span<const std::byte> s) { return reinterpret_cast<const unsigned char*>(s.data()); };
+    return EVP_MAC_init(m.ctx, reinterpret_cast<const unsigned char*>(key.bytes.data()), key.bytes.size(), nullptr) == 1 &&
+           EVP_MAC_update(m.ctx, reinterpret_cast<const unsigned char*>(a.data()), a.size()) == 1 &&
+           (b.empty() || EVP_MAC_update(m.ctx, bytes(b), b.size()) == 1) &&
+           (c.empty() || EVP_MAC_update(m.ctx, bytes(c), c.size()) == 1) &&
+           EVP_MAC_final(m.ctx, reinterpret_cast<unsigned char*>(out.data()), &len, out.size()) == 1 &&
+           len == mac_size;
 }
 
 bool has_prefix(std::span<const std::byte> payload, std::uint8_t type) noexcept {
@@ -162,10 +189,57 @@ native::hello_ack decode_ack(const authkey& key, const nonce& client_nonce, std:
     return ack;
 }
 
+ack_reader::state ack_reader::feed(std::span<const std::byte> bytes) {
+    if (state_ != state::need_more) return state_;
+    buffer_.insert(buffer_.end(), bytes.begin(), bytes.end());
+    auto fail = [this](std::error_code ec) {
+        error_ = ec;
+        state_ = state::failed;
+        return state_;
+    };
+    for (;;) {
+        const auto have = std::span<const std::byte>(buffer_).subspan(consumed_);
+        // Nothing before QUICK_ACK is longer than a challenge (256 bytes of payload).
+        const framing::frame_probe probe = framing::probe_frame(have, framing::handshake_max_payload);
+        if (probe.status == framing::frame_status::too_large) return fail(make_error_code(errc::limit_exceeded));
+        if (probe.status == framing::frame_status::malformed) return fail(make_error_code(errc::malformed_message));
+        if (probe.status == framing::frame_status::need_more) return state_;
+        const auto payload = have.subspan(probe.header_size, static_cast<std::size_t>(probe.payload_size));
+        consumed_ += static_cast<std::size_t>(probe.total_size());
+        if (is_ack(payload)) {
+            std::error_code ec;
+            ack_ = decode_ack(key_, nonce_, payload, ec);
+            if (ec) return fail(ec);
+            state_ = state::acked;
+            return state_;
+        }
+        const std::string_view challenge = auth::challenge_tag;
+        if (!skipped_challenge_ && payload.size() >= challenge.size() &&
+            std::memcmp(payload.data(), challenge.data(), challenge.size()) == 0) {
+            skipped_challenge_ = true;
+            continue;
+        }
+        std::error_code ec;
+        const native::message m = native::decode(payload, ec);
+        if (const auto* e = std::get_if<native::error>(&m); e && !ec) {
+            if (static_cast<std::uint16_t>(e->code) == error_authentication_failed)
+                return fail(make_error_code(errc::authentication_failed));
+            if (e->code == native::error_code_value::limit_exceeded)
+                return fail(make_error_code(errc::limit_exceeded));
+            return fail(std::make_error_code(std::errc::connection_reset));
+        }
+        // #FAILURE#: a server that took the QUICK for the answer to its challenge refused it.
+        const std::string_view failure = auth::failure;
+        if (payload.size() == failure.size() && std::memcmp(payload.data(), failure.data(), failure.size()) == 0)
+            return fail(make_error_code(errc::authentication_failed));
+        return fail(make_error_code(errc::malformed_message));
+    }
+}
+
 bool peer_allows_quick(uid_t server_uid) noexcept {
     if (const long long forced = uid_override.load(std::memory_order_relaxed); forced >= 0)
         server_uid = static_cast<uid_t>(forced);
-    return server_uid == ::getuid() || server_uid == ::geteuid() || server_uid == 0;
+    return server_uid == 0 || server_uid == ::getuid() || server_uid == ::geteuid();
 }
 
 void set_peer_uid_override_for_tests(std::optional<uid_t> uid) noexcept {

@@ -63,6 +63,38 @@ void append_ack_frame(std::vector<std::byte>& out, const authkey& key, const non
 [[nodiscard]] native::hello_ack decode_ack(const authkey& key, const nonce& client_nonce,
                                            std::span<const std::byte> payload, std::error_code& ec) noexcept;
 
+/// The client's side of the answer to a QUICK: the bytes of the first reads go through here, not
+/// through the native stream decoder. At most one leading CPython challenge frame is skipped (the
+/// server sent it before it saw the QUICK), then QUICK_ACK must come and verify, or ERROR.
+class ack_reader {
+public:
+    enum class state { need_more, acked, failed };
+
+    ack_reader(const authkey& key, const nonce& client_nonce) : key_(key), nonce_(client_nonce) {}
+
+    /// Appends one read's bytes. acked: ack() holds the session parameters and rest() the bytes
+    /// that followed QUICK_ACK (native frames; the descriptors of that read belong to them).
+    /// failed: error() says why (errc::authentication_failed for a bad MAC or an ERROR code 7,
+    /// errc::malformed_message, errc::limit_exceeded / std::errc::connection_reset for other ERRORs).
+    state feed(std::span<const std::byte> bytes);
+
+    [[nodiscard]] const native::hello_ack& ack() const noexcept { return ack_; }
+    [[nodiscard]] std::span<const std::byte> rest() const noexcept {
+        return std::span<const std::byte>(buffer_).subspan(consumed_);
+    }
+    [[nodiscard]] std::error_code error() const noexcept { return error_; }
+
+private:
+    const authkey& key_;
+    nonce nonce_;
+    std::vector<std::byte> buffer_;
+    std::size_t consumed_ = 0;
+    bool skipped_challenge_ = false;
+    native::hello_ack ack_;
+    std::error_code error_;
+    state state_ = state::need_more;
+};
+
 /// The client's rule: quick connect only to a server running as this process's uid or as root
 /// (a process of another uid must never see a MAC that is not bound to its own nonce).
 [[nodiscard]] bool peer_allows_quick(uid_t server_uid) noexcept;

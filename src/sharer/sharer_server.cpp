@@ -643,10 +643,10 @@ private:
             auto [ec] = co_await acceptor->async_wait(asio::socket_base::wait_read, use_tuple);
             if (ec) co_return;
             // The listener is blocking (no O_NONBLOCK on sockets io_uring serves): accept only
-            // what poll says is there.
-            for (;;) {
+            // what readiness says is there (the wait just did; poll for any further ones).
+            for (bool ready = true;; ready = false) {
                 pollfd p{acceptor->native_handle(), POLLIN, 0};
-                if (::poll(&p, 1, 0) != 1 || !(p.revents & POLLIN)) break;
+                if (!ready && (::poll(&p, 1, 0) != 1 || !(p.revents & POLLIN))) break;
                 unique_fd fd(::accept4(acceptor->native_handle(), nullptr, nullptr, SOCK_CLOEXEC));
                 if (!fd) {
                     if (errno == EINTR || errno == ECONNABORTED || errno == EAGAIN) continue;
@@ -1119,10 +1119,7 @@ private:
     // replies); version 1 sends each part that carries descriptors alone.
     class reply_writer {
     public:
-        explicit reply_writer(bool coalesce) : coalesce_(coalesce) {
-            bytes_.reserve(4096);
-            fds_.reserve(native::max_fds_per_part);
-        }
+        explicit reply_writer(bool coalesce) : coalesce_(coalesce) { bytes_.reserve(256); }
         [[nodiscard]] bool coalesce() const noexcept { return coalesce_; }
         [[nodiscard]] bool empty() const noexcept { return bytes_.empty(); }
         [[nodiscard]] bool has_fds() const noexcept { return !fds_.empty(); }
