@@ -4,27 +4,34 @@
 
 #include "sharer/framing.hpp"
 
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/params.h>
+
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
+#include <string_view>
 
 namespace steward::detail::native {
 namespace {
 
+// Appends to a caller's buffer, so a frame can be written in place behind its header.
 class writer {
 public:
-    explicit writer(msg_type t) { u8(static_cast<std::uint8_t>(t)); }
+    writer(std::vector<std::byte>& out, msg_type t) : out_(out) { u8(static_cast<std::uint8_t>(t)); }
     void u8(std::uint8_t v) { out_.push_back(static_cast<std::byte>(v)); }
     void u16(std::uint16_t v) { be(v, 2); }
     void u32(std::uint32_t v) { be(v, 4); }
     void u64(std::uint64_t v) { be(v, 8); }
     void bytes(std::span<const std::byte> b) { out_.insert(out_.end(), b.begin(), b.end()); }
-    std::vector<std::byte> take() { return std::move(out_); }
 
 private:
     void be(std::uint64_t v, int n) {
         for (int i = n - 1; i >= 0; --i) out_.push_back(static_cast<std::byte>((v >> (8 * i)) & 0xff));
     }
-    std::vector<std::byte> out_;
+    std::vector<std::byte>& out_;
 };
 
 class reader {
@@ -75,9 +82,10 @@ bool valid_reply(const reply& r) noexcept {
 
 first_frame_kind classify_first_frame(std::span<const std::byte> payload) noexcept {
     if (!payload.empty() && payload[0] == std::byte{0x80}) return first_frame_kind::cpython_pickle;
-    if (payload.size() >= 1 + magic.size() && payload[0] == static_cast<std::byte>(msg_type::hello) &&
-        std::equal(magic.begin(), magic.end(), payload.begin() + 1))
-        return first_frame_kind::native_hello;
+    if (payload.size() < 1 + magic.size() || !std::equal(magic.begin(), magic.end(), payload.begin() + 1))
+        return first_frame_kind::unknown;
+    if (payload[0] == static_cast<std::byte>(msg_type::hello)) return first_frame_kind::native_hello;
+    if (payload[0] == static_cast<std::byte>(msg_type::quick)) return first_frame_kind::native_quick;
     return first_frame_kind::unknown;
 }
 
@@ -106,69 +114,95 @@ reply failure_reply(std::uint64_t request_id, reply_status status) noexcept {
     return {request_id, status, 0, 0, 0, 1};
 }
 
-std::vector<std::byte> encode(const message& m) {
+namespace {
+
+// Appends the payload of @p m to @p out.
+void encode_into(std::vector<std::byte>& out, const message& m) {
     struct visitor {
-        std::vector<std::byte> operator()(const hello& h) const {
-            writer w(msg_type::hello);
+        std::vector<std::byte>& out;
+        void operator()(const hello& h) const {
+            writer w(out, msg_type::hello);
             w.bytes(magic);
             w.u16(h.min_version);
             w.u16(h.max_version);
             w.u32(h.flags);
-            return w.take();
         }
-        std::vector<std::byte> operator()(const hello_ack& h) const {
-            writer w(msg_type::hello_ack);
+        void operator()(const hello_ack& h) const {
+            writer w(out, msg_type::hello_ack);
             w.bytes(magic);
             w.u16(h.version);
             w.u32(h.max_in_flight);
             w.u32(h.max_payload);
-            return w.take();
         }
-        std::vector<std::byte> operator()(const fetch& f) const {
-            writer w(msg_type::fetch);
+        void operator()(const fetch& f) const {
+            writer w(out, msg_type::fetch);
             w.u64(f.request_id);
             w.u64(f.key.high);
             w.u64(f.key.low);
-            return w.take();
         }
-        std::vector<std::byte> operator()(const reply& r) const {
-            writer w(msg_type::reply);
+        void operator()(const reply& r) const {
+            writer w(out, msg_type::reply);
             w.u64(r.request_id);
             w.u8(static_cast<std::uint8_t>(r.status));
             w.u16(r.part_fds);
             w.u32(r.total_fds);
             w.u32(r.part_index);
             w.u32(r.part_count);
-            return w.take();
         }
-        std::vector<std::byte> operator()(const confirm& c) const {
+        void operator()(const confirm& c) const {
             if (c.ids.size() > max_confirm_ids) throw std::length_error("CONFIRM lists too many ids");
-            writer w(msg_type::confirm);
+            writer w(out, msg_type::confirm);
             w.u64(c.up_to);
             w.u32(static_cast<std::uint32_t>(c.ids.size()));
             for (std::uint64_t id : c.ids) w.u64(id);
-            return w.take();
         }
-        std::vector<std::byte> operator()(const give_back& g) const {
-            writer w(msg_type::give_back);
+        void operator()(const give_back& g) const {
+            writer w(out, msg_type::give_back);
             w.u64(g.request_id);
             w.u8(static_cast<std::uint8_t>(g.reason));
-            return w.take();
         }
-        std::vector<std::byte> operator()(const error& e) const {
+        void operator()(const error& e) const {
             if (e.text.size() > max_error_text) throw std::length_error("ERROR text longer than 256 bytes");
-            writer w(msg_type::error);
+            writer w(out, msg_type::error);
             w.u16(static_cast<std::uint16_t>(e.code));
             w.u16(static_cast<std::uint16_t>(e.text.size()));
             w.bytes(std::as_bytes(std::span<const char>(e.text.data(), e.text.size())));
-            return w.take();
         }
     };
-    return std::visit(visitor{}, m);
+    std::visit(visitor{out}, m);
+}
+
+// Every native payload is far below 2^31, so the header is always the 4-byte form: reserve it,
+// write the payload behind it, then fill it in.
+std::size_t begin_frame(std::vector<std::byte>& out) {
+    const std::size_t at = out.size();
+    out.resize(at + 4);
+    return at;
+}
+
+void end_frame(std::vector<std::byte>& out, std::size_t at) {
+    const std::uint64_t size = out.size() - at - 4;
+    for (int i = 0; i < 4; ++i) out[at + static_cast<std::size_t>(i)] = static_cast<std::byte>((size >> (8 * (3 - i))) & 0xff);
+}
+
+}  // namespace
+
+std::vector<std::byte> encode(const message& m) {
+    std::vector<std::byte> out;
+    encode_into(out, m);
+    return out;
 }
 
 void append_frame(std::vector<std::byte>& out, const message& m) {
-    framing::append_frame(out, encode(m));
+    const std::size_t size_before = out.size();
+    try {
+        const std::size_t at = begin_frame(out);
+        encode_into(out, m);
+        end_frame(out, at);
+    } catch (...) {
+        out.resize(size_before);  // nothing half-written stays behind
+        throw;
+    }
 }
 
 message decode(std::span<const std::byte> payload, std::error_code& ec, const char** why) noexcept {
@@ -244,6 +278,10 @@ message decode(std::span<const std::byte> payload, std::error_code& ec, const ch
                 g.reason = static_cast<give_back_reason>(reason);
                 return g;
             }
+            case msg_type::quick:
+                return fail("native: QUICK is only valid as the first frame (decode_quick)");
+            case msg_type::quick_ack:
+                return fail("native: QUICK_ACK is only valid as the server's first frame (decode_quick_ack)");
             case msg_type::error: {
                 error e;
                 std::uint16_t code = 0, len = 0;
@@ -261,6 +299,384 @@ message decode(std::span<const std::byte> payload, std::error_code& ec, const ch
         return hello{};
     }
     return fail("native: unknown message type");
+}
+
+// ---- version 2: quick connect ----------------------------------------------------------------
+
+namespace {
+
+EVP_MAC* hmac_algorithm() noexcept {
+    // Fetched once per process: the lookup costs more than a MAC over 100 bytes.
+    static EVP_MAC* const mac = EVP_MAC_fetch(nullptr, "HMAC", nullptr);
+    return mac;
+}
+
+const unsigned char* uc(const std::byte* p) noexcept { return reinterpret_cast<const unsigned char*>(p); }
+
+std::span<const std::byte> as_span(std::string_view s) noexcept {
+    return std::as_bytes(std::span<const char>(s.data(), s.size()));
+}
+
+const quick_mac_key& cached_key(const authkey& key) {
+    thread_local std::optional<quick_mac_key> cache;
+    if (!cache || !cache->is_for(key)) cache.emplace(key);
+    return *cache;
+}
+
+[[noreturn]] void throw_crypto() {
+    throw std::system_error(make_error_code(errc::authentication_failed), "HMAC-SHA256 unavailable in libcrypto");
+}
+
+bool has_type_and_magic(std::span<const std::byte> payload, msg_type t) noexcept {
+    return payload.size() >= 1 + magic.size() && payload[0] == static_cast<std::byte>(t) &&
+           std::equal(magic.begin(), magic.end(), payload.begin() + 1);
+}
+
+bool verify_mac(const quick_mac_bytes& expected, std::span<const std::byte> payload) noexcept {
+    return CRYPTO_memcmp(expected.data(), payload.data() + payload.size() - quick_mac_size, quick_mac_size) == 0;
+}
+
+}  // namespace
+
+quick_mac_key::quick_mac_key(const authkey& key) {
+    EVP_MAC* const alg = hmac_algorithm();
+    EVP_MAC_CTX* ctx = alg ? EVP_MAC_CTX_new(alg) : nullptr;
+    if (!ctx) throw_crypto();
+    char digest[] = "SHA256";
+    const OSSL_PARAM params[] = {OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0),
+                                 OSSL_PARAM_construct_end()};
+    if (EVP_MAC_init(ctx, uc(key.bytes.data()), key.bytes.size(), params) != 1) {
+        EVP_MAC_CTX_free(ctx);
+        throw_crypto();
+    }
+    ctx_ = ctx;
+    key_ = key.bytes;
+}
+
+quick_mac_key::quick_mac_key(quick_mac_key&& other) noexcept : ctx_(other.ctx_), key_(other.key_) {
+    other.ctx_ = nullptr;
+    OPENSSL_cleanse(other.key_.data(), other.key_.size());
+}
+
+quick_mac_key& quick_mac_key::operator=(quick_mac_key&& other) noexcept {
+    if (this != &other) {
+        EVP_MAC_CTX_free(static_cast<EVP_MAC_CTX*>(ctx_));
+        ctx_ = other.ctx_;
+        key_ = other.key_;
+        other.ctx_ = nullptr;
+        OPENSSL_cleanse(other.key_.data(), other.key_.size());
+    }
+    return *this;
+}
+
+quick_mac_key::~quick_mac_key() {
+    EVP_MAC_CTX_free(static_cast<EVP_MAC_CTX*>(ctx_));
+    OPENSSL_cleanse(key_.data(), key_.size());
+}
+
+bool quick_mac_key::compute(std::span<const std::byte> a, std::span<const std::byte> b, std::span<const std::byte> c,
+                            quick_mac_bytes& out) const noexcept {
+    auto* const ctx = static_cast<EVP_MAC_CTX*>(ctx_);
+    if (!ctx) return false;
+    std::size_t len = 0;
+    // A null key re-initialises HMAC from the key schedule computed in the constructor.
+    return EVP_MAC_init(ctx, nullptr, 0, nullptr) == 1 &&
+           (a.empty() || EVP_MAC_update(ctx, uc(a.data()), a.size()) == 1) &&
+           (b.empty() || EVP_MAC_update(ctx, uc(b.data()), b.size()) == 1) &&
+           (c.empty() || EVP_MAC_update(ctx, uc(c.data()), c.size()) == 1) &&
+           EVP_MAC_final(ctx, reinterpret_cast<unsigned char*>(out.data()), &len, out.size()) == 1 &&
+           len == quick_mac_size;
+}
+
+bool quick_mac_key::is_for(const authkey& key) const noexcept {
+    return ctx_ && CRYPTO_memcmp(key_.data(), key.bytes.data(), key_.size()) == 0;
+}
+
+quick_mac_bytes quick_mac(const quick_mac_key& key, std::span<const std::byte> signed_part) {
+    quick_mac_bytes out{};
+    if (!key.compute(as_span(quick_client_context), signed_part, {}, out)) throw_crypto();
+    return out;
+}
+
+quick_mac_bytes quick_ack_mac(const quick_mac_key& key, const quick_nonce& client_nonce,
+                              std::span<const std::byte> signed_part) {
+    quick_mac_bytes out{};
+    if (!key.compute(as_span(quick_server_context), client_nonce, signed_part, out)) throw_crypto();
+    return out;
+}
+
+namespace {
+
+void encode_quick_into(std::vector<std::byte>& out, const quick_mac_key& key, const quick& q) {
+    if (q.min_version == 0 || q.min_version > q.max_version || q.max_version < quick_version)
+        throw std::invalid_argument("QUICK needs a version range reaching version 2");
+    if (q.first_fetch && q.first_fetch->request_id == 0) throw std::invalid_argument("QUICK: request id 0");
+    const std::size_t begin = out.size();
+    out.reserve(begin + quick_size_with_fetch);
+    writer w(out, msg_type::quick);
+    w.bytes(magic);
+    w.u16(q.min_version);
+    w.u16(q.max_version);
+    w.u32(q.flags);
+    w.bytes(q.client_nonce);
+    w.u8(q.first_fetch ? 1 : 0);
+    if (q.first_fetch) {
+        w.u64(q.first_fetch->request_id);
+        w.u64(q.first_fetch->key.high);
+        w.u64(q.first_fetch->key.low);
+    }
+    const quick_mac_bytes mac = quick_mac(key, std::span<const std::byte>(out).subspan(begin));
+    w.bytes(mac);
+}
+
+void encode_quick_ack_into(std::vector<std::byte>& out, const quick_mac_key& key, const quick_nonce& client_nonce,
+                           const hello_ack& ack) {
+    if (ack.version < quick_version || ack.max_in_flight == 0)
+        throw std::invalid_argument("QUICK_ACK needs version >= 2 and max_in_flight >= 1");
+    const std::size_t begin = out.size();
+    out.reserve(begin + quick_ack_size);
+    writer w(out, msg_type::quick_ack);
+    w.bytes(magic);
+    w.u16(ack.version);
+    w.u32(ack.max_in_flight);
+    w.u32(ack.max_payload);
+    const quick_mac_bytes mac = quick_ack_mac(key, client_nonce, std::span<const std::byte>(out).subspan(begin));
+    w.bytes(mac);
+}
+
+}  // namespace
+
+std::vector<std::byte> encode_quick(const quick_mac_key& key, const quick& q) {
+    std::vector<std::byte> out;
+    encode_quick_into(out, key, q);
+    return out;
+}
+
+std::vector<std::byte> encode_quick(const authkey& key, const quick& q) { return encode_quick(cached_key(key), q); }
+
+void append_quick_frame(std::vector<std::byte>& out, const quick_mac_key& key, const quick& q) {
+    const std::size_t size_before = out.size();
+    try {
+        const std::size_t at = begin_frame(out);
+        encode_quick_into(out, key, q);
+        end_frame(out, at);
+    } catch (...) {
+        out.resize(size_before);
+        throw;
+    }
+}
+
+void append_quick_frame(std::vector<std::byte>& out, const authkey& key, const quick& q) {
+    append_quick_frame(out, cached_key(key), q);
+}
+
+quick decode_quick(const quick_mac_key& key, std::span<const std::byte> payload, std::error_code& ec,
+                   const char** why) noexcept {
+    ec.clear();
+    auto fail = [&](std::error_code e, const char* reason) -> quick {
+        ec = e;
+        if (why) *why = reason;
+        return quick{};
+    };
+    const std::error_code malformed = make_error_code(errc::malformed_message);
+    if (!has_type_and_magic(payload, msg_type::quick)) return fail(malformed, "native: not a QUICK (type or magic)");
+    if (payload.size() != quick_size_without_fetch && payload.size() != quick_size_with_fetch)
+        return fail(malformed, "native: QUICK has the wrong size");
+    reader r(payload.subspan(1 + magic.size()));
+    quick q;
+    std::span<const std::byte> nonce;
+    std::uint8_t has_fetch = 0;
+    if (!r.u16(q.min_version) || !r.u16(q.max_version) || !r.u32(q.flags) || !r.bytes(quick_nonce_size, nonce) ||
+        !r.u8(has_fetch))
+        return fail(malformed, "native: QUICK has the wrong size");
+    if (has_fetch > 1) return fail(malformed, "native: QUICK has_fetch is neither 0 nor 1");
+    if ((has_fetch == 1) != (payload.size() == quick_size_with_fetch))
+        return fail(malformed, "native: QUICK size does not match has_fetch");
+    if (q.min_version == 0 || q.min_version > q.max_version || q.max_version < quick_version)
+        return fail(malformed, "native: QUICK version range");
+    std::memcpy(q.client_nonce.data(), nonce.data(), quick_nonce_size);
+    if (has_fetch) {
+        fetch f;
+        if (!r.u64(f.request_id) || !r.u64(f.key.high) || !r.u64(f.key.low))
+            return fail(malformed, "native: QUICK has the wrong size");
+        if (f.request_id == 0) return fail(malformed, "native: request id 0");
+        q.first_fetch = f;
+    }
+    quick_mac_bytes expected{};
+    if (!key.compute(as_span(quick_client_context), payload.first(payload.size() - quick_mac_size), {}, expected))
+        return fail(make_error_code(errc::authentication_failed), "native: libcrypto refused HMAC-SHA256");
+    if (!verify_mac(expected, payload))
+        return fail(make_error_code(errc::authentication_failed), "native: QUICK MAC does not verify");
+    return q;
+}
+
+quick decode_quick(const authkey& key, std::span<const std::byte> payload, std::error_code& ec,
+                   const char** why) noexcept {
+    try {
+        return decode_quick(cached_key(key), payload, ec, why);
+    } catch (...) {
+        ec = errc::authentication_failed;
+        if (why) *why = "native: libcrypto refused HMAC-SHA256";
+        return quick{};
+    }
+}
+
+std::vector<std::byte> encode_quick_ack(const quick_mac_key& key, const quick_nonce& client_nonce,
+                                        const hello_ack& ack) {
+    std::vector<std::byte> out;
+    encode_quick_ack_into(out, key, client_nonce, ack);
+    return out;
+}
+
+std::vector<std::byte> encode_quick_ack(const authkey& key, const quick_nonce& client_nonce, const hello_ack& ack) {
+    return encode_quick_ack(cached_key(key), client_nonce, ack);
+}
+
+void append_quick_ack_frame(std::vector<std::byte>& out, const quick_mac_key& key, const quick_nonce& client_nonce,
+                            const hello_ack& ack) {
+    const std::size_t size_before = out.size();
+    try {
+        const std::size_t at = begin_frame(out);
+        encode_quick_ack_into(out, key, client_nonce, ack);
+        end_frame(out, at);
+    } catch (...) {
+        out.resize(size_before);
+        throw;
+    }
+}
+
+void append_quick_ack_frame(std::vector<std::byte>& out, const authkey& key, const quick_nonce& client_nonce,
+                            const hello_ack& ack) {
+    append_quick_ack_frame(out, cached_key(key), client_nonce, ack);
+}
+
+hello_ack decode_quick_ack(const quick_mac_key& key, const quick_nonce& client_nonce,
+                           std::span<const std::byte> payload, std::error_code& ec, const char** why) noexcept {
+    ec.clear();
+    auto fail = [&](std::error_code e, const char* reason) -> hello_ack {
+        ec = e;
+        if (why) *why = reason;
+        return hello_ack{};
+    };
+    const std::error_code malformed = make_error_code(errc::malformed_message);
+    if (!has_type_and_magic(payload, msg_type::quick_ack))
+        return fail(malformed, "native: not a QUICK_ACK (type or magic)");
+    if (payload.size() != quick_ack_size) return fail(malformed, "native: QUICK_ACK has the wrong size");
+    reader r(payload.subspan(1 + magic.size()));
+    hello_ack ack;
+    if (!r.u16(ack.version) || !r.u32(ack.max_in_flight) || !r.u32(ack.max_payload))
+        return fail(malformed, "native: QUICK_ACK has the wrong size");
+    if (ack.version < quick_version || ack.max_in_flight == 0) return fail(malformed, "native: QUICK_ACK values");
+    quick_mac_bytes expected{};
+    if (!key.compute(as_span(quick_server_context), client_nonce, payload.first(payload.size() - quick_mac_size),
+                     expected))
+        return fail(make_error_code(errc::authentication_failed), "native: libcrypto refused HMAC-SHA256");
+    if (!verify_mac(expected, payload))
+        return fail(make_error_code(errc::authentication_failed), "native: QUICK_ACK MAC does not verify");
+    return ack;
+}
+
+hello_ack decode_quick_ack(const authkey& key, const quick_nonce& client_nonce, std::span<const std::byte> payload,
+                           std::error_code& ec, const char** why) noexcept {
+    try {
+        return decode_quick_ack(cached_key(key), client_nonce, payload, ec, why);
+    } catch (...) {
+        ec = errc::authentication_failed;
+        if (why) *why = "native: libcrypto refused HMAC-SHA256";
+        return hello_ack{};
+    }
+}
+
+// ---- version 2: several frames per sendmsg -----------------------------------------------------
+
+void frame_packer::add(std::size_t frame_begin, std::span<const int> fds) {
+    const bool carries = !fds.empty();
+    bool fresh = bounds_.empty();
+    if (!fresh) {
+        const bound& b = bounds_.back();
+        if (version_ >= quick_version)
+            fresh = carries && (b.fd_end - b.fd_begin) + fds.size() > max_fds_per_part;
+        else
+            fresh = carries || b.has_reply_fds;  // version 1: a REPLY with descriptors goes alone
+    }
+    if (fresh) bounds_.push_back({frame_begin, frame_begin, fds_.size(), fds_.size(), false});
+    fds_.insert(fds_.end(), fds.begin(), fds.end());
+    bound& b = bounds_.back();
+    b.byte_end = bytes_.size();
+    b.fd_end = fds_.size();
+    b.has_reply_fds = b.has_reply_fds || carries;
+}
+
+void frame_packer::append(const message& m) {
+    if (const auto* r = std::get_if<reply>(&m); r && r->part_fds > 0)
+        throw std::invalid_argument("frame_packer: a REPLY part with descriptors needs append_reply");
+    const std::size_t at = bytes_.size();
+    append_frame(bytes_, m);
+    add(at, {});
+}
+
+void frame_packer::append_reply(const reply& part, std::span<const int> fds) {
+    if (fds.size() != part.part_fds)
+        throw std::invalid_argument("frame_packer: descriptor count differs from part_fds");
+    const std::size_t at = bytes_.size();
+    append_frame(bytes_, part);
+    add(at, fds);
+}
+
+void frame_packer::append_quick_ack(const quick_mac_key& key, const quick_nonce& client_nonce, const hello_ack& ack) {
+    const std::size_t at = bytes_.size();
+    append_quick_ack_frame(bytes_, key, client_nonce, ack);
+    add(at, {});
+}
+
+void frame_packer::append_framed(std::span<const std::byte> frame, std::span<const int> fds) {
+    const framing::frame_probe probe = framing::probe_frame(frame, max_payload);
+    if (probe.status != framing::frame_status::frame || probe.total_size() != frame.size())
+        throw std::invalid_argument("frame_packer: not exactly one whole frame");
+    if (!fds.empty()) {
+        std::error_code ec;
+        const message m = decode(frame.subspan(probe.header_size), ec);
+        const auto* r = std::get_if<reply>(&m);
+        if (ec || !r || r->part_fds != fds.size())
+            throw std::invalid_argument("frame_packer: descriptors ride only on a REPLY part declaring them");
+    }
+    const std::size_t at = bytes_.size();
+    bytes_.insert(bytes_.end(), frame.begin(), frame.end());
+    add(at, fds);
+}
+
+frame_packer::chunk frame_packer::chunk_at(std::size_t i) const noexcept {
+    const bound& b = bounds_[i];
+    return {std::span<const std::byte>(bytes_).subspan(b.byte_begin, b.byte_end - b.byte_begin),
+            std::span<const int>(fds_).subspan(b.fd_begin, b.fd_end - b.fd_begin)};
+}
+
+std::vector<frame_packer::chunk> frame_packer::chunks() const {
+    std::vector<chunk> out;
+    out.reserve(bounds_.size());
+    for (std::size_t i = 0; i < bounds_.size(); ++i) out.push_back(chunk_at(i));
+    return out;
+}
+
+void frame_packer::clear() noexcept {
+    bytes_.clear();
+    fds_.clear();
+    bounds_.clear();
+}
+
+packed_frames pack_frames(std::span<const outgoing_frame> frames, std::uint16_t session_version) {
+    frame_packer packer(session_version);
+    for (const outgoing_frame& f : frames) packer.append_framed(f.frame, f.fds);
+    packed_frames out;
+    out.bytes.assign(packer.bytes().begin(), packer.bytes().end());
+    out.fds.assign(packer.fds().begin(), packer.fds().end());
+    out.chunks.reserve(packer.chunk_count());
+    for (std::size_t i = 0; i < packer.chunk_count(); ++i) {
+        const frame_packer::chunk c = packer.chunk_at(i);
+        out.chunks.push_back({static_cast<std::size_t>(c.bytes.data() - packer.bytes().data()), c.bytes.size(),
+                              static_cast<std::size_t>(c.fds.data() - packer.fds().data()), c.fds.size()});
+    }
+    return out;
 }
 
 }  // namespace steward::detail::native

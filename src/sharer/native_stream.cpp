@@ -10,6 +10,9 @@
 namespace steward::detail::native {
 
 // ---- stream_decoder --------------------------------------------------------------------------
+// The FIFO rule of docs/protocol.md section 5.2, evaluated in stream order: each batch keeps the
+// stream offsets of the read that brought it, so the result does not depend on how many reads
+// were committed before next() is called.
 
 std::span<std::byte> stream_decoder::prepare(std::size_t n) {
     if (begin_ == end_) begin_ = end_ = 0;
@@ -23,14 +26,30 @@ std::span<std::byte> stream_decoder::prepare(std::size_t n) {
         }
         if (buffer_.size() - end_ < n) buffer_.resize(end_ + n);
     }
+    prepared_ = n;
     return std::span(buffer_).subspan(end_, n);
 }
 
 void stream_decoder::commit(std::size_t bytes, std::vector<unique_fd> fds, bool truncated) {
     bytes = std::min(bytes, buffer_.size() - end_);
+    const bool read_full = bytes >= prepared_;
+    prepared_ = 0;
     const std::uint64_t first = offset_ + (end_ - begin_);
     end_ += bytes;
-    if (!fds.empty() || truncated) batches_.push_back({first, first + bytes, std::move(fds), truncated});
+    if (fds.empty() && !truncated) return;
+    if (failed_) return;  // fds go out of scope: closed
+    // A stream socket never returns descriptors without data; refuse rather than guess.
+    if (bytes == 0) {
+        orphan_batch_ = true;
+        return;
+    }
+    batches_.push_back({first, first + bytes, std::move(fds), 0, truncated, read_full});
+}
+
+std::size_t stream_decoder::held_descriptors() const noexcept {
+    std::size_t n = 0;
+    for (const batch& b : batches_) n += b.left();
+    return n;
 }
 
 std::optional<stream_decoder::event> stream_decoder::fail(std::error_code& ec, std::error_code why) {
@@ -46,8 +65,7 @@ std::optional<stream_decoder::event> stream_decoder::next(std::error_code& ec) {
         ec = errc::malformed_message;
         return std::nullopt;
     }
-    // A batch whose read holds no further frame start can no longer be claimed.
-    if (!batches_.empty() && batches_.front().last <= offset_) return fail(ec, errc::malformed_message);
+    if (orphan_batch_) return fail(ec, errc::malformed_message);
 
     const auto pending = std::span<const std::byte>(buffer_).subspan(begin_, end_ - begin_);
     const framing::frame_probe probe = framing::probe_frame(pending, max_payload_);
@@ -62,6 +80,7 @@ std::optional<stream_decoder::event> stream_decoder::next(std::error_code& ec) {
             break;
     }
     const std::uint64_t frame_start = offset_;
+    const std::uint64_t frame_end = offset_ + probe.total_size();
     std::error_code decode_ec;
     event ev{
         decode(pending.subspan(probe.header_size, static_cast<std::size_t>(probe.payload_size)), decode_ec),
@@ -69,21 +88,57 @@ std::optional<stream_decoder::event> stream_decoder::next(std::error_code& ec) {
         false};
     if (decode_ec) return fail(ec, decode_ec);
     begin_ += static_cast<std::size_t>(probe.total_size());
-    offset_ += probe.total_size();
+    offset_ = frame_end;
+
+    // Batch boundaries, in stream order. The sendmsg that carried batch B began inside B's read,
+    // so a frame starting after that read belongs to B's sendmsg or a later one: every earlier
+    // batch must have been used up by then.
+    while (batches_.size() >= 2 && batches_[1].last <= frame_start) {
+        if (batches_.front().left() > 0) return fail(ec, errc::malformed_message);  // left at a boundary
+        batches_.pop_front();
+    }
 
     const auto* part = std::get_if<reply>(&ev.msg);
-    const bool claims = part && part->part_fds > 0;
-    const bool in_front_read =
-        !batches_.empty() && batches_.front().first <= frame_start && frame_start < batches_.front().last;
-    if (claims) {
-        if (!in_front_read) return fail(ec, errc::malformed_message);  // declared descriptors never came
-        batch b = std::move(batches_.front());
-        batches_.pop_front();
-        if (b.fds.size() > part->part_fds || (b.fds.size() < part->part_fds && !b.truncated))
-            return fail(ec, errc::malformed_message);
-        ev.fds = std::move(b.fds);
-        ev.truncated = b.truncated;
+    if (!part || part->part_fds == 0) return ev;
+    return attribute(std::move(ev), part->part_fds, frame_start, frame_end, ec);
+}
+
+std::optional<stream_decoder::event> stream_decoder::attribute(event ev, std::size_t k, std::uint64_t frame_start,
+                                                               std::uint64_t frame_end, std::error_code& ec) {
+    // Batches "arrived" for this frame are those of reads that began before its last byte.
+    if (batches_.empty() || batches_.front().first >= frame_end)
+        return fail(ec, errc::malformed_message);  // declared descriptors never came
+    batch& front = batches_.front();
+    if (front.left() >= k) {
+        ev.fds.reserve(k);
+        for (std::size_t i = 0; i < k; ++i) ev.fds.push_back(std::move(front.fds[front.taken++]));
+        if (front.left() == 0 && !front.truncated) batches_.pop_front();
+        return ev;
     }
+    if (!front.truncated) return fail(ec, errc::malformed_message);  // fewer than declared
+    // MSG_CTRUNC: the batch's prefix served the parts before this one in order; this part comes
+    // out short, its partial descriptors closed now.
+    if (front.left() > 0) {
+        front.fds.clear();
+        front.taken = 0;
+        ev.truncated = true;
+        if (version_ < quick_version) batches_.pop_front();  // version 1: one part per batch
+        return ev;
+    }
+    // The truncated batch is used up. Does this part still belong to its sendmsg? Version 1: no,
+    // that sendmsg was one part. Otherwise yes if it starts inside the truncated batch's read;
+    // no if that read ended short (the kernel stops a read at the end of the data a batch came
+    // with, and a sendmsg's data is one socket buffer) and this part starts after it; unknown if
+    // it starts in the read of the next batch after a full read.
+    const bool inside = frame_start < front.last;
+    const bool next_arrived = batches_.size() >= 2 && batches_[1].first < frame_end;
+    if (version_ < quick_version || (!inside && !front.read_full)) {
+        batches_.pop_front();
+        return attribute(std::move(ev), k, frame_start, frame_end, ec);
+    }
+    if (!inside && next_arrived && batches_[1].first <= frame_start)
+        return fail(ec, errc::control_truncated);  // never hand out descriptors of another reply
+    ev.truncated = true;
     return ev;
 }
 

@@ -1,11 +1,20 @@
 #pragma once
 // Receiving side of the native protocol, still without sockets: stream_decoder cuts the byte
-// stream into messages and pairs every descriptor batch with the REPLY part it rode on;
-// reply_assembler collects the parts of one reply all-or-nothing. The rules are in
-// docs/protocol.md section 5.2: a batch arrives with the recvmsg that returns the first byte of
-// the sendmsg it was attached to, that sendmsg is exactly one REPLY frame, and the kernel never
-// returns two batches from one recvmsg, so the batch belongs to the one frame beginning in that
-// read that declares part_fds > 0.
+// stream into messages and hands every REPLY part the descriptors it declares; reply_assembler
+// collects the parts of one reply all-or-nothing. The rule is in docs/protocol.md section 5.2.
+//
+// New for version 2 (coalesced replies; the interface is unchanged): descriptors are attributed
+// by a FIFO instead of "the one frame beginning in the read". A batch joins the FIFO when its
+// read arrives; each REPLY part with part_fds = k takes the next k, all from one batch.
+// Protocol errors (errc::malformed_message): a part that finds fewer than k in a batch that was
+// not truncated; a batch arriving while the FIFO still holds descriptors of an earlier batch
+// (detected, in stream order, once a frame starts past the read that brought the new batch, or
+// a part would take from both); descriptors without data. MSG_CTRUNC: the batch's prefix serves
+// the parts in order; a part that gets fewer than it declares comes out with event::truncated
+// set and no descriptors (the partial ones are closed here). Version 1 is the special case of one
+// part per batch. New: set_version(), held_descriptors(), errc::control_truncated from next()
+// when a truncation leaves it unknowable which batch a part's descriptors are in (see
+// set_version; the stream is then closed like a protocol error).
 
 #include <steward/unique_fd.hpp>
 
@@ -25,8 +34,8 @@ class stream_decoder {
 public:
     struct event {
         message msg;
-        std::vector<unique_fd> fds;  ///< the batch of a REPLY part (empty for other messages)
-        bool truncated = false;      ///< the batch was cut short by MSG_CTRUNC
+        std::vector<unique_fd> fds;  ///< a REPLY part's part_fds descriptors (empty for other messages)
+        bool truncated = false;      ///< MSG_CTRUNC left this part short: fds is empty, give it back
     };
 
     explicit stream_decoder(std::uint64_t max_frame_payload = max_payload)
@@ -43,26 +52,44 @@ public:
     /// stream is unusable afterwards and every descriptor still held is closed.
     [[nodiscard]] std::optional<event> next(std::error_code& ec);
 
+    /// The session's version once known (HELLO_ACK / QUICK_ACK). Only matters after MSG_CTRUNC:
+    /// in version 1 a truncated batch belongs to exactly one part; in version 2 (the default,
+    /// the cautious reading) the parts of the truncated sendmsg may run on past its read, and a
+    /// part that starts in the read of the next batch is then attributable only if the
+    /// truncated read ended short of the space prepare() offered (the kernel stopped at the end
+    /// of that sendmsg's data), else next() fails with errc::control_truncated.
+    void set_version(std::uint16_t version) noexcept { version_ = version; }
+
     /// Bytes received but not yet returned as messages.
     [[nodiscard]] std::size_t buffered() const noexcept { return end_ - begin_; }
+    /// Descriptors received but not yet handed to a REPLY part (the FIFO).
+    [[nodiscard]] std::size_t held_descriptors() const noexcept;
 
 private:
     struct batch {
         std::uint64_t first = 0;  // stream offsets of the read that carried it: [first, last)
         std::uint64_t last = 0;
         std::vector<unique_fd> fds;
+        std::size_t taken = 0;  // fds[0, taken) were handed out already
         bool truncated = false;
+        bool read_full = true;  // the read filled the space prepare() offered (may have been cut)
+        [[nodiscard]] std::size_t left() const noexcept { return fds.size() - taken; }
     };
 
     std::optional<event> fail(std::error_code& ec, std::error_code why);
+    std::optional<event> attribute(event ev, std::size_t k, std::uint64_t frame_start, std::uint64_t frame_end,
+                                   std::error_code& ec);
 
     std::uint64_t max_payload_;
+    std::uint16_t version_ = max_protocol_version;
+    std::size_t prepared_ = 0;  // size of the last prepare()
     std::vector<std::byte> buffer_;
     std::size_t begin_ = 0;      // first unconsumed byte in buffer_
     std::size_t end_ = 0;        // one past the last received byte in buffer_
     std::uint64_t offset_ = 0;   // stream offset of buffer_[begin_]
-    std::deque<batch> batches_;  // descriptor batches not yet claimed, in stream order
+    std::deque<batch> batches_;  // the FIFO: batches not yet used up, in stream order
     bool failed_ = false;
+    bool orphan_batch_ = false;  // descriptors came with a read of no bytes
 };
 
 /// Collects the parts of one REPLY (they arrive consecutively, part 0 first) and hands the
