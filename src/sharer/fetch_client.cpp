@@ -9,7 +9,9 @@
 #include <steward/io/detail/scm_rights.hpp>
 
 #include "sharer/dedicated_fetch.hpp"
+#include "sharer/fetch_connect.hpp"
 #include "sharer/handshake_driver.hpp"
+#include "sharer/quick_connect.hpp"
 #include "sharer/native_protocol.hpp"
 #include "sharer/native_stream.hpp"
 #include "sharer/sharer_handshake.hpp"
@@ -27,6 +29,7 @@
 #include <asio/strand.hpp>
 #include <asio/use_awaitable.hpp>
 
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -48,6 +51,11 @@ constexpr std::size_t max_address = 107;
 // connections too, after its own, longer timeout).
 constexpr clock::duration client_idle_timeout = std::chrono::seconds(10);
 constexpr std::size_t read_chunk = 16 * 1024;
+// HELLO's max_version on the full-handshake path: version 2 (coalesced replies) needs the FIFO
+// descriptor rule in the decoder.
+constexpr std::uint16_t client_max_version = 1;
+// Quick connect makes a version-2 session, whose coalesced replies need that rule too.
+constexpr bool pooled_quick_connect = false;
 
 void complete(fetch_handler& h, std::error_code ec, std::vector<unique_fd> fds) {
     // Through the handler's associated executor (inline when that is the running one).
@@ -111,7 +119,7 @@ public:
         // Until it is sent, a request is bounded by the session set-up plus its reply time.
         r.deadline = clock::now() + r.handshake_timeout + r.reply_timeout;
         waiting_.push_back(std::move(r));
-        if (state_ == state::ready || state_ == state::hello_sent)
+        if (state_ == state::ready || state_ == state::hello_sent || state_ == state::quick_sent)
             send_waiting();
         else
             arm_timer();
@@ -128,7 +136,7 @@ public:
     }
 
 private:
-    enum class state { connecting, hello_sent, ready, dead };
+    enum class state { connecting, quick_sent, hello_sent, ready, dead };
 
     void attach_cancellation(request& r) {
         auto slot = asio::get_associated_cancellation_slot(r.handler);
@@ -165,6 +173,12 @@ private:
     }
 
     void send_waiting() {
+        if (state_ == state::quick_sent) {
+            // Further requests wait for QUICK_ACK.
+            schedule_flush();
+            arm_timer();
+            return;
+        }
         if (!waiting_.empty()) {
             const auto now = clock::now();
             while (!waiting_.empty() && in_flight_.size() < max_in_flight_) {
@@ -284,14 +298,37 @@ private:
                                        clock::duration handshake_timeout) {
         std::error_code ec = io::io_uring_status();  // cached per process
         if (ec) co_return self->fail(ec);
-        unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-        if (!fd) co_return self->fail(errno_code(errno));
-        self->socket_.assign(asio::local::stream_protocol(), fd.get(), ec);
-        if (ec) co_return self->fail(wire::normalize(ec));
-        (void)fd.release();
-        const asio::local::stream_protocol::endpoint endpoint(self->address_);
-        auto [cec] = co_await self->socket_.async_connect(endpoint, use_tuple);
-        if (cec) co_return self->fail(wire::normalize(cec));
+        ec = co_await client::connect(self->socket_, self->address_);
+        if (ec) co_return self->fail(ec);
+        if (self->state_ == state::dead) co_return;
+        uid_t server_uid = 0;
+        ec = client::peer_uid(self->socket_.native_handle(), server_uid);
+        if (ec) co_return self->fail(ec);
+        if (pooled_quick_connect && quick::peer_allows_quick(server_uid)) {
+            // Quick connect: QUICK (with the first request) goes out at once; the session starts
+            // when QUICK_ACK verifies (see reader()).
+            quick::nonce nonce{};
+            if (::getrandom(nonce.data(), nonce.size(), 0) != static_cast<ssize_t>(nonce.size()))
+                co_return self->fail(errno_code(errno));
+            quick::request q;
+            q.client_nonce = nonce;
+            while (!self->waiting_.empty() && !self->waiting_.front().handler) self->waiting_.pop_front();
+            if (!self->waiting_.empty()) {
+                request r = std::move(self->waiting_.front());
+                self->waiting_.pop_front();
+                r.id = self->next_id_++;
+                r.deadline = clock::now() + r.handshake_timeout + r.reply_timeout;
+                q.first_fetch = native::fetch{r.id, r.key};
+                self->in_flight_.push_back(std::move(r));
+            }
+            quick::append_request_frame(self->out_, self->key_, q);
+            self->ack_.emplace(self->key_, nonce);
+            self->state_ = state::quick_sent;
+            self->schedule_flush();
+            self->ensure_reader();
+            self->arm_timer();
+            co_return;
+        }
         ec = co_await fast_handshake::run(self->socket_, auth::handshake::role::client, self->key_,
                                           handshake_timeout, self);
         if (ec) {
@@ -302,13 +339,50 @@ private:
             co_return self->fail(wire::normalize(ec));
         }
         if (self->state_ == state::dead) co_return;
-        native::append_frame(self->out_, native::hello{});
+        native::append_frame(self->out_, native::hello{1, client_max_version, 0});
         self->state_ = state::hello_sent;
         // Every server allows at least one request in flight: the first FETCH rides with HELLO
         // instead of waiting a round trip for HELLO_ACK.
         self->send_waiting();
         self->schedule_flush();
         self->ensure_reader();
+    }
+
+    // Before QUICK_ACK: the read's bytes go to the ack reader (nothing is decoded, no descriptor
+    // accepted until its MAC verified). Returns false when the connection failed.
+    bool feed_ack(std::span<const std::byte> bytes, std::vector<unique_fd>& batch, bool truncated) {
+        if (!batch.empty()) {
+            if (!held_.empty()) {
+                fail(errc::malformed_message);
+                return false;
+            }
+            held_ = std::move(batch);
+            batch = std::vector<unique_fd>();
+        }
+        switch (ack_->feed(bytes)) {
+            case quick::ack_reader::state::need_more:
+                return true;
+            case quick::ack_reader::state::failed:
+                fail(ack_->error());
+                return false;
+            case quick::ack_reader::state::acked:
+                break;
+        }
+        state_ = state::ready;
+        max_in_flight_ = std::max<std::uint32_t>(1, ack_->ack().max_in_flight);
+        const auto rest = ack_->rest();
+        if (rest.empty() && !held_.empty()) {
+            fail(errc::malformed_message);
+            return false;
+        }
+        if (!rest.empty()) {
+            const std::span<std::byte> dst = decoder_.prepare(rest.size());
+            std::memcpy(dst.data(), rest.data(), rest.size());
+            decoder_.commit(rest.size(), std::move(held_), truncated);
+            held_ = std::vector<unique_fd>();
+        }
+        ack_.reset();
+        return true;
     }
 
     // Delivered replies are collected over consecutive reads (each read returns one reply: the
@@ -332,12 +406,14 @@ private:
         std::vector<unique_fd> batch;
         for (;;) {
             if (self->state_ == state::dead) break;
-            if (self->state_ != state::hello_sent && self->in_flight_.empty() &&
-                !self->assembler_.in_progress() && self->decoder_.buffered() == 0) {
+            if (self->state_ == state::ready && self->in_flight_.empty() && !self->assembler_.in_progress() &&
+                self->decoder_.buffered() == 0) {
                 if (self->settle()) continue;
                 break;  // nothing expected: no pending read keeps the io_context busy
             }
-            const std::span<std::byte> room = self->decoder_.prepare(read_chunk);
+            const bool before_ack = self->state_ == state::quick_sent;
+            const std::span<std::byte> room =
+                before_ack ? std::span<std::byte>(self->ack_buffer_) : self->decoder_.prepare(read_chunk);
             batch.clear();
             const io::detail::attempt_result r = io::detail::recv_attempt(
                 self->socket_.native_handle(), asio::buffer(room.data(), room.size()), self->control_,
@@ -353,13 +429,22 @@ private:
             }
             const bool truncated = r.ec == errc::control_truncated;
             if ((r.ec && !truncated && r.ec != errc::unexpected_control) || r.bytes == 0) {
-                self->fail(r.ec == asio::error::eof || r.bytes == 0
+                // Closed before the session started: the server refused this process.
+                self->fail(self->state_ == state::quick_sent || self->state_ == state::hello_sent
+                               ? make_error_code(errc::authentication_failed)
+                           : r.ec == asio::error::eof || r.bytes == 0
                                ? std::make_error_code(std::errc::connection_reset)
                                : wire::normalize(r.ec));
                 break;
             }
-            self->decoder_.commit(r.bytes, std::move(batch), truncated);
-            batch = std::vector<unique_fd>();
+            if (before_ack) {
+                if (!self->feed_ack(room.first(r.bytes), batch, truncated)) break;
+                if (self->state_ == state::quick_sent) continue;
+                self->send_waiting();
+            } else {
+                self->decoder_.commit(r.bytes, std::move(batch), truncated);
+                batch = std::vector<unique_fd>();
+            }
             std::error_code ec;
             while (auto ev = self->decoder_.next(ec)) {
                 self->handle(std::move(*ev));
@@ -422,6 +507,8 @@ private:
             return fail(errc::malformed_message);
         }
         if (auto* err = std::get_if<native::error>(&ev.msg)) {
+            if (static_cast<std::uint16_t>(err->code) == quick::error_authentication_failed)
+                return fail(errc::authentication_failed);
             return fail(err->code == native::error_code_value::limit_exceeded
                             ? std::error_code(errc::limit_exceeded)
                             : std::make_error_code(std::errc::connection_reset));
@@ -482,6 +569,9 @@ private:
     io::detail::scm_rights_control control_;
     native::stream_decoder decoder_;
     native::reply_assembler assembler_;
+    std::optional<quick::ack_reader> ack_;  // until QUICK_ACK arrived
+    std::array<std::byte, 1024> ack_buffer_{};
+    std::vector<unique_fd> held_;  // descriptors that came before QUICK_ACK was complete
 
     state state_ = state::connecting;
     std::atomic<bool> dead_{false};
