@@ -10,6 +10,7 @@
 #include <steward/sharer.hpp>
 
 #include "sharer/handshake_driver.hpp"
+#include "sharer/quick_connect.hpp"
 
 #include <asio/as_tuple.hpp>
 #include <asio/bind_cancellation_slot.hpp>
@@ -162,6 +163,12 @@ BOOST_AUTO_TEST_CASE(fetches_from_several_threads, *boost::unit_test::preconditi
 STEWARD_CORO_TEST(handshake_timeout_reply_timeout_and_cancellation) {
     const int before = baseline_fd_count(ctx);
     {
+        // The scripted servers below speak the full handshake: the client takes that path for a
+        // server of another uid (quick connect is tested in sharer_quick_test).
+        struct foreign_uid {
+            foreign_uid() { detail::quick::set_peer_uid_override_for_tests(::getuid() + 4242); }
+            ~foreign_uid() { detail::quick::set_peer_uid_override_for_tests(std::nullopt); }
+        } foreign;
         temp_dir dir;
         auto acceptor = t::cloexec_listener(ctx, dir.path + "/s");
         const share_id id(dir.path + "/s", share_key::generate());

@@ -230,7 +230,7 @@ BOOST_AUTO_TEST_CASE(codec_round_trip_and_mac_binding) {
     q.first_fetch = native::fetch{7, share_key::generate()};
     std::vector<std::byte> frame;
     quick::append_request_frame(frame, key, q);
-    BOOST_TEST(frame.size() == 4 + quick::request_size_with_fetch);
+    BOOST_TEST(frame.size() == 4 + native::quick_size_with_fetch);
     const auto payload = std::span<const std::byte>(frame).subspan(4);
     std::error_code ec;
     const quick::request back = quick::decode_request(key, payload, ec);

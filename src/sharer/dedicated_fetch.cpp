@@ -174,6 +174,7 @@ private:
                     break;
             }
             state_ = state::ready;
+            decoder_.set_version(ack->ack().version);
             const auto rest = ack->rest();
             if (rest.empty() && !held.empty()) co_return make_error_code(errc::malformed_message);
             if (!rest.empty()) {
@@ -186,8 +187,9 @@ private:
     }
 
     std::error_code handle(native::stream_decoder::event ev, std::vector<unique_fd>& out) {
-        if (std::holds_alternative<native::hello_ack>(ev.msg)) {
+        if (auto* ack = std::get_if<native::hello_ack>(&ev.msg)) {
             if (state_ != state::hello_sent) return make_error_code(errc::malformed_message);
+            decoder_.set_version(ack->version);
             state_ = state::ready;
             return {};
         }

@@ -51,11 +51,8 @@ constexpr std::size_t max_address = 107;
 // connections too, after its own, longer timeout).
 constexpr clock::duration client_idle_timeout = std::chrono::seconds(10);
 constexpr std::size_t read_chunk = 16 * 1024;
-// HELLO's max_version on the full-handshake path: version 2 (coalesced replies) needs the FIFO
-// descriptor rule in the decoder.
-constexpr std::uint16_t client_max_version = 1;
-// Quick connect makes a version-2 session, whose coalesced replies need that rule too.
-constexpr bool pooled_quick_connect = false;
+// HELLO's max_version on the full-handshake path (version 2: the server coalesces replies).
+constexpr std::uint16_t client_max_version = quick::max_version;
 
 void complete(fetch_handler& h, std::error_code ec, std::vector<unique_fd> fds) {
     // Through the handler's associated executor (inline when that is the running one).
@@ -304,7 +301,7 @@ private:
         uid_t server_uid = 0;
         ec = client::peer_uid(self->socket_.native_handle(), server_uid);
         if (ec) co_return self->fail(ec);
-        if (pooled_quick_connect && quick::peer_allows_quick(server_uid)) {
+        if (quick::peer_allows_quick(server_uid)) {
             // Quick connect: QUICK (with the first request) goes out at once; the session starts
             // when QUICK_ACK verifies (see reader()).
             quick::nonce nonce{};
@@ -370,6 +367,7 @@ private:
         }
         state_ = state::ready;
         max_in_flight_ = std::max<std::uint32_t>(1, ack_->ack().max_in_flight);
+        decoder_.set_version(ack_->ack().version);
         const auto rest = ack_->rest();
         if (rest.empty() && !held_.empty()) {
             fail(errc::malformed_message);
@@ -466,6 +464,7 @@ private:
             if (state_ != state::hello_sent) return fail(errc::malformed_message);
             state_ = state::ready;
             max_in_flight_ = std::max<std::uint32_t>(1, ack->max_in_flight);
+            decoder_.set_version(ack->version);
             return;
         }
         if (auto* part = std::get_if<native::reply>(&ev.msg)) {

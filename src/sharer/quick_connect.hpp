@@ -22,46 +22,35 @@
 namespace steward::detail::quick {
 
 /// The highest native version this build speaks (quick connect and coalesced replies need it).
-inline constexpr std::uint16_t max_version = 2;
-inline constexpr std::size_t nonce_size = 32;
-inline constexpr std::size_t mac_size = 32;
-/// Payload sizes.
-inline constexpr std::size_t request_size_without_fetch = 1 + 4 + 2 + 2 + 4 + nonce_size + 1 + mac_size;
-inline constexpr std::size_t request_size_with_fetch = request_size_without_fetch + 24;
-inline constexpr std::size_t ack_size = 1 + 4 + 2 + 4 + 4 + mac_size;
-inline constexpr std::uint8_t quick_type = 0x08;
-inline constexpr std::uint8_t quick_ack_type = 0x09;
-/// ERROR code of a refused QUICK (bad MAC).
-inline constexpr std::uint16_t error_authentication_failed = 7;
+inline constexpr std::uint16_t max_version = native::max_protocol_version;
+/// ERROR code of a refused QUICK (bad MAC or malformed).
+inline constexpr std::uint16_t error_authentication_failed =
+    static_cast<std::uint16_t>(native::error_code_value::authentication_failed);
 
-using nonce = std::array<std::byte, nonce_size>;
-
-struct request {
-    std::uint16_t min_version = 2;
-    std::uint16_t max_version = quick::max_version;
-    std::uint32_t flags = 0;
-    nonce client_nonce{};
-    std::optional<native::fetch> first_fetch;
-};
+using nonce = native::quick_nonce;
+using request = native::quick;
 
 /// Payload starts with the QUICK type byte and the magic.
-[[nodiscard]] bool is_request(std::span<const std::byte> payload) noexcept;
-/// Payload starts with the QUICK_ACK type byte and the magic.
-[[nodiscard]] bool is_ack(std::span<const std::byte> payload) noexcept;
+[[nodiscard]] inline bool is_request(std::span<const std::byte> payload) noexcept {
+    return native::classify_first_frame(payload) == native::first_frame_kind::native_quick;
+}
 
-/// Appends the framed QUICK (header + payload, MAC over everything before it) to @p out.
-void append_request_frame(std::vector<std::byte>& out, const authkey& key, const request& r);
-/// Decodes and verifies a QUICK payload: errc::authentication_failed for a MAC that does not
-/// verify (constant time), errc::malformed_message for anything else that is wrong.
-[[nodiscard]] request decode_request(const authkey& key, std::span<const std::byte> payload,
-                                     std::error_code& ec) noexcept;
-
-/// Appends the framed QUICK_ACK for @p client_nonce.
-void append_ack_frame(std::vector<std::byte>& out, const authkey& key, const nonce& client_nonce,
-                      const native::hello_ack& ack);
-/// Decodes and verifies a QUICK_ACK payload (errors as decode_request).
-[[nodiscard]] native::hello_ack decode_ack(const authkey& key, const nonce& client_nonce,
-                                           std::span<const std::byte> payload, std::error_code& ec) noexcept;
+// The frames themselves are the codec's (native_protocol.hpp); these name what each side does.
+inline void append_request_frame(std::vector<std::byte>& out, const authkey& key, const request& r) {
+    native::append_quick_frame(out, key, r);
+}
+[[nodiscard]] inline request decode_request(const authkey& key, std::span<const std::byte> payload,
+                                            std::error_code& ec) noexcept {
+    return native::decode_quick(key, payload, ec);
+}
+inline void append_ack_frame(std::vector<std::byte>& out, const authkey& key, const nonce& client_nonce,
+                             const native::hello_ack& ack) {
+    native::append_quick_ack_frame(out, key, client_nonce, ack);
+}
+[[nodiscard]] inline native::hello_ack decode_ack(const authkey& key, const nonce& client_nonce,
+                                                  std::span<const std::byte> payload, std::error_code& ec) noexcept {
+    return native::decode_quick_ack(key, client_nonce, payload, ec);
+}
 
 /// The client's side of the answer to a QUICK: the bytes of the first reads go through here, not
 /// through the native stream decoder. At most one leading CPython challenge frame is skipped (the
