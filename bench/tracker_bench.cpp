@@ -3,9 +3,13 @@
 //
 // scenario register_serial      one REGISTER/UNREGISTER message per call, the next call after the
 //                               previous one completed
-//   steward  one coroutine awaiting each steward::tracker::async_register/async_unregister
+//   steward  one coroutine awaiting each steward::tracker::async_register/async_unregister, with
+//            tracker_options::sigpipe_ignored (this process ignores SIGPIPE, as the floor's does)
+//   steward_guarded  the same with default options: SIGPIPE blocked around each write (two more
+//            system calls per message)
 //   floor    one blocking write() per message into the pipe of a steward-tracker daemon
-//   same_syscalls  the five system calls the client makes per message here, blocking, no library
+//   same_syscalls  the five system calls the client made per message before direct writes
+//            (waitid, sigmask, sigpending, pwritev2, sigmask), blocking, no library
 // scenario register_concurrent  many registrations in flight at once
 //   steward  1000 coroutines on one tracker, each awaiting its own calls (group commit)
 //   floor    blocking write()s of 4096-byte batches of whole messages into the daemon's pipe
@@ -214,10 +218,11 @@ int register_floor(const bench::args& a, bool batched) {
 }
 
 #if defined(STEWARD_BENCH_HAVE_TRACKER_CLIENT)
-int register_steward(const bench::args& a, std::size_t coroutines) {
+int register_steward(const bench::args& a, std::size_t coroutines, bool sigpipe_ignored) {
     asio::io_context ctx(1);
     steward::tracker_options options;
     options.executable = tracker_exe(a);
+    options.sigpipe_ignored = sigpipe_ignored;
     steward::tracker t(ctx.get_executor(), options);
     double seconds = 0;
     std::exception_ptr error;
@@ -270,6 +275,7 @@ int register_steward(const bench::args& a, std::size_t coroutines) {
     r.count(total);
     r.seconds(seconds);
     r.extra("coroutines", static_cast<double>(coroutines));
+    r.extra("sigpipe_ignored", sigpipe_ignored ? 1 : 0);
     if (status) r.extra("daemon_exit_status", *status);
     r.print();
     return 0;
@@ -387,9 +393,9 @@ int main(int argc, char** argv) {
             const bool concurrent = s == "register_concurrent";
             if (v == "floor") return register_floor(a, concurrent);
             if (v == "same_syscalls" && !concurrent) return register_same_syscalls(a);
-            if (v == "steward") {
+            if (v == "steward" || v == "steward_guarded") {
 #if defined(STEWARD_BENCH_HAVE_TRACKER_CLIENT)
-                return register_steward(a, concurrent ? a.get_size("coroutines", 1000) : 1);
+                return register_steward(a, concurrent ? a.get_size("coroutines", 1000) : 1, v == "steward");
 #else
                 return bench::not_measured(a, "steward::tracker client not in the tree yet");
 #endif

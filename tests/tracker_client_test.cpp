@@ -16,7 +16,10 @@
 #include <asio/steady_timer.hpp>
 #include <asio/use_awaitable.hpp>
 
+#include <poll.h>
 #include <sys/wait.h>
+
+#include <csignal>
 
 #include <future>
 #include <map>
@@ -735,4 +738,237 @@ STEWARD_CORO_TEST(deferred_register_keeps_its_own_copy_of_the_name) {
     const auto status = co_await t.async_stop(std::chrono::seconds(10), asio::use_awaitable);
     BOOST_TEST(status.has_value());
     if (status) BOOST_TEST(*status == 0);  // nothing leaked: the unregister matched the register
+}
+
+// ---- direct writes ----------------------------------------------------------------------------
+
+namespace {
+
+// Everything readable now from a pipe read end this test owns (not served by io_uring).
+std::string read_available(int fd) {
+    std::string out;
+    char buf[8192];
+    for (;;) {
+        pollfd p{fd, POLLIN, 0};
+        if (::poll(&p, 1, 0) != 1 || !(p.revents & POLLIN)) break;
+        const ssize_t n = ::read(fd, buf, sizeof buf);
+        if (n <= 0) break;
+        out.append(buf, static_cast<std::size_t>(n));
+    }
+    return out;
+}
+
+// A tracker writing into a pipe whose read end the test holds (the exec convention's adoption).
+struct adopted_pipe {
+    steward::unique_fd read_end;
+    std::optional<tracker> t;
+    explicit adopted_pipe(asio::io_context& ctx, int pipe_size = 0) {
+        int p[2];
+        BOOST_REQUIRE_EQUAL(::pipe2(p, O_CLOEXEC), 0);
+        read_end.reset(p[0]);
+        if (pipe_size) BOOST_REQUIRE_GE(::fcntl(p[1], F_SETPIPE_SZ, pipe_size), pipe_size);
+        const int w = ::fcntl(p[1], F_DUPFD, 0);
+        ::close(p[1]);
+        ::setenv(tracker::environment_variable, std::to_string(w).c_str(), 1);
+        t.emplace(tracker::from_environment(ctx.get_executor()));
+    }
+};
+
+// True when `co_await op` completed without the executor running anything in between: a handler
+// posted just before would have run first otherwise.
+template <typename Awaitable>
+asio::awaitable<bool> completes_without_suspending(asio::io_context& ctx, Awaitable op) {
+    bool ran = false;
+    asio::post(ctx, [&ran] { ran = true; });
+    co_await std::move(op);
+    const bool inline_completion = !ran;
+    while (!ran) co_await asio::post(ctx, asio::use_awaitable);  // the flag must outlive the handler
+    co_return inline_completion;
+}
+
+}  // namespace
+
+// An idle tracker writes a call's message at once and completes it in place; a full pipe sends
+// the call (and every later one) through the queue, which waits for room without completing
+// anything; once the queue has drained, calls write directly again. The order of one coroutine's
+// REGISTER/UNREGISTER lines survives both transitions.
+STEWARD_CORO_TEST(direct_write_then_a_full_pipe_falls_back_to_the_queue_in_order) {
+    fd_count_guard fds(ctx);
+    adopted_pipe a(ctx, 4096);
+    tracker& t = *a.t;
+    const std::string x0 = "/stw_direct_0", x1 = "/stw_direct_1", x2 = "/stw_direct_2";
+    const bool inline0 =
+        co_await completes_without_suspending(ctx, t.async_register(x0, resource_type::shared_memory,
+                                                                    asio::use_awaitable));
+    BOOST_CHECK(inline0);
+    BOOST_CHECK(t.is_registered(x0, resource_type::shared_memory));
+    BOOST_CHECK_EQUAL(read_available(a.read_end.get()), "REGISTER:" + x0 + ":shared_memory\n");
+
+    // Fill the one-page pipe through a private non-blocking description of the write end.
+    steward::unique_fd filler(
+        ::open(("/proc/self/fd/" + std::to_string(t.fd())).c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC));
+    BOOST_REQUIRE(filler);
+    std::size_t filled = 0;
+    while (::write(filler.get(), "#", 1) == 1) ++filled;
+    BOOST_REQUIRE_EQUAL(errno, EAGAIN);
+    BOOST_REQUIRE_GT(filled, 0U);
+
+    bool done = false;
+    std::error_code first_error;
+    asio::co_spawn(
+        ctx,
+        [&]() -> asio::awaitable<void> {
+            for (const auto& [name, reg] : {std::pair{x1, true}, {x1, false}, {x2, true}}) {
+                auto [ec] = reg ? co_await t.async_register(name, resource_type::shared_memory,
+                                                           asio::as_tuple(asio::use_awaitable))
+                                : co_await t.async_unregister(name, resource_type::shared_memory,
+                                                             asio::as_tuple(asio::use_awaitable));
+                if (ec && !first_error) first_error = ec;
+            }
+            done = true;
+        },
+        asio::detached);
+    // Nothing completes while its message cannot be in the pipe.
+    for (int i = 0; i < 10; ++i) {
+        asio::steady_timer timer(ctx, 5ms);
+        co_await timer.async_wait(asio::use_awaitable);
+    }
+    BOOST_CHECK(!done);
+    std::string got;
+    const std::string want_tail = "REGISTER:" + x1 + ":shared_memory\nUNREGISTER:" + x1 +
+                                  ":shared_memory\nREGISTER:" + x2 + ":shared_memory\n";
+    for (int i = 0; i < 2000 && (!done || got.size() < filled + want_tail.size()); ++i) {
+        got += read_available(a.read_end.get());
+        asio::steady_timer timer(ctx, 1ms);
+        co_await timer.async_wait(asio::use_awaitable);
+    }
+    got += read_available(a.read_end.get());
+    BOOST_REQUIRE(done);
+    BOOST_REQUIRE_MESSAGE(!first_error, first_error.message());
+    BOOST_REQUIRE_EQUAL(got.size(), filled + want_tail.size());
+    BOOST_CHECK_EQUAL(got.substr(0, filled), std::string(filled, '#'));
+    BOOST_CHECK_EQUAL(got.substr(filled), want_tail);
+    BOOST_CHECK(!t.is_registered(x1, resource_type::shared_memory));
+    BOOST_CHECK(t.is_registered(x2, resource_type::shared_memory));
+
+    // The queue is empty again: direct once more, blocking and asynchronous alike.
+    t.unregister_resource(x0, resource_type::shared_memory);
+    BOOST_CHECK_EQUAL(read_available(a.read_end.get()), "UNREGISTER:" + x0 + ":shared_memory\n");
+    const bool inline3 =
+        co_await completes_without_suspending(ctx, t.async_unregister(x2, resource_type::shared_memory,
+                                                                      asio::use_awaitable));
+    BOOST_CHECK(inline3);
+    BOOST_CHECK_EQUAL(read_available(a.read_end.get()), "UNREGISTER:" + x2 + ":shared_memory\n");
+    // Invalid names fail on the direct path as on the queue, writing nothing.
+    auto [bad] = co_await t.async_register("", resource_type::shared_memory, asio::as_tuple(asio::use_awaitable));
+    BOOST_CHECK(bad == std::errc::invalid_argument);
+    BOOST_CHECK_THROW(co_await t.async_register(std::string(600, 'n'), resource_type::shared_memory,
+                                                asio::use_awaitable),
+                      std::system_error);
+    BOOST_CHECK_EQUAL(read_available(a.read_end.get()), "");
+}
+
+// A long loop of calls that all complete in place still lets other work of the executor run.
+STEWARD_CORO_TEST(a_loop_of_direct_calls_does_not_starve_the_executor) {
+    fd_count_guard fds(ctx);
+    adopted_pipe a(ctx);
+    tracker& t = *a.t;
+    int other_ran = 0;
+    asio::post(ctx, [&] { ++other_ran; });
+    for (int i = 0; i < 1000; ++i) {
+        co_await t.async_register("/stw_loop", resource_type::shared_memory, asio::use_awaitable);
+        co_await t.async_unregister("/stw_loop", resource_type::shared_memory, asio::use_awaitable);
+        if (i % 100 == 0) (void)read_available(a.read_end.get());
+    }
+    BOOST_CHECK_EQUAL(other_ran, 1);
+    (void)read_available(a.read_end.get());
+}
+
+// tracker_options::sigpipe_ignored: with SIGPIPE at its default action the option has no effect
+// (the write that finds the daemon dead cannot kill the process); with SIGPIPE ignored the guard
+// is skipped. Either way a dead daemon is relaunched and learns the registrations.
+STEWARD_CORO_TEST(sigpipe_option_relaunches_with_or_without_ignored_sigpipe) {
+    fd_count_guard fds(ctx);
+    st::temp_dir dir("sigpipe");
+    st::stderr_capture err(dir.path / "daemon.err");
+    auto* const old = std::signal(SIGPIPE, SIG_DFL);
+    for (const bool ignore : {false, true}) {
+        (void)std::signal(SIGPIPE, ignore ? SIG_IGN : SIG_DFL);
+        tracker_options options;
+        options.sigpipe_ignored = true;
+        tracker t(ctx.get_executor(), options);
+        const std::string x = make_shm("sigpipe_x"), y = make_shm("sigpipe_y");
+        co_await t.async_register(x, resource_type::shared_memory, asio::use_awaitable);
+        const int first = t.daemon_pid();
+        BOOST_REQUIRE_GT(first, 0);
+        ::kill(first, SIGKILL);
+        BOOST_REQUIRE(st::wait_gone(first));
+        auto [ec] = co_await t.async_register(y, resource_type::shared_memory, asio::as_tuple(asio::use_awaitable));
+        BOOST_CHECK(!ec);
+        BOOST_CHECK_NE(t.daemon_pid(), first);
+        auto [sec, status] = co_await t.async_stop(10s, asio::as_tuple(asio::use_awaitable));
+        BOOST_CHECK(!sec);
+        BOOST_CHECK_MESSAGE(!st::shm_exists(x), "ignore=" << ignore);
+        BOOST_CHECK_MESSAGE(!st::shm_exists(y), "ignore=" << ignore);
+        ::shm_unlink(x.c_str());
+        ::shm_unlink(y.c_str());
+    }
+    (void)std::signal(SIGPIPE, old);
+    err.restore();
+}
+
+// kill -9 right after a registration completed (directly written, or through the queue) leaves
+// nothing behind: the message was in the daemon's pipe when the call returned.
+BOOST_AUTO_TEST_CASE(kill_9_right_after_a_completed_register_leaves_nothing_behind) {
+    for (const int mode : {0, 1, 2}) {  // 0 direct co_await, 1 direct blocking call, 2 queued
+        st::temp_dir dir("kill9");
+        const std::string name = make_shm("kill9_" + std::to_string(mode));
+        int report[2];
+        BOOST_REQUIRE_EQUAL(::pipe2(report, O_CLOEXEC), 0);
+        const pid_t child = ::fork();
+        BOOST_REQUIRE_GE(child, 0);
+        if (child == 0) {
+            ::close(report[0]);
+            st::stderr_capture err(dir.path / "daemon.err");
+            asio::io_context ctx(1);
+            tracker t(ctx.get_executor());
+            asio::co_spawn(
+                ctx,
+                [&]() -> asio::awaitable<void> {
+                    co_await t.async_ensure_running(asio::use_awaitable);
+                    const int pid = t.daemon_pid();
+                    if (::write(report[1], &pid, sizeof pid) != sizeof pid) ::_exit(3);
+                    if (mode == 0) {
+                        co_await t.async_register(name, resource_type::shared_memory, asio::use_awaitable);
+                    } else if (mode == 1) {
+                        t.register_resource(name, resource_type::shared_memory);
+                    } else {
+                        // A callback: always through the queue and a flush on the executor.
+                        t.async_register(name, resource_type::shared_memory, [](std::error_code ec) {
+                            ::kill(::getpid(), ec ? SIGTERM : SIGKILL);
+                        });
+                        co_return;
+                    }
+                    ::kill(::getpid(), SIGKILL);
+                },
+                [](const std::exception_ptr& e) {
+                    if (e) ::_exit(4);
+                });
+            ctx.run();
+            ::_exit(5);
+        }
+        ::close(report[1]);
+        int daemon = -1;
+        const ssize_t n = ::read(report[0], &daemon, sizeof daemon);
+        ::close(report[0]);
+        int wstatus = 0;
+        BOOST_REQUIRE_EQUAL(::waitpid(child, &wstatus, 0), child);
+        BOOST_REQUIRE_EQUAL(n, static_cast<ssize_t>(sizeof daemon));
+        BOOST_CHECK_MESSAGE(WIFSIGNALED(wstatus) && WTERMSIG(wstatus) == SIGKILL,
+                            "mode " << mode << ": wait status " << wstatus);
+        // The daemon sees end of input once the killed child's write end is gone, then cleans up.
+        BOOST_REQUIRE_MESSAGE(st::wait_gone(daemon), "daemon still running, mode " << mode);
+        BOOST_CHECK_MESSAGE(!st::shm_exists(name), name << " leaked, mode " << mode);
+        ::shm_unlink(name.c_str());
+    }
 }

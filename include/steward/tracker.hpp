@@ -34,6 +34,10 @@
 #include <asio/any_io_executor.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/async_result.hpp>
+#include <asio/awaitable.hpp>
+#include <asio/post.hpp>
+#include <asio/this_coro.hpp>
+#include <asio/use_awaitable.hpp>
 
 #include <chrono>
 #include <memory>
@@ -51,6 +55,13 @@ struct tracker_options {
     /// STEWARD_TRACKER_EXE, then the installed location compiled into the library, then the build
     /// tree's. When set, only this path is tried.
     std::string executable;
+    /// Set when the application ignores SIGPIPE (`signal(SIGPIPE, SIG_IGN)`) for the whole life of
+    /// the tracker. A write into the daemon's pipe then needs no signal-mask changes around it: one
+    /// system call per message instead of three. Checked each time a daemon is started (or a pipe
+    /// adopted): if SIGPIPE is not ignored at that moment, the option has no effect until the next
+    /// start. Restoring SIGPIPE's default action afterwards while the option is set lets a write
+    /// after the daemon's death kill the process.
+    bool sigpipe_ignored = false;
 };
 
 namespace detail {
@@ -70,6 +81,14 @@ class tracker_impl;
 /// the daemon never sees a torn line. Only one write is outstanding at a time and writes happen in
 /// the order the calls were made, so the messages of one coroutine or thread keep their order. A
 /// call completes when the write holding its message has completed.
+///
+/// @par Direct writes
+/// A call made while nothing is queued, being written or being completed writes its own message at
+/// once (one non-blocking write, the calling thread) instead of waiting for a flush; a full pipe
+/// sends it to the queue like any other. With asio::use_awaitable such a call completes without
+/// suspending the coroutine (every 64th in a row yields once through the executor, so a loop of
+/// calls cannot starve other work); blocking calls return at once. Other completion tokens always
+/// go through the queue and complete through the executor.
 ///
 /// @par Liveness
 /// If the daemon has died (its pidfd reports an exit, or a write fails with EPIPE), the next
@@ -146,24 +165,14 @@ public:
     template <typename CompletionToken = asio::default_completion_token_t<executor_type>>
     auto async_register(std::string_view name, resource_type type,
                         CompletionToken&& token = asio::default_completion_token_t<executor_type>()) {
-        return asio::async_initiate<CompletionToken, void(std::error_code)>(
-            [this, type](auto handler, const std::string& n) {
-                const bool direct = runs_on_own_executor(handler);
-                initiate_message(true, n, type, direct, std::move(handler));
-            },
-            token, std::string(name));  // a copy: a deferred operation may start after @p name is gone
+        return async_message(true, name, type, std::forward<CompletionToken>(token));
     }
 
     /// Unregisters @p name (it will not be removed at shutdown). As async_register() otherwise.
     template <typename CompletionToken = asio::default_completion_token_t<executor_type>>
     auto async_unregister(std::string_view name, resource_type type,
                           CompletionToken&& token = asio::default_completion_token_t<executor_type>()) {
-        return asio::async_initiate<CompletionToken, void(std::error_code)>(
-            [this, type](auto handler, const std::string& n) {
-                const bool direct = runs_on_own_executor(handler);
-                initiate_message(false, n, type, direct, std::move(handler));
-            },
-            token, std::string(name));  // a copy: a deferred operation may start after @p name is gone
+        return async_message(false, name, type, std::forward<CompletionToken>(token));
     }
 
     /// Closes this process's write end and, when this process started the daemon, waits up to
@@ -224,7 +233,62 @@ public:
     /// if none.
     [[nodiscard]] std::string last_error_detail() const;
 
+    /// How try_direct() ended (an implementation detail of async_register/async_unregister).
+    enum class direct_outcome { done, done_yield, queue };
+
 private:
+    template <typename T>
+    struct awaitable_token : std::false_type {};
+    template <typename Executor>
+    struct awaitable_token<asio::use_awaitable_t<Executor>> : std::true_type {
+        using executor = Executor;
+    };
+
+    template <typename CompletionToken>
+    auto async_message(bool register_it, std::string_view name, resource_type type, CompletionToken&& token) {
+        using token_type = std::decay_t<CompletionToken>;
+        if constexpr (awaitable_token<token_type>::value) {
+            // A coroutine of our own instead of async_initiate: a message written directly then
+            // completes without the coroutine ever suspending.
+            return awaitable_message<typename awaitable_token<token_type>::executor>(register_it, std::string(name),
+                                                                                   type);
+        } else {
+            return asio::async_initiate<CompletionToken, void(std::error_code)>(
+                [this, register_it, type](auto handler, const std::string& n) {
+                    const bool direct = runs_on_own_executor(handler);
+                    initiate_message(register_it, n, type, direct, std::move(handler));
+                },
+                token, std::string(name));  // a copy: a deferred operation may start after @p name is gone
+        }
+    }
+
+    // Lazy like every awaitable: @p name is a copy because it may be awaited after the caller's
+    // string is gone.
+    template <typename Executor>
+    asio::awaitable<void, Executor> awaitable_message(bool register_it, std::string name, resource_type type) {
+        std::error_code ec;
+        switch (try_direct(register_it, name, type, ec)) {
+        case direct_outcome::done:
+            break;
+        case direct_outcome::done_yield:
+            co_await asio::post(co_await asio::this_coro::executor, asio::use_awaitable_t<Executor>());
+            end_yield();
+            break;
+        case direct_outcome::queue:
+            asio::use_awaitable_t<Executor> token;
+            co_await asio::async_initiate<asio::use_awaitable_t<Executor>, void(std::error_code)>(
+                [this, register_it, type](auto handler, std::string_view n) {
+                    const bool direct = runs_on_own_executor(handler);
+                    initiate_message(register_it, n, type, direct, std::move(handler));
+                },
+                token, std::string_view(name));
+            co_return;
+        }
+        if (ec) throw std::system_error(ec);
+    }
+
+    direct_outcome try_direct(bool register_it, std::string_view name, resource_type type, std::error_code& ec);
+    void end_yield();
     void initiate_ensure_running(asio::any_completion_handler<void(std::error_code)> handler);
     void initiate_message(bool register_it, std::string_view name, resource_type type, bool direct,
                           asio::any_completion_handler<void(std::error_code)> handler);

@@ -20,6 +20,7 @@
 // has been written.
 #include <steward/tracker.hpp>
 
+#include "tracker/client_pipe_write.hpp"
 #include "tracker/codec.hpp"
 
 #include <steward/io/async_spawn.hpp>
@@ -184,6 +185,64 @@ public:
         schedule_flush_locked();
     }
 
+    // The direct path: when nothing is queued, being written or about to be completed, the caller
+    // writes its own message at once (one system call) instead of queueing it for a flush.
+    // Returns direct_outcome::queue (nothing changed; use the queue) unless the message was
+    // written or refused; @p ec is the call's result then.
+    tracker::direct_outcome try_direct(bool reg, std::string_view name, resource_type type,
+                                       std::error_code& ec) {
+        ec.clear();
+        std::unique_lock lk(m_);
+        check_fork_locked();
+        // Checked before encoding: under load (the common "not allowed") the queue encodes anyway.
+        if (!direct_allowed_locked()) return tracker::direct_outcome::queue;
+        encoded msg;  // under the lock, but nobody else is active when direct writes are allowed
+        if ((ec = encode(reg, name, type, msg))) return tracker::direct_outcome::done;
+        role_ = true;
+        const int fd = write_fd_.get();
+        const bool skip_guard = skip_sigpipe_guard_;
+        lk.unlock();
+        int err = 0;
+        const auto res = tracking::pipe_write_nowait(fd, msg.bytes.data(), msg.size, skip_guard, err);
+        lk.lock();
+        auto outcome = tracker::direct_outcome::queue;
+        switch (res) {
+        case tracking::pipe_write_result::written:
+            // Remembered only now: a relaunch (which would replay the set) needs the role we hold.
+            remember_locked(reg, type, msg.canonical);
+            outcome = tracker::direct_outcome::done;
+            // Completing in place never lets the executor run anything else: every so often the
+            // caller yields once, so a loop of calls cannot starve the other work of its thread.
+            if (++inline_streak_ >= max_inline_streak) {
+                inline_streak_ = 0;
+                ++yielding_;
+                outcome = tracker::direct_outcome::done_yield;
+            }
+            break;
+        case tracking::pipe_write_result::no_reader:
+            mark_dead_locked();
+            break;  // queued: the drain starts a new daemon, which learns the message with the set
+        case tracking::pipe_write_result::unsupported:
+            direct_unsupported_ = true;
+            break;
+        case tracking::pipe_write_result::would_block:
+            break;  // queued: the drain waits for room
+        case tracking::pipe_write_result::error:
+            ec = errno_code(err);
+            outcome = tracker::direct_outcome::done;
+            break;
+        }
+        release_role_locked();
+        // Callers that arrived while the role was held queued their messages without a flush.
+        if (head_) schedule_flush_locked();
+        return outcome;
+    }
+
+    void end_yield() {
+        std::lock_guard lk(m_);
+        if (yielding_) --yielding_;
+    }
+
     void async_barrier(handler_type handler) {
         std::unique_lock lk(m_);
         check_fork_locked();
@@ -192,6 +251,16 @@ public:
     }
 
     std::error_code sync_message(bool reg, std::string_view name, resource_type type) {
+        std::error_code direct_ec;
+        switch (try_direct(reg, name, type, direct_ec)) {
+        case tracker::direct_outcome::done:
+            return direct_ec;
+        case tracker::direct_outcome::done_yield:
+            end_yield();  // a blocking call returns to its caller: nothing to yield to
+            return direct_ec;
+        case tracker::direct_outcome::queue:
+            break;
+        }
         encoded msg;
         if (auto ec = encode(reg, name, type, msg)) return ec;
         std::unique_lock lk(m_);
@@ -262,6 +331,7 @@ public:
         write_fd_ = std::move(fd);
         state_ = state::running;
         owns_daemon_ = false;
+        skip_sigpipe_guard_ = options_.sigpipe_ignored && tracking::sigpipe_ignored();
     }
 
     void export_environment() {
@@ -280,6 +350,25 @@ public:
 
 private:
     enum class state { idle, running, dead };
+
+    static constexpr unsigned max_inline_streak = 64;
+
+    // Direct writes only while nothing else is in flight: otherwise the message joins the batch
+    // being filled (group commit), and writes keep their order.
+    bool direct_allowed_locked() const noexcept {
+        return state_ == state::running && !role_ && !head_ && !inflight_ && !flush_posted_ &&
+               !waiting_room_ && completing_.load(std::memory_order_relaxed) == 0 && yielding_ == 0 && sync_waiting_ == 0 &&
+               !direct_unsupported_ && write_fd_.get() >= 0;
+    }
+
+    void mark_dead_locked() {
+        state_ = state::dead;
+        dead_status_ = "its pipe has no reader";
+        if (owns_daemon_ && daemon_.valid()) {
+            std::error_code wait_ec;
+            if (auto st = daemon_.try_wait(wait_ec)) dead_status_ = st->to_string();
+        }
+    }
 
     struct encoded {
         std::array<char, tracking::max_message_size> bytes;
@@ -400,13 +489,8 @@ private:
                 if (!head_) break;
                 inflight_ = pop_head_locked();
             }
-            if (state_ == state::running && owns_daemon_ && daemon_.valid()) {
-                std::error_code wait_ec;
-                if (auto st = daemon_.try_wait(wait_ec); st || wait_ec) {
-                    state_ = state::dead;
-                    dead_status_ = st ? st->to_string() : wait_ec.message();
-                }
-            }
+            // No waitid() per batch: only the daemon holds the read end, so a write after its
+            // death fails with EPIPE, which relaunches it below.
             if (state_ != state::running) {
                 if (auto ec = start_daemon_locked()) {
                     // Nothing queued since the last start reached a daemon: forget those names, or
@@ -446,8 +530,7 @@ private:
                 return;
             }
             if (ec == std::errc::broken_pipe) {
-                state_ = state::dead;
-                dead_status_ = "its pipe has no reader";
+                mark_dead_locked();
                 continue;
             }
             inflight_ = nullptr;
@@ -483,6 +566,10 @@ private:
     void complete_all(std::unique_lock<std::mutex>& lk, std::vector<waiting>& done, bool post_only) {
         const std::error_code ec = last_ec_;
         if (done.empty()) return;
+        // Callers resumed here that call again join a batch instead of writing directly while
+        // others are still to be resumed by this loop: those are about to call too (group commit).
+        // The last one (a lone caller: every call of a serial loop) may write directly.
+        completing_.fetch_add(done.size(), std::memory_order_relaxed);
         lk.unlock();
         // The common case, a coroutine on the io_context this drain runs on, is resumed directly:
         // exactly what dispatch() would do, without its type-erased executor round trips. Blocking
@@ -491,6 +578,7 @@ private:
         const ctx_executor* here = post_only ? nullptr : ex_.target<ctx_executor>();
         if (here && !here->running_in_this_thread()) here = nullptr;
         for (auto& w : done) {
+            completing_.fetch_sub(1, std::memory_order_relaxed);
             if (here && w.direct)
                 std::move(w.handler)(ec);
             else if (post_only)
@@ -615,6 +703,7 @@ private:
         }
         waiter_.reset();
         waiting_room_ = false;
+        skip_sigpipe_guard_ = options_.sigpipe_ignored && tracking::sigpipe_ignored();
         write_fd_ = std::move(write_end);
         daemon_ = std::move(child);
         owns_daemon_ = true;
@@ -692,6 +781,8 @@ private:
         flush_posted_ = false;
         waiting_room_ = false;
         sync_waiting_ = 0;
+        completing_.store(0, std::memory_order_relaxed);
+        yielding_ = 0;
     }
 
     // ---- stop -------------------------------------------------------------------------------
@@ -775,6 +866,12 @@ private:
     bool flush_posted_ = false;
     bool waiting_room_ = false;
     std::size_t sync_waiting_ = 0;
+    // Handlers complete_all() loops have yet to run (a hint for direct writes, read without order).
+    std::atomic<std::size_t> completing_{0};
+    std::size_t yielding_ = 0;    // direct callers between done_yield and end_yield()
+    unsigned inline_streak_ = 0;
+    bool direct_unsupported_ = false;
+    bool skip_sigpipe_guard_ = false;  // tracker_options::sigpipe_ignored, confirmed at start
     std::error_code last_ec_;
 
     batch* head_ = nullptr;
@@ -861,6 +958,15 @@ void tracker::initiate_ensure_running(asio::any_completion_handler<void(std::err
 void tracker::initiate_message(bool register_it, std::string_view name, resource_type type, bool direct,
                                asio::any_completion_handler<void(std::error_code)> handler) {
     impl_->async_message(register_it, name, type, std::move(handler), direct);
+}
+
+tracker::direct_outcome tracker::try_direct(bool register_it, std::string_view name, resource_type type,
+                                            std::error_code& ec) {
+    return impl_->try_direct(register_it, name, type, ec);
+}
+
+void tracker::end_yield() {
+    impl_->end_yield();
 }
 
 void tracker::initiate_stop(std::chrono::milliseconds timeout,
