@@ -31,6 +31,7 @@
 
 #include <sys/random.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -53,6 +54,15 @@ constexpr clock::duration client_idle_timeout = std::chrono::seconds(10);
 constexpr std::size_t read_chunk = 16 * 1024;
 // HELLO's max_version on the full-handshake path (version 2: the server coalesces replies).
 constexpr std::uint16_t client_max_version = quick::max_version;
+
+// The clock read once per fetch: deadlines of seconds and the pool's idle check need no better
+// than the kernel tick, and the coarse clock is several times cheaper to read.
+clock::time_point coarse_now() noexcept {
+    timespec ts{};
+    ::clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return clock::time_point(std::chrono::duration_cast<clock::duration>(std::chrono::seconds(ts.tv_sec) +
+                                                                         std::chrono::nanoseconds(ts.tv_nsec)));
+}
 
 void complete(fetch_handler& h, std::error_code ec, std::vector<unique_fd> fds) {
     // Through the handler's associated executor (inline when that is the running one).
@@ -114,7 +124,7 @@ public:
         }
         attach_cancellation(r);
         // Until it is sent, a request is bounded by the session set-up plus its reply time.
-        r.deadline = clock::now() + r.handshake_timeout + r.reply_timeout;
+        r.deadline = coarse_now() + r.handshake_timeout + r.reply_timeout;
         waiting_.push_back(std::move(r));
         if (state_ == state::ready || state_ == state::hello_sent || state_ == state::quick_sent)
             send_waiting();
@@ -602,12 +612,34 @@ public:
     using key_type = fetch_service;
     static inline asio::execution_context::id id;
 
-    explicit fetch_service(asio::execution_context& ctx) : asio::execution_context::service(ctx) {}
+    explicit fetch_service(asio::execution_context& ctx) : asio::execution_context::service(ctx) {
+        generation.fetch_add(1, std::memory_order_acq_rel);
+    }
+    ~fetch_service() override { generation.fetch_add(1, std::memory_order_acq_rel); }
+    fetch_service(const fetch_service&) = delete;
+    fetch_service& operator=(const fetch_service&) = delete;
+
+    // asio::use_service takes the registry's lock and walks its list on every call: the last
+    // context's service is remembered per thread, valid while no fetch_service was created or
+    // destroyed anywhere since (a new context may reuse a destroyed one's address).
+    static fetch_service& of(asio::execution_context& ctx) {
+        struct cached {
+            asio::execution_context* ctx = nullptr;
+            fetch_service* service = nullptr;
+            std::uint64_t generation = 0;
+        };
+        thread_local cached last;
+        const std::uint64_t now = generation.load(std::memory_order_acquire);
+        if (last.ctx == &ctx && last.generation == now && last.service) return *last.service;
+        fetch_service& s = asio::use_service<fetch_service>(ctx);
+        last = cached{&ctx, &s, generation.load(std::memory_order_acquire)};
+        return s;
+    }
 
     std::shared_ptr<fetch_connection> connection_for(const asio::any_io_executor& ex,
                                                      const std::string& address, const authkey& family_key,
                                                      clock::duration handshake_timeout) {
-        const auto now = clock::now();
+        const auto now = coarse_now();
         std::shared_ptr<fetch_connection> created;
         {
             std::lock_guard lock(mutex_);
@@ -624,15 +656,21 @@ public:
                     asio::post(stale->strand(), [stale] { stale->shutdown(); });
                 }
             }
+            if (last_ && last_->usable(now) && last_->key() == family_key && last_->address() == address) {
+                last_->touch(now);
+                return last_;
+            }
             auto [first, last] = pool_.equal_range(address);
             for (auto it = first; it != last; ++it) {
                 if (it->second->key() == family_key) {
                     it->second->touch(now);
+                    last_ = it->second;
                     return it->second;
                 }
             }
             created = std::make_shared<fetch_connection>(ex, address, family_key);
             pool_.emplace(address, created);
+            last_ = created;
         }
         created->start(handshake_timeout);
         return created;
@@ -647,12 +685,15 @@ private:
         {
             std::lock_guard lock(mutex_);
             pool.swap(pool_);
+            last_.reset();
         }
         for (auto& [a, c] : pool) c->shutdown();
     }
 
+    static inline std::atomic<std::uint64_t> generation{0};
     std::mutex mutex_;
     std::multimap<std::string, std::shared_ptr<fetch_connection>, std::less<>> pool_;
+    std::shared_ptr<fetch_connection> last_;  // the connection of the last fetch (in pool_ too)
 };
 
 }  // namespace
@@ -675,7 +716,7 @@ void start_fetch(const asio::any_io_executor& executor, const share_id& id, cons
             return;
         }
         asio::execution_context& ctx = asio::query(executor, asio::execution::context);
-        auto& service = asio::use_service<fetch_service>(ctx);
+        auto& service = fetch_service::of(ctx);
         auto conn = service.connection_for(executor, id.address(), key, options.handshake_timeout);
         fetch_connection::request r;
         r.key = id.key();
