@@ -6,6 +6,7 @@
 // scenario fetch_pipelined   1 descriptor per id, one connection, many ids in flight
 //   floor    a one-way stream: blocking sendmsg (1 byte + 1 fd) / recvmsg over a socketpair
 //   steward  steward's native client pipelining fetches on one connection to steward's sharer
+//            (version 2: the server writes the replies of one read in one sendmsg)
 // scenario fetch_batch       253 descriptors per id (value: descriptors per second)
 //   floor    blocking sendmsg of 1 byte + 253 fds per message / recvmsg
 //   steward  one fetch of a 253-descriptor share at a time, pipelined
