@@ -64,7 +64,7 @@ ino_t inode_of(int fd) {
 
 // What a client saw for one share.
 struct fetch_record {
-    std::int32_t state = 0;  // 0 not finished, 1 received, 2 failed
+    std::int32_t state = 0;           // 0 not finished, 1 received, 2 failed
     std::int32_t error_category = 0;  // 1 steward::errc, 2 system, 3 other
     std::int32_t error_value = 0;
     std::int32_t wrong = 0;  // received, but not exactly the shared descriptors
@@ -90,10 +90,14 @@ std::int32_t category_tag(const std::error_code& ec) {
 
 std::string describe(std::int32_t tag, std::int32_t value) {
     switch (tag) {
-        case 0: return "ok";
-        case 1: return make_error_code(static_cast<errc>(value)).message();
-        case 2: return std::system_category().message(value);
-        default: return "error " + std::to_string(value) + " of another category";
+        case 0:
+            return "ok";
+        case 1:
+            return make_error_code(static_cast<errc>(value)).message();
+        case 2:
+            return std::system_category().message(value);
+        default:
+            return "error " + std::to_string(value) + " of another category";
     }
 }
 
@@ -163,7 +167,8 @@ std::string error_summary(const fault_layout& layout) {
 }
 
 std::uint64_t base_seed() {
-    if (const char* text = std::getenv("STEWARD_FAULT_SEED"); text && *text) return std::strtoull(text, nullptr, 0);
+    if (const char* text = std::getenv("STEWARD_FAULT_SEED"); text && *text)
+        return std::strtoull(text, nullptr, 0);
     return std::random_device{}();
 }
 
@@ -230,8 +235,8 @@ BOOST_AUTO_TEST_CASE(client_killed_mid_transfer, *boost::unit_test::precondition
                                 : stalled               ? "stalled"
                                                         : "active";
         const std::size_t kill_after = std::uniform_int_distribution<std::size_t>(1, share_count / 2)(rng);
-        BOOST_TEST_CONTEXT("round " << rounds << " " << mode_name << ", kill after "
-                                    << kill_after << " completions, seed " << seed) {
+        BOOST_TEST_CONTEXT("round " << rounds << " " << mode_name << ", kill after " << kill_after
+                                    << " completions, seed " << seed) {
             fault_layout layout;
             sharer s;
             s.start_background();
@@ -304,24 +309,27 @@ BOOST_AUTO_TEST_CASE(client_killed_mid_transfer, *boost::unit_test::precondition
             BOOST_TEST(held_by_server == fds_of_shares(fetched_by_survivor));
             BOOST_TEST(t::wait_for_condition([&] { return s.pending() == 0; }, std::chrono::seconds(2)));
             BOOST_TEST(s.stats().delivered == share_count + 1);  // + the warm-up
-            BOOST_TEST(t::wait_for_condition([&] { return t::open_fd_count() == server_base; }, std::chrono::seconds(2)));
+            BOOST_TEST(t::wait_for_condition([&] { return t::open_fd_count() == server_base; },
+                                             std::chrono::seconds(2)));
             killed_completed_total += completed_by_dead.size();
             redelivered_total += redelivered;
             lost_total += refused - std::min<std::size_t>(refused, delivered);
             survivor_total += fetched_by_survivor.size();
             put_back_total += after_kill.returned;
-            std::printf("sharer fault, client -9 (%s, after %zu completions): dead client completed %zu, "
-                        "server counted %zu delivered and put %llu back, survivor fetched %zu, refused %zu\n",
-                        mode_name, kill_after, completed_by_dead.size(), delivered,
-                        static_cast<unsigned long long>(after_kill.returned), fetched_by_survivor.size(), refused);
+            std::printf(
+                "sharer fault, client -9 (%s, after %zu completions): dead client completed %zu, "
+                "server counted %zu delivered and put %llu back, survivor fetched %zu, refused %zu\n",
+                mode_name, kill_after, completed_by_dead.size(), delivered,
+                static_cast<unsigned long long>(after_kill.returned), fetched_by_survivor.size(), refused);
         }
     }
-    std::printf("sharer fault, client -9: %zu rounds (seed %llu; STEWARD_FAULT_SEED replays), "
-                "%zu shares completed by killed clients, %zu put back and fetched by the survivor, "
-                "%zu transfers put back, %zu shares delivered twice, %zu neither delivered nor fetchable, "
-                "in %.2f s\n",
-                rounds, static_cast<unsigned long long>(seed), killed_completed_total, survivor_total,
-                put_back_total, redelivered_total, lost_total, t::seconds_since(start));
+    std::printf(
+        "sharer fault, client -9: %zu rounds (seed %llu; STEWARD_FAULT_SEED replays), "
+        "%zu shares completed by killed clients, %zu put back and fetched by the survivor, "
+        "%zu transfers put back, %zu shares delivered twice, %zu neither delivered nor fetchable, "
+        "in %.2f s\n",
+        rounds, static_cast<unsigned long long>(seed), killed_completed_total, survivor_total, put_back_total,
+        redelivered_total, lost_total, t::seconds_since(start));
     std::fflush(stdout);
     BOOST_TEST(t::open_fd_count() == fds_before);
     t::check_shm_unchanged(shm_before);
@@ -374,7 +382,8 @@ struct private_base {
         std::vector<std::string> names;
         if (DIR* dir = ::opendir(path.c_str())) {
             while (auto* e = ::readdir(dir))
-                if (std::strcmp(e->d_name, ".") != 0 && std::strcmp(e->d_name, "..") != 0) names.emplace_back(e->d_name);
+                if (std::strcmp(e->d_name, ".") != 0 && std::strcmp(e->d_name, "..") != 0)
+                    names.emplace_back(e->d_name);
             ::closedir(dir);
         }
         return names;
@@ -400,9 +409,10 @@ BOOST_AUTO_TEST_CASE(server_killed_mid_transfer, *boost::unit_test::precondition
         ++rounds;
         const std::size_t kill_after = std::uniform_int_distribution<std::size_t>(1, share_count / 2)(rng);
         const auto kill_delay = std::chrono::microseconds(std::uniform_int_distribution<int>(0, 3000)(rng));
-        BOOST_TEST_CONTEXT("round " << rounds << (in_handler ? " kill in the K-th handler, K = " : " kill after ")
-                                    << (in_handler ? kill_after : static_cast<std::size_t>(kill_delay.count()))
-                                    << (in_handler ? "" : " us") << ", seed " << seed) {
+        BOOST_TEST_CONTEXT(
+            "round " << rounds << (in_handler ? " kill in the K-th handler, K = " : " kill after ")
+                     << (in_handler ? kill_after : static_cast<std::size_t>(kill_delay.count()))
+                     << (in_handler ? "" : " us") << ", seed " << seed) {
             private_base base;
             fault_layout layout;
             (void)authkey::family();
@@ -487,9 +497,10 @@ BOOST_AUTO_TEST_CASE(server_killed_mid_transfer, *boost::unit_test::precondition
                         received, share_count - received, error_summary(layout).c_str());
         }
     }
-    std::printf("sharer fault, server -9: %zu rounds (seed %llu), %zu shares received whole, %zu fetches "
-                "failed with a connection error, none hung, none twice, in %.2f s\n",
-                rounds, static_cast<unsigned long long>(seed), received_total, lost_total, t::seconds_since(start));
+    std::printf(
+        "sharer fault, server -9: %zu rounds (seed %llu), %zu shares received whole, %zu fetches "
+        "failed with a connection error, none hung, none twice, in %.2f s\n",
+        rounds, static_cast<unsigned long long>(seed), received_total, lost_total, t::seconds_since(start));
     std::fflush(stdout);
     BOOST_TEST(t::open_fd_count() == fds_before);
     t::check_shm_unchanged(shm_before);
@@ -564,13 +575,14 @@ BOOST_AUTO_TEST_CASE(stop_with_fetches_in_flight_keeps_exactly_once,
                 BOOST_TEST(st.delivered <= received);
             else
                 BOOST_TEST(st.delivered == received);  // confirmations had time to arrive
-            std::printf("sharer fault, stop (%s, timeout %s, after %zu completions): client received %zu "
-                        "whole, server counted %llu delivered (%zu received after the server closed its "
-                        "copies), %zu failed:%s\n",
-                        stalled ? "stalled client" : "active client", stalled ? "100 ms" : "2 s", stop_after,
-                        received, static_cast<unsigned long long>(st.delivered),
-                        received - std::min<std::size_t>(received, st.delivered), share_count - received,
-                        error_summary(layout).c_str());
+            std::printf(
+                "sharer fault, stop (%s, timeout %s, after %zu completions): client received %zu "
+                "whole, server counted %llu delivered (%zu received after the server closed its "
+                "copies), %zu failed:%s\n",
+                stalled ? "stalled client" : "active client", stalled ? "100 ms" : "2 s", stop_after,
+                received, static_cast<unsigned long long>(st.delivered),
+                received - std::min<std::size_t>(received, st.delivered), share_count - received,
+                error_summary(layout).c_str());
         }
         BOOST_TEST(t::open_fd_count() == fds_before);  // every copy closed, the server thread gone
     }

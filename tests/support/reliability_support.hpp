@@ -78,8 +78,8 @@ inline std::set<std::string> shm_entries() {
 /// Entries of /dev/shm that were not in @p before and are still there after a grace period
 /// (other test programs running at the same time may create and remove their own entries
 /// meanwhile; a real leftover stays).
-inline std::vector<std::string> shm_left_over(const std::set<std::string>& before,
-                                              std::chrono::milliseconds grace = std::chrono::milliseconds(1000)) {
+inline std::vector<std::string> shm_left_over(
+    const std::set<std::string>& before, std::chrono::milliseconds grace = std::chrono::milliseconds(1000)) {
     const auto deadline = std::chrono::steady_clock::now() + grace;
     std::vector<std::string> added;
     for (;;) {
