@@ -76,10 +76,10 @@ inline std::set<std::string> shm_entries() {
 }
 
 /// Entries of /dev/shm that were not in @p before and are still there after a grace period
-/// (other test programs running at the same time may create and remove their own entries
+/// (CTest runs other test programs at the same time, which create and remove their own entries
 /// meanwhile; a real leftover stays).
 inline std::vector<std::string> shm_left_over(
-    const std::set<std::string>& before, std::chrono::milliseconds grace = std::chrono::milliseconds(1000)) {
+    const std::set<std::string>& before, std::chrono::milliseconds grace = std::chrono::milliseconds(3000)) {
     const auto deadline = std::chrono::steady_clock::now() + grace;
     std::vector<std::string> added;
     for (;;) {
