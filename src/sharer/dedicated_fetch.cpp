@@ -117,8 +117,7 @@ private:
             state_ = state::hello_sent;
         }
         if (std::error_code ec = co_await fast_handshake::send_exactly(socket_, request)) {
-            if (state_ == state::quick_sent && (ec == std::errc::broken_pipe || ec == std::errc::connection_reset))
-                ec = errc::authentication_failed;
+            if (ec == std::errc::broken_pipe) ec = std::make_error_code(std::errc::connection_reset);
             co_return deadline_->translate(wire::normalize(ec));
         }
 
@@ -149,7 +148,9 @@ private:
             }
             const bool truncated = r.ec == errc::control_truncated;
             if ((r.ec && !truncated && r.ec != errc::unexpected_control) || r.bytes == 0) {
-                if (before_ack || state_ == state::hello_sent) co_return make_error_code(errc::authentication_failed);
+                // After the handshake, a close before HELLO_ACK is the server's refusal; before
+                // QUICK_ACK a refusing server says so (ERROR), a bare close is a lost connection.
+                if (state_ == state::hello_sent) co_return make_error_code(errc::authentication_failed);
                 co_return r.ec && r.ec != asio::error::eof ? wire::normalize(r.ec)
                                                            : std::make_error_code(std::errc::connection_reset);
             }

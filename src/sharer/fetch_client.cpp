@@ -238,7 +238,19 @@ private:
                                        });
                     return;
                 }
-                if (r.err) return fail(errno_code(r.err));
+                if (r.err) {
+                    if (state_ == state::quick_sent) {
+                        // The server closed at once; what it wrote first (an ERROR saying why)
+                        // is still readable: the reader reports that, or the close.
+                        ::shutdown(socket_.native_handle(), SHUT_WR);
+                        out_.clear();
+                        sending_.clear();
+                        writing_ = false;
+                        return;
+                    }
+                    return fail(r.err == EPIPE ? std::make_error_code(std::errc::connection_reset)
+                                               : errno_code(r.err));
+                }
                 sent_ += r.bytes;
             }
             sending_.clear();
@@ -437,8 +449,10 @@ private:
             }
             const bool truncated = r.ec == errc::control_truncated;
             if ((r.ec && !truncated && r.ec != errc::unexpected_control) || r.bytes == 0) {
-                // Closed before the session started: the server refused this process.
-                self->fail(self->state_ == state::quick_sent || self->state_ == state::hello_sent
+                // Closed after the handshake but before HELLO_ACK: the server refused this
+                // process. Before QUICK_ACK a refusing server says so (ERROR); a bare close is a
+                // lost connection (e.g. the server died).
+                self->fail(self->state_ == state::hello_sent
                                ? make_error_code(errc::authentication_failed)
                            : r.ec == asio::error::eof || r.bytes == 0
                                ? std::make_error_code(std::errc::connection_reset)

@@ -663,6 +663,9 @@ private:
                     ++self->stats_.connections_accepted;
                     if (self->connections_.size() >= self->options_.max_connections) {
                         ++self->stats_.limit_violations;
+                        // Say why before closing: a steward client reports limit_exceeded, not a
+                        // key or uid problem (a CPython client fails on it as on a close).
+                        send_refusal(fd.get(), native::error_code_value::limit_exceeded, "too many connections");
                         continue;  // fd closes
                     }
                     conn = std::make_shared<sharer_connection>(*self->strand_);
@@ -834,6 +837,17 @@ private:
         conn->socket.close(ignored);
     }
 
+    // One ERROR frame written without waiting (it fits any empty socket buffer), before a close.
+    static void send_refusal(int fd, native::error_code_value code, const char* text) noexcept {
+        try {
+            std::vector<std::byte> out;
+            native::append_frame(out, native::error{code, text});
+            (void)wire::send_with_fds(fd, out, {});
+        } catch (...) {
+            // Out of memory: the close alone still refuses.
+        }
+    }
+
     static void count_handshake_error(const std::shared_ptr<sharer_impl>& self, std::error_code ec) {
         if (ec == errc::timed_out)
             self->count(&sharer_stats::handshake_timeouts);
@@ -853,6 +867,7 @@ private:
             std::find(self->options_.allowed_uids.begin(), self->options_.allowed_uids.end(), cred.uid) ==
                 self->options_.allowed_uids.end()) {
             self->count(&sharer_stats::refused_peer);
+            send_refusal(conn->fd, native::error_code_value::authentication_failed, "peer uid not allowed");
             co_return;
         }
         conn->peer_pid = cred.pid;
@@ -1003,7 +1018,7 @@ private:
 
         [[nodiscard]] bool has_buffered() const noexcept { return begin_ != end_; }
 
-    private:
+    public:
         // Frames never exceed the buffer (limit + header): move the partial frame to the front
         // when it would not fit, grow only up to the limit.
         void make_room() {
@@ -1024,6 +1039,7 @@ private:
                 buffer_.resize(static_cast<std::size_t>(probe.total_size()));  // within max_payload
         }
 
+    private:
         // Small at first (a connection per fetch reads ~100 bytes), larger once a read fills it.
         static constexpr std::size_t initial_size = 4096;
         static constexpr std::size_t grown_size = 64 * 1024;
@@ -1149,6 +1165,8 @@ private:
             replies_.clear();
         }
         [[nodiscard]] std::span<const int> fds() const noexcept { return fds_; }
+        // Requests answered server_error after ETOOMANYREFS, whose shares go back to the cache.
+        std::vector<std::uint64_t>& returned() noexcept { return returned_; }
         // Offsets of the REPLY frames that carry descriptors.
         [[nodiscard]] const std::vector<std::size_t>& replies() const noexcept { return replies_; }
         void drop_fds() noexcept {
@@ -1161,6 +1179,7 @@ private:
         std::vector<std::byte> bytes_;
         std::vector<int> fds_;
         std::vector<std::size_t> replies_;
+        std::vector<std::uint64_t> returned_;
     };
 
     // Sends the packet. ETOOMANYREFS (the kernel refused the descriptors, nothing went out): every
@@ -1173,13 +1192,7 @@ private:
         if (err == ETOOMANYREFS && w.has_fds()) {
             for (std::size_t at : w.replies()) {
                 const auto id = wire::get_be<std::uint64_t>(w.bytes().data() + at + 5);
-                auto it = std::find_if(conn->unconfirmed.rbegin(), conn->unconfirmed.rend(),
-                                       [id](const taken_share& t) { return t.request_id == id; });
-                if (it != conn->unconfirmed.rend()) {
-                    taken_share back = std::move(*it);
-                    conn->unconfirmed.erase(std::next(it).base());
-                    self->put_back(std::move(back), conn->generation);
-                }
+                w.returned().push_back(id);  // put back once the pass is written (see serve_pass)
                 wire::put_reply(w.bytes().data() + at, native::failure_reply(id, native::reply_status::server_error));
             }
             w.drop_fds();
@@ -1243,38 +1256,65 @@ private:
             const std::size_t room =
                 conn->unconfirmed.size() >= max_unconfirmed ? 0 : max_unconfirmed - conn->unconfirmed.size();
             self->take_batch(fetches, conn->peer_pid, conn->generation, room, outcomes);
+            // Every share taken goes into `unconfirmed` before anything is written: a write that
+            // fails ends the connection, and its cleanup puts back exactly what is there.
+            const std::size_t first = conn->unconfirmed.size();
+            for (std::size_t i = 0; i < fetches.size(); ++i) {
+                if (outcomes[i].status == native::reply_status::ok)
+                    conn->unconfirmed.push_back(
+                        taken_share{fetches[i].request_id, fetches[i].key, std::move(outcomes[i].entry)});
+            }
+            std::size_t next = first;
             for (std::size_t i = 0; i < fetches.size(); ++i) {
                 const std::uint64_t id = fetches[i].request_id;
-                fetch_outcome& o = outcomes[i];
-                if (o.status != native::reply_status::ok) {
-                    w.add_failure(id, o.status);
+                if (outcomes[i].status != native::reply_status::ok) {
+                    w.add_failure(id, outcomes[i].status);
                     continue;
                 }
-                const std::size_t total = o.entry.fds.size();
-                conn->unconfirmed.push_back(taken_share{id, fetches[i].key, std::move(o.entry)});
+                const std::size_t at = next++;
+                const std::size_t total = conn->unconfirmed[at].entry.fds.size();
                 if (total <= native::max_fds_per_part) {
                     // Version 1: the part alone in its sendmsg; version 2: with the others.
                     if (!w.coalesce() ? !w.empty() : !w.fits(total)) {
                         if (!co_await flush(self, conn, w)) co_return false;
                     }
-                    w.add_single(id, conn->unconfirmed.back().entry.fds);
+                    w.add_single(id, conn->unconfirmed[at].entry.fds);
                     if (!w.coalesce() && !co_await flush(self, conn, w)) co_return false;
                     continue;
                 }
                 // More than one part: each part alone, back to back.
                 if (!co_await flush(self, conn, w)) co_return false;
-                if (!co_await send_multipart(self, conn, w)) co_return false;
+                if (!co_await send_multipart(self, conn, w, id)) co_return false;
             }
             fetches.clear();
         }
-        co_return co_await flush(self, conn, w);
+        const bool ok = co_await flush(self, conn, w);
+        // Shares the kernel refused to pass go back now that no index into `unconfirmed` is held.
+        // (On failure the connection's cleanup puts back everything unconfirmed anyway.)
+        if (ok) {
+            for (std::uint64_t id : w.returned()) {
+                const auto it = find_unconfirmed(*conn, id);
+                if (it == conn->unconfirmed.end()) continue;
+                taken_share back = std::move(*it);
+                conn->unconfirmed.erase(it);
+                self->put_back(std::move(back), conn->generation);
+            }
+        }
+        w.returned().clear();
+        co_return ok;
     }
 
-    // The reply of conn->unconfirmed.back(), more than 253 descriptors: one sendmsg per part.
+    static std::deque<taken_share>::iterator find_unconfirmed(sharer_connection& conn, std::uint64_t id) {
+        return std::find_if(conn.unconfirmed.begin(), conn.unconfirmed.end(),
+                            [id](const taken_share& t) { return t.request_id == id; });
+    }
+
+    // The reply to request @p id (in conn->unconfirmed), more than 253 descriptors: one sendmsg
+    // per part.
     static asio::awaitable<bool> send_multipart(const std::shared_ptr<sharer_impl>& self,
-                                                const std::shared_ptr<sharer_connection>& conn, reply_writer& w) {
-        const taken_share& t = conn->unconfirmed.back();
-        const std::uint64_t id = t.request_id;
+                                                const std::shared_ptr<sharer_connection>& conn, reply_writer& w,
+                                                std::uint64_t id) {
+        const taken_share& t = *find_unconfirmed(*conn, id);
         const auto total = static_cast<std::uint32_t>(t.entry.fds.size());
         const std::uint32_t parts = native::part_count_for(total);
         std::vector<int> fd_numbers;
@@ -1295,9 +1335,7 @@ private:
             const int err = co_await send_fully(conn->socket, frame, fd_numbers);
             if (err == ETOOMANYREFS && i == 0) {
                 // Nothing went out: keep the share, tell the client.
-                taken_share back = std::move(conn->unconfirmed.back());
-                conn->unconfirmed.pop_back();
-                self->put_back(std::move(back), conn->generation);
+                w.returned().push_back(id);
                 w.add_failure(id, native::reply_status::server_error);
                 co_return true;
             }
@@ -1373,7 +1411,10 @@ private:
         for (;;) {
             // Everything already buffered is one pass: its replies are written together.
             if (!reader.has_whole_frame()) {
-                if (!co_await serve_pass(self, conn, w, fetches, outcomes)) co_return;
+                if (!co_await serve_pass(self, conn, w, fetches, outcomes)) {
+                    drain_confirmations(self, conn, reader);
+                    co_return;
+                }
             }
             std::span<const std::byte> payload;
             ec = co_await reader.next_frame(conn->socket, payload, before_wait);
@@ -1424,6 +1465,32 @@ private:
             }
             conn->last_activity = clock::now();
             // A frame error found while popping is reported by the next next_frame().
+        }
+    }
+
+    // A write failed (the peer is gone): the CONFIRM and GIVE_BACK frames it wrote before are
+    // still queued here, and what they confirm must not be put back (and delivered again).
+    static void drain_confirmations(const std::shared_ptr<sharer_impl>& self,
+                                    const std::shared_ptr<sharer_connection>& conn, connection_reader& reader) {
+        for (;;) {
+            std::span<const std::byte> payload;
+            std::error_code ec;
+            while (reader.pop_frame(payload, ec)) {
+                const native::message msg = native::decode(payload, ec);
+                if (ec) return;
+                if (const auto* c = std::get_if<native::confirm>(&msg)) {
+                    confirm(self, *conn, *c);
+                } else if (const auto* g = std::get_if<native::give_back>(&msg)) {
+                    const auto it = find_unconfirmed(*conn, g->request_id);
+                    if (it == conn->unconfirmed.end()) continue;
+                    taken_share t = std::move(*it);
+                    conn->unconfirmed.erase(it);
+                    self->put_back(std::move(t), conn->generation);
+                }
+            }
+            if (ec) return;
+            reader.make_room();
+            if (reader.try_receive(conn->socket)) return;  // drained (EAGAIN), EOF or reset
         }
     }
 
