@@ -43,7 +43,7 @@ void stream_decoder::commit(std::size_t bytes, std::vector<unique_fd> fds, bool 
         orphan_batch_ = true;
         return;
     }
-    batches_.push_back({first, first + bytes, std::move(fds), 0, truncated, read_full});
+    batches_.push_back({first, first + bytes, std::move(fds), 0, 0, truncated, read_full});
 }
 
 std::size_t stream_decoder::held_descriptors() const noexcept {
@@ -112,32 +112,39 @@ std::optional<stream_decoder::event> stream_decoder::attribute(event ev, std::si
     if (front.left() >= k) {
         ev.fds.reserve(k);
         for (std::size_t i = 0; i < k; ++i) ev.fds.push_back(std::move(front.fds[front.taken++]));
+        ++front.parts;
         if (front.left() == 0 && !front.truncated) batches_.pop_front();
         return ev;
     }
     if (!front.truncated) return fail(ec, errc::malformed_message);  // fewer than declared
+    if (version_ < quick_version && front.parts > 0) {
+        // Version 1: a batch belongs to one part, which it served already.
+        batches_.pop_front();
+        return attribute(std::move(ev), k, frame_start, frame_end, ec);
+    }
     // MSG_CTRUNC: the batch's prefix served the parts before this one in order; this part comes
     // out short, its partial descriptors closed now.
-    if (front.left() > 0) {
+    if (front.left() > 0 || version_ < quick_version) {
         front.fds.clear();
         front.taken = 0;
+        ++front.parts;
         ev.truncated = true;
-        if (version_ < quick_version) batches_.pop_front();  // version 1: one part per batch
         return ev;
     }
-    // The truncated batch is used up. Does this part still belong to its sendmsg? Version 1: no,
-    // that sendmsg was one part. Otherwise yes if it starts inside the truncated batch's read;
+    // The truncated batch is used up. Does this part still belong to its sendmsg? Yes if it
+    // starts inside the truncated batch's read;
     // no if that read ended short (the kernel stops a read at the end of the data a batch came
     // with, and a sendmsg's data is one socket buffer) and this part starts after it; unknown if
     // it starts in the read of the next batch after a full read.
     const bool inside = frame_start < front.last;
     const bool next_arrived = batches_.size() >= 2 && batches_[1].first < frame_end;
-    if (version_ < quick_version || (!inside && !front.read_full)) {
+    if (!inside && !front.read_full) {
         batches_.pop_front();
         return attribute(std::move(ev), k, frame_start, frame_end, ec);
     }
     if (!inside && next_arrived && batches_[1].first <= frame_start)
         return fail(ec, errc::control_truncated);  // never hand out descriptors of another reply
+    ++front.parts;
     ev.truncated = true;
     return ev;
 }

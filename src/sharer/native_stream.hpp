@@ -71,6 +71,7 @@ private:
         std::uint64_t last = 0;
         std::vector<unique_fd> fds;
         std::size_t taken = 0;  // fds[0, taken) were handed out already
+        std::size_t parts = 0;  // REPLY parts it served (short ones included)
         bool truncated = false;
         bool read_full = true;  // the read filled the space prepare() offered (may have been cut)
         [[nodiscard]] std::size_t left() const noexcept { return fds.size() - taken; }
