@@ -189,6 +189,22 @@ def n_error(code, text):
     return b"\x07" + struct.pack(">HH", code, len(text)) + text
 
 
+QUICK_NONCE = bytes(range(0x40, 0x60))  # the client nonce native_frame_fuzz uses
+
+
+def n_quick(lo, hi, flags, with_fetch, has_fetch=None):
+    p = b"\x08" + MAGIC + struct.pack(">HHI", lo, hi, flags) + QUICK_NONCE
+    p += bytes([(1 if with_fetch else 0) if has_fetch is None else has_fetch])
+    if with_fetch:
+        p += struct.pack(">Q", 7) + bytes.fromhex("0123456789abcdeffedcba9876543210")
+    return p + hmac.new(AUTHKEY, b"steward quick v2 client" + p, "sha256").digest()
+
+
+def n_quick_ack(version, in_flight, max_payload):
+    p = b"\x09" + MAGIC + struct.pack(">HII", version, in_flight, max_payload)
+    return p + hmac.new(AUTHKEY, b"steward quick v2 server" + QUICK_NONCE + p, "sha256").digest()
+
+
 def ok_reply(rid, total):
     count = (total - 1) // 253 + 1
     return b"".join(frame(n_reply(rid, 0, min(253, total - 253 * i), total, i, count)) for i in range(count))
@@ -201,11 +217,11 @@ def native_frame():
               + frame(n_confirm(1, [2])) + frame(n_give_back(3, 0)) + frame(n_error(4, b"shutting down")))
     server = (frame(n_hello_ack()) + ok_reply(1, 3) + frame(n_reply(2, 1, 0, 0, 0, 1)) + frame(n_reply(3, 2, 0, 0, 0, 1))
               + ok_reply(4, 300) + frame(n_reply(5, 3, 0, 0, 0, 1)))
-    # Control byte: bits 0-1 descriptor mode, bits 2-7 read size.
+    # Control byte: bit 7 clear (version 1), bits 0-1 descriptor mode, bits 2-6 read size.
     write(t, "client-session", bytes([16 << 2]) + client)
     write(t, "client-session-1-byte-reads", b"\x00" + client)
     write(t, "server-honest-fds", bytes([0x01 | (4 << 2)]) + server)
-    write(t, "server-honest-fds-big-reads", bytes([0x01 | (63 << 2)]) + server)
+    write(t, "server-honest-fds-big-reads", bytes([0x01 | (31 << 2)]) + server)
     write(t, "server-hostile-fds", bytes([0x02 | (2 << 2)]) + server)
     write(t, "server-ctrunc", bytes([0x03 | (8 << 2)]) + server)
     write(t, "confirm-many", b"\x04" + frame(n_confirm(10, list(range(11, 200)))))
@@ -221,6 +237,32 @@ def native_frame():
     write(t, "bad-negative-length", b"\x00" + b"\x80\x00\x00\x01")
     write(t, "bad-long-form-4gib", b"\x00" + b"\xff\xff\xff\xff" + struct.pack(">Q", 4 << 30))
     write(t, "bad-stray-fds", bytes([0x02]) + frame(n_fetch(1, 1)) + frame(n_fetch(2, 2)))
+
+    # Version 2 (control bit 7): coalesced replies. Bits 0-1: 0 honest coalesced, 1 every batch
+    # dropped, 2 hostile, 3 one part per call; bits 2-6 read size.
+    v2 = 0x80
+    many = b"".join(ok_reply(10 + i, 1 + i % 3) for i in range(40))
+    coalesced = (frame(n_hello_ack(2)) + ok_reply(1, 2) + frame(n_reply(2, 1, 0, 0, 0, 1)) + ok_reply(3, 5)
+                 + ok_reply(4, 600) + many + frame(n_reply(5, 2, 0, 0, 0, 1)))
+    write(t, "v2-coalesced", bytes([v2 | (4 << 2)]) + coalesced)
+    write(t, "v2-coalesced-big-reads", bytes([v2 | (31 << 2)]) + coalesced)
+    write(t, "v2-coalesced-1-byte-reads", bytes([v2]) + coalesced)
+    write(t, "v2-all-dropped", bytes([v2 | 0x01 | (8 << 2)]) + coalesced)
+    write(t, "v2-hostile", bytes([v2 | 0x02 | (2 << 2)]) + coalesced)
+    write(t, "v2-one-part-per-call", bytes([v2 | 0x03 | (16 << 2)]) + coalesced)
+    write(t, "v2-quick-ack-frame-refused", bytes([v2 | (4 << 2)]) + frame(n_quick_ack(2, 64, 65536)) + ok_reply(1, 1))
+    # QUICK / QUICK_ACK payloads: the whole stream after the control byte is decoded as each
+    # (fixed authkey and nonce), with MACs from CPython's hmac.
+    write(t, "quick-with-fetch", b"\x00" + n_quick(2, 2, 0, True))
+    write(t, "quick-without-fetch", b"\x00" + n_quick(2, 2, 0, False))
+    write(t, "quick-version-range", b"\x00" + n_quick(1, 9, 5, True))
+    write(t, "quick-ack", b"\x00" + n_quick_ack(2, 64, 65536))
+    write(t, "bad-quick-has-fetch-2", b"\x00" + n_quick(2, 2, 0, True, has_fetch=2))
+    write(t, "bad-quick-max-version-1", b"\x00" + n_quick(1, 1, 0, False))
+    bad_mac = bytearray(n_quick(2, 2, 0, True))
+    bad_mac[-1] ^= 1
+    write(t, "bad-quick-mac", b"\x00" + bytes(bad_mac))
+    write(t, "bad-quick-ack-version-1", b"\x00" + n_quick_ack(1, 64, 65536))
 
 
 # ---- share_id_text -----------------------------------------------------------------------------

@@ -2,12 +2,23 @@
 // src/sharer/native_stream.hpp).
 //
 // Input: byte 0 is a control byte, the rest is the byte stream a peer sends.
+//   bit 7 clear: a version-1 session (one REPLY part per sendmsg), decoder set to version 1
 //   bits 0-1  how descriptor batches ride on the reads:
 //             0 none; 1 honest (each REPLY part with part_fds > 0 gets its batch on the read that
 //             holds its first byte, at most 4 real fds, the rest reported as MSG_CTRUNC);
 //             2 hostile (batches on arbitrary reads); 3 honest reads but every batch dropped
 //             (MSG_CTRUNC with no fds, as at RLIMIT_NOFILE)
-//   bits 2-7  largest read size (1 + value * 8 bytes)
+//   bit 7 set: a version-2 session (coalesced replies), decoder at its default (version 2)
+//   bits 0-1  0 honest coalesced: the frames are cut into sendmsg calls (at random points and
+//             where a call would pass 253 descriptors), each call's batch holds the descriptors
+//             of all its REPLY parts, at most 8 real ones (more: MSG_CTRUNC keeps a prefix);
+//             reads follow the kernel (a read takes at most one batch and ends with that call;
+//             short reads only there); 1 the same with every batch dropped; 2 hostile; 3 honest
+//             with one REPLY part per call (a version-1 server's stream into a v2 decoder)
+//   bits 2-6  largest read size (1 + value * 8 bytes)
+// The whole stream is also decoded as one QUICK and one QUICK_ACK payload (fixed authkey and
+// client nonce, the ones make_seeds.py uses), as is and with its MAC replaced by the right one,
+// and the frames of the reference walk are packed with frame_packer.
 //
 // Invariants, beyond "does not crash":
 // - decode() of a payload either fails with malformed_message or yields a message whose encode()
@@ -20,7 +31,16 @@
 //   with it; with hostile batches no part gets more than it declares and no descriptor goes to two
 //   parts; in every mode every descriptor is closed once the decoder and the events are gone
 //   (no leak);
-// - reply_assembler hands out descriptors only for a whole, successful reply, all of them.
+// - reply_assembler hands out descriptors only for a whole, successful reply, all of them;
+// - version 2: with honest coalesced batches every part either gets exactly its descriptors (the
+//   next ones of its call's batch) or, after MSG_CTRUNC, comes out truncated with none; the
+//   decoder fails only with the reference's error, or with control_truncated after a truncation;
+// - decode_quick / decode_quick_ack accept exactly the structurally valid payloads whose MAC
+//   verifies: re-MACed input is refused only as malformed_message, by an independent structure
+//   check, and re-encodes to the same bytes; other input fails with malformed_message or
+//   authentication_failed;
+// - frame_packer: chunks are whole frames in order, hold exactly the descriptors their REPLY
+//   parts declare, at most 253, and only a part whose descriptors would not fit starts a chunk.
 
 #include "fuzz_support.hpp"
 
@@ -54,6 +74,102 @@ int devnull() {
 std::uint16_t claimed_fds(const native::message& m) {
     const auto* r = std::get_if<native::reply>(&m);
     return r ? r->part_fds : 0;
+}
+
+steward::authkey fuzz_key() {
+    steward::authkey k;
+    for (std::size_t i = 0; i < k.bytes.size(); ++i) k.bytes[i] = static_cast<std::byte>(i);
+    return k;
+}
+
+native::quick_nonce fuzz_nonce() {
+    native::quick_nonce n{};
+    for (std::size_t i = 0; i < n.size(); ++i) n[i] = static_cast<std::byte>(0x40 + i);
+    return n;
+}
+
+std::uint64_t be_at(std::span<const std::byte> b, std::size_t at, std::size_t n) {
+    std::uint64_t v = 0;
+    for (std::size_t i = 0; i < n; ++i) v = (v << 8) | std::to_integer<std::uint64_t>(b[at + i]);
+    return v;
+}
+
+bool has_magic(std::span<const std::byte> p) {
+    return p.size() >= 5 && std::equal(native::magic.begin(), native::magic.end(), p.begin() + 1);
+}
+
+// Independent structure checks (docs/protocol.md section 5.5).
+bool quick_structure_ok(std::span<const std::byte> p) {
+    if (p.size() != native::quick_size_without_fetch && p.size() != native::quick_size_with_fetch) return false;
+    if (p[0] != std::byte{0x08} || !has_magic(p)) return false;
+    const auto lo = be_at(p, 5, 2), hi = be_at(p, 7, 2);
+    const auto has_fetch = be_at(p, 45, 1);
+    if (lo == 0 || lo > hi || hi < 2) return false;
+    if (has_fetch != (p.size() == native::quick_size_with_fetch ? 1U : 0U)) return false;
+    return has_fetch == 0 || be_at(p, 46, 8) != 0;
+}
+
+bool quick_ack_structure_ok(std::span<const std::byte> p) {
+    return p.size() == native::quick_ack_size && p[0] == std::byte{0x09} && has_magic(p) && be_at(p, 5, 2) >= 2 &&
+           be_at(p, 7, 4) != 0;
+}
+
+void check_quick(std::span<const std::byte> stream) {
+    static const native::quick_mac_key key(fuzz_key());
+    const native::quick_nonce nonce = fuzz_nonce();
+    const auto is_expected_error = [](std::error_code ec) {
+        return ec == steward::errc::malformed_message || ec == steward::errc::authentication_failed;
+    };
+    // As is.
+    std::error_code ec;
+    const char* why = nullptr;
+    const native::quick q = native::decode_quick(key, stream, ec, &why);
+    if (ec) {
+        FUZZ_CHECK(is_expected_error(ec) && why && q == native::quick{});
+    } else {
+        const auto again = native::encode_quick(key, q);
+        FUZZ_CHECK(again.size() == stream.size() && std::equal(again.begin(), again.end(), stream.begin()));
+        FUZZ_CHECK(native::classify_first_frame(stream) == native::first_frame_kind::native_quick);
+    }
+    const native::hello_ack a = native::decode_quick_ack(key, nonce, stream, ec, &why);
+    if (ec) {
+        FUZZ_CHECK(is_expected_error(ec) && why && a == native::hello_ack{});
+    } else {
+        const auto again = native::encode_quick_ack(key, nonce, a);
+        FUZZ_CHECK(again.size() == stream.size() && std::equal(again.begin(), again.end(), stream.begin()));
+    }
+    if (stream.size() < native::quick_mac_size) return;
+    // With the right MAC: only the structure decides.
+    std::vector<std::byte> p(stream.begin(), stream.end());
+    const auto signed_part = std::span<const std::byte>(p).first(p.size() - native::quick_mac_size);
+    const auto client_mac = native::quick_mac(key, signed_part);
+    std::copy(client_mac.begin(), client_mac.end(), p.end() - native::quick_mac_size);
+    const native::quick q2 = native::decode_quick(key, p, ec);
+    FUZZ_CHECK(!ec == quick_structure_ok(p));
+    if (ec) FUZZ_CHECK(ec == steward::errc::malformed_message);
+    if (!ec) {
+        const auto again = native::encode_quick(key, q2);
+        FUZZ_CHECK(again == p);
+        FUZZ_CHECK(native::classify_first_frame(p) == native::first_frame_kind::native_quick);
+        // The same bytes with another MAC (the server's) never verify.
+        const auto server_mac = native::quick_ack_mac(key, nonce, signed_part);
+        std::copy(server_mac.begin(), server_mac.end(), p.end() - native::quick_mac_size);
+        (void)native::decode_quick(key, p, ec);
+        FUZZ_CHECK(ec == steward::errc::authentication_failed);
+        std::copy(client_mac.begin(), client_mac.end(), p.end() - native::quick_mac_size);
+    }
+    const auto server_mac = native::quick_ack_mac(key, nonce, signed_part);
+    std::copy(server_mac.begin(), server_mac.end(), p.end() - native::quick_mac_size);
+    const native::hello_ack a2 = native::decode_quick_ack(key, nonce, p, ec);
+    FUZZ_CHECK(!ec == quick_ack_structure_ok(p));
+    if (ec) FUZZ_CHECK(ec == steward::errc::malformed_message);
+    if (!ec) {
+        FUZZ_CHECK(native::encode_quick_ack(key, nonce, a2) == p);
+        native::quick_nonce other = nonce;
+        other[0] ^= std::byte{1};
+        (void)native::decode_quick_ack(key, other, p, ec);
+        FUZZ_CHECK(ec == steward::errc::authentication_failed);
+    }
 }
 
 struct reference_frame {
@@ -228,6 +344,214 @@ std::vector<planned_read> plan_reads(std::span<const std::byte> stream, const re
     return reads;
 }
 
+// frame_packer over the reference's frames (descriptor numbers are placeholders, never opened).
+void check_packer(std::span<const std::byte> stream, const reference_walk& ref) {
+    std::vector<int> numbers;
+    std::vector<native::outgoing_frame> frames;
+    std::size_t total = 0;
+    for (const auto& f : ref.frames) total += claimed_fds(f.msg);
+    numbers.reserve(total);
+    for (const auto& f : ref.frames) {
+        const std::uint16_t k = claimed_fds(f.msg);
+        const std::size_t at = numbers.size();
+        for (std::uint16_t i = 0; i < k; ++i) numbers.push_back(static_cast<int>(numbers.size()));
+        frames.push_back({stream.subspan(static_cast<std::size_t>(f.offset), static_cast<std::size_t>(f.size)),
+                          std::span<const int>(numbers).subspan(at, k)});
+    }
+    const native::packed_frames packed = native::pack_frames(frames);
+    FUZZ_CHECK(packed.bytes.size() == ref.consumed &&
+               std::equal(packed.bytes.begin(), packed.bytes.end(), stream.begin()));
+    FUZZ_CHECK(packed.fds == numbers);
+    std::size_t frame = 0, byte = 0, fd = 0;
+    for (std::size_t c = 0; c < packed.chunks.size(); ++c) {
+        const auto& ch = packed.chunks[c];
+        FUZZ_CHECK(ch.byte_offset == byte && ch.fd_offset == fd && ch.fd_count <= native::max_fds_per_part);
+        std::size_t declared = 0, bytes = 0;
+        bool first = true;
+        while (bytes < ch.byte_count) {
+            FUZZ_CHECK(frame < ref.frames.size());
+            const std::uint16_t k = claimed_fds(ref.frames[frame].msg);
+            // Greedy: a chunk after the first starts only with a part that did not fit before.
+            if (first && c > 0) FUZZ_CHECK(k > 0 && packed.chunks[c - 1].fd_count + k > native::max_fds_per_part);
+            first = false;
+            declared += k;
+            bytes += static_cast<std::size_t>(ref.frames[frame].size);
+            ++frame;
+        }
+        FUZZ_CHECK(bytes == ch.byte_count && declared == ch.fd_count);
+        byte += ch.byte_count;
+        fd += ch.fd_count;
+    }
+    FUZZ_CHECK(frame == ref.frames.size());
+}
+
+constexpr std::size_t max_real_fds_per_call = 8;
+
+// Version 2: the frames cut into sendmsg calls and the reads the kernel would return for them.
+struct coalesced_plan {
+    std::vector<planned_read> reads;
+    std::vector<std::vector<int>> expected;  // per reference frame: the descriptors it must get
+    std::vector<bool> short_part;            // per reference frame: MSG_CTRUNC leaves it short
+    bool any_truncation = false;
+};
+
+coalesced_plan plan_coalesced(std::span<const std::byte> stream, const reference_walk& ref, unsigned mode,
+                              std::size_t max_read, steward::fuzz::chunker& cuts, std::vector<int>& all_fds) {
+    struct call {
+        std::size_t first = 0, last = 0;
+        std::size_t declared = 0;
+        std::vector<int> fds;
+        bool truncated = false;
+    };
+    coalesced_plan plan;
+    plan.expected.resize(ref.frames.size());
+    plan.short_part.resize(ref.frames.size(), false);
+    std::vector<call> calls;
+    std::vector<std::size_t> frame_call(ref.frames.size());
+    for (std::size_t f = 0; f < ref.frames.size(); ++f) {
+        const std::uint16_t k = claimed_fds(ref.frames[f].msg);
+        const bool split = calls.empty() || cuts.next(4) == 1 || (mode == 3 && k > 0 && calls.back().declared > 0) ||
+                           calls.back().declared + k > native::max_fds_per_part;
+        if (split) calls.push_back({static_cast<std::size_t>(ref.frames[f].offset), 0, 0, {}, false});
+        calls.back().last = static_cast<std::size_t>(ref.frames[f].offset + ref.frames[f].size);
+        calls.back().declared += k;
+        frame_call[f] = calls.size() - 1;
+    }
+    if (ref.consumed < stream.size()) {  // the unfinished or defective tail: a call of its own
+        calls.push_back({static_cast<std::size_t>(ref.consumed), stream.size(), 0, {}, false});
+    }
+    for (auto& c : calls) {
+        if (c.declared == 0) continue;
+        const std::size_t real = mode == 1 ? 0 : std::min(c.declared, max_real_fds_per_call);
+        c.fds = make_fds(real, all_fds);
+        c.truncated = real < c.declared;
+        plan.any_truncation = plan.any_truncation || c.truncated;
+    }
+    // What each part gets: the next ones of its call's batch while they last.
+    std::vector<std::size_t> used(calls.size(), 0);
+    for (std::size_t f = 0; f < ref.frames.size(); ++f) {
+        const std::uint16_t k = claimed_fds(ref.frames[f].msg);
+        if (k == 0) continue;
+        call& c = calls[frame_call[f]];
+        std::size_t& u = used[frame_call[f]];
+        if (c.fds.size() - u >= k) {
+            plan.expected[f].assign(c.fds.begin() + static_cast<std::ptrdiff_t>(u),
+                                    c.fds.begin() + static_cast<std::ptrdiff_t>(u + k));
+            u += k;
+        } else {
+            plan.short_part[f] = true;
+            u = c.fds.size();
+        }
+    }
+    // Reads: one takes at most one batch (the first call it reaches whose batch is still there)
+    // and then ends with that call; it is short only there.
+    std::size_t next_call = 0;
+    for (std::size_t pos = 0; pos < stream.size();) {
+        const std::size_t asked = cuts.next(max_read);
+        planned_read r{std::min(asked, stream.size() - pos), {}, false, -1};
+        while (next_call < calls.size() && calls[next_call].first < pos) ++next_call;
+        if (next_call < calls.size() && calls[next_call].first < pos + r.size) {
+            for (std::size_t c = next_call; c < calls.size() && calls[c].first < pos + r.size; ++c) {
+                if (calls[c].declared == 0) continue;
+                r.size = std::min(r.size, calls[c].last - pos);
+                r.fds = calls[c].fds;
+                r.truncated = calls[c].truncated;
+                break;
+            }
+        }
+        r.claimed_by = static_cast<int>(asked);  // reused: what prepare() is asked for
+        plan.reads.push_back(std::move(r));
+        pos += plan.reads.back().size;
+    }
+    return plan;
+}
+
+void check_coalesced(std::span<const std::byte> stream, unsigned mode, std::size_t max_read, std::uint32_t seed) {
+    const reference_walk ref = walk(stream, true);
+    steward::fuzz::chunker cuts(seed);
+    std::vector<int> all_fds;
+    {
+        const bool hostile = mode == 2;
+        coalesced_plan plan;
+        if (hostile) {
+            plan.reads = plan_reads(stream, ref, 2, max_read, cuts, all_fds);
+            for (auto& r : plan.reads) r.claimed_by = static_cast<int>(r.size + cuts.next(16) - 1);
+        } else {
+            plan = plan_coalesced(stream, ref, mode, max_read, cuts, all_fds);
+        }
+        native::stream_decoder decoder;  // version 2 by default
+        native::reply_assembler assembler;
+        std::set<int> handed_out;
+        std::error_code failure;
+        std::size_t pos = 0, events = 0, i = 0;
+        for (; i < plan.reads.size() && !failure; ++i) {
+            const planned_read& r = plan.reads[i];
+            const auto room = decoder.prepare(static_cast<std::size_t>(r.claimed_by));
+            FUZZ_CHECK(room.size() >= r.size);
+            std::copy_n(stream.begin() + static_cast<std::ptrdiff_t>(pos), r.size, room.begin());
+            std::vector<unique_fd> fds;
+            for (int fd : r.fds) fds.emplace_back(fd);
+            decoder.commit(r.size, std::move(fds), r.truncated);
+            pos += r.size;
+            while (true) {
+                std::error_code ec;
+                auto ev = decoder.next(ec);
+                if (ec) {
+                    FUZZ_CHECK(!ev);
+                    failure = ec;
+                    break;
+                }
+                if (!ev) break;
+                FUZZ_CHECK(events < ref.frames.size());
+                FUZZ_CHECK(ev->msg == ref.frames[events].msg);
+                FUZZ_CHECK(ref.frames[events].offset + ref.frames[events].size <= pos);
+                const std::uint16_t claimed = claimed_fds(ev->msg);
+                FUZZ_CHECK(ev->fds.size() == claimed || (ev->truncated && ev->fds.empty()));
+                for (const auto& fd : ev->fds) FUZZ_CHECK(handed_out.insert(fd.get()).second);
+                if (!hostile && claimed > 0) {
+                    FUZZ_CHECK(ev->truncated == plan.short_part[events]);
+                    if (!ev->truncated) {
+                        FUZZ_CHECK(ev->fds.size() == plan.expected[events].size());
+                        for (std::size_t k = 0; k < ev->fds.size(); ++k)
+                            FUZZ_CHECK(ev->fds[k].get() == plan.expected[events][k]);
+                    }
+                }
+                if (const auto* part = std::get_if<native::reply>(&ev->msg)) {
+                    std::error_code aec;
+                    auto done = assembler.add(*part, std::move(ev->fds), ev->truncated, aec);
+                    if (aec) FUZZ_CHECK(aec == steward::errc::malformed_message && !done);
+                    if (done && (done->error || done->status != native::reply_status::ok))
+                        FUZZ_CHECK(done->fds.empty());
+                    if (done && !done->error && done->status == native::reply_status::ok)
+                        FUZZ_CHECK(done->fds.size() == part->total_fds);
+                }
+                ++events;
+            }
+        }
+        for (; i < plan.reads.size(); ++i)
+            for (int fd : plan.reads[i].fds) unique_fd{fd};
+        if (!failure) {
+            FUZZ_CHECK(!ref.end_error);
+            FUZZ_CHECK(events == ref.frames.size());
+            FUZZ_CHECK(decoder.buffered() == stream.size() - ref.consumed);
+            if (!hostile) FUZZ_CHECK(decoder.held_descriptors() == 0);
+        } else {
+            FUZZ_CHECK(failure == steward::errc::malformed_message || failure == steward::errc::limit_exceeded ||
+                       failure == steward::errc::control_truncated);
+            FUZZ_CHECK(decoder.held_descriptors() == 0);
+            if (!hostile) {
+                if (failure == steward::errc::control_truncated) {
+                    FUZZ_CHECK(plan.any_truncation);
+                } else {
+                    FUZZ_CHECK(ref.end_error == failure);
+                    FUZZ_CHECK(events == ref.frames.size());
+                }
+            }
+        }
+    }
+    for (int fd : all_fds) FUZZ_CHECK(::fcntl(fd, F_GETFD) == -1);
+}
+
 void check_stream(std::span<const std::byte> stream, unsigned mode, std::size_t max_read,
                   std::uint32_t seed) {
     const reference_walk ref = walk(stream, mode != 0);
@@ -237,6 +561,7 @@ void check_stream(std::span<const std::byte> stream, unsigned mode, std::size_t 
     {
         const std::vector<planned_read> reads = plan_reads(stream, ref, mode, max_read, cuts, all_fds);
         native::stream_decoder decoder;
+        decoder.set_version(1);  // one REPLY part per sendmsg
         native::reply_assembler assembler;
         std::vector<native::stream_decoder::event> events;
         std::set<int> handed_out;
@@ -272,14 +597,19 @@ void check_stream(std::span<const std::byte> stream, unsigned mode, std::size_t 
                 FUZZ_CHECK(ev->fds.size() <= claimed);
                 if (ev->fds.size() < claimed && claimed > 0) FUZZ_CHECK(ev->truncated);
                 for (const auto& fd : ev->fds) FUZZ_CHECK(handed_out.insert(fd.get()).second);
+                // A short part has none: its partial descriptors were closed.
+                if (ev->truncated) FUZZ_CHECK(ev->fds.empty());
                 if (mode == 1 && claimed > 0) {
-                    // Exactly the batch sent with this part.
+                    // Exactly the batch sent with this part, or nothing when MSG_CTRUNC cut it.
                     const auto it = std::find_if(reads.begin(), reads.end(), [&](const planned_read& x) {
                         return x.claimed_by == static_cast<int>(index);
                     });
-                    FUZZ_CHECK(it != reads.end() && it->fds.size() == ev->fds.size());
-                    for (std::size_t k = 0; k < ev->fds.size(); ++k)
-                        FUZZ_CHECK(ev->fds[k].get() == it->fds[k]);
+                    FUZZ_CHECK(it != reads.end());
+                    FUZZ_CHECK(ev->truncated == it->truncated);
+                    if (!ev->truncated) {
+                        FUZZ_CHECK(it->fds.size() == ev->fds.size());
+                        for (std::size_t k = 0; k < ev->fds.size(); ++k) FUZZ_CHECK(ev->fds[k].get() == it->fds[k]);
+                    }
                 }
                 if (const auto* part = std::get_if<native::reply>(&ev->msg)) {
                     std::error_code aec;
@@ -342,8 +672,15 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     std::error_code ec;
     (void)decode_checked(stream, ec);
 
+    check_quick(stream);
+
     const unsigned mode = control & 3;
-    const std::size_t max_read = 1 + (control >> 2) * 8;
-    check_stream(stream, mode, max_read, steward::fuzz::seed_of(stream));
+    const std::size_t max_read = 1 + ((control >> 2) & 0x1f) * 8;
+    if (control & 0x80) {
+        check_packer(stream, walk(stream, true));
+        check_coalesced(stream, mode, max_read, steward::fuzz::seed_of(stream));
+    } else {
+        check_stream(stream, mode, max_read, steward::fuzz::seed_of(stream));
+    }
     return 0;
 }
