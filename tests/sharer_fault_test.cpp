@@ -11,9 +11,9 @@
 
 #include <asio/io_context.hpp>
 
-#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <csignal>
 
 #include <algorithm>
 #include <atomic>
@@ -78,7 +78,7 @@ struct fault_layout {
     t::shared_array<fetch_record> records{share_count};
     t::shared_array<char> address{128};
 
-    [[nodiscard]] std::string path() const { return std::string(&address[0]); }
+    [[nodiscard]] std::string path() const { return {&address[0]}; }
 };
 
 std::int32_t category_tag(const std::error_code& ec) {
@@ -120,7 +120,7 @@ void make_shares(sharer& s, fault_layout& layout) {
 
 // Starts an async_fetch of every share on @p io; each completion is recorded (and checked against
 // the shared inodes) before @p hook runs with the number of completions so far.
-void fetch_all(asio::io_context& io, fault_layout& layout, std::function<void(std::size_t)> hook) {
+void fetch_all(asio::io_context& io, fault_layout& layout, const std::function<void(std::size_t)>& hook) {
     auto completed = std::make_shared<std::size_t>(0);
     const std::string path = layout.path();
     for (std::size_t i = 0; i < share_count; ++i) {
@@ -252,7 +252,8 @@ BOOST_AUTO_TEST_CASE(client_killed_mid_transfer, *boost::unit_test::precondition
                 fetch_all(io, layout, [&](std::size_t done) {
                     if (done != kill_after) return;
                     t::send_byte(up.second.get());
-                    if (mode == kill_mode::self) ::raise(SIGKILL);  // replies and confirmations in flight
+                    if (mode == kill_mode::self)
+                        (void)::raise(SIGKILL);  // replies and confirmations in flight
                     if (stalled) std::this_thread::sleep_for(std::chrono::seconds(30));  // killed in here
                 });
                 io.run_for(std::chrono::seconds(30));
@@ -283,7 +284,7 @@ BOOST_AUTO_TEST_CASE(client_killed_mid_transfer, *boost::unit_test::precondition
             std::vector<std::size_t> fetched_by_survivor;
             std::size_t refused = 0, other_errors = 0, inexact = 0, redelivered = 0;
             const int before_survivor = t::open_fd_count();
-            std::size_t held_by_server = static_cast<std::size_t>(before_survivor - server_base);
+            const auto held_by_server = static_cast<std::size_t>(before_survivor - server_base);
             for (std::size_t i = 0; i < share_count; ++i) {
                 const survivor_result r = survivor_fetch(layout, i);
                 if (!r.ec) {
@@ -330,7 +331,7 @@ BOOST_AUTO_TEST_CASE(client_killed_mid_transfer, *boost::unit_test::precondition
         "in %.2f s\n",
         rounds, static_cast<unsigned long long>(seed), killed_completed_total, survivor_total, put_back_total,
         redelivered_total, lost_total, t::seconds_since(start));
-    std::fflush(stdout);
+    (void)std::fflush(stdout);
     BOOST_TEST(t::open_fd_count() == fds_before);
     t::check_shm_unchanged(shm_before);
 }
@@ -506,7 +507,7 @@ BOOST_AUTO_TEST_CASE(server_killed_mid_transfer, *boost::unit_test::precondition
         "failed (errors per round above), %zu hung, %zu descriptors received twice, in %.2f s\n",
         rounds, static_cast<unsigned long long>(seed), received_total, lost_total, hung_total, twice_total,
         t::seconds_since(start));
-    std::fflush(stdout);
+    (void)std::fflush(stdout);
     BOOST_TEST(t::open_fd_count() == fds_before);
     t::check_shm_unchanged(shm_before);
 }
@@ -593,6 +594,6 @@ BOOST_AUTO_TEST_CASE(stop_with_fetches_in_flight_keeps_exactly_once,
     }
     std::printf("sharer fault, stop: %zu rounds (seed %llu) in %.2f s\n", rounds,
                 static_cast<unsigned long long>(seed), t::seconds_since(start));
-    std::fflush(stdout);
+    (void)std::fflush(stdout);
     t::check_shm_unchanged(shm_before);
 }

@@ -54,7 +54,7 @@ void publish_address(address_slot& slot, const std::string& address) {
 
 void record_message(char (&dst)[160], const std::string& text) {
     if (dst[0] != 0) return;  // the first one is the interesting one
-    std::snprintf(dst, sizeof dst, "%s", text.c_str());
+    (void)std::snprintf(dst, sizeof dst, "%s", text.c_str());
 }
 
 ino_t inode_of(int fd) {
@@ -192,7 +192,7 @@ int run_load_server(std::vector<unique_fd>& server_ends, t::shared_array<ino_t>&
         const std::size_t window = load_window(socks.size());
         for (std::size_t i = 0; i < socks.size(); ++i)
             asio::co_spawn(io, feed_client(s, *socks[i], &issued[i * n], n, window, report),
-                           [&](std::exception_ptr) { --feeders_left; });
+                           [&](const std::exception_ptr&) { --feeders_left; });
         bool settled = false;
         asio::co_spawn(
             io,
@@ -268,7 +268,7 @@ int run_load_client(unique_fd ctl_fd, const std::string& address, ino_t* receive
         asio::co_spawn(
             io,
             [&]() -> asio::awaitable<void> {
-                std::vector<std::byte> buf(16 * 512);
+                std::vector<std::byte> buf(std::size_t{16} * 512);
                 std::size_t have = 0;
                 while (st.keys_seen < st.expected) {
                     auto [ec, got] = co_await ctl.async_read_some(
@@ -431,7 +431,7 @@ BOOST_AUTO_TEST_CASE(load_64_processes_fetch_with_coroutines,
             server_fds_before, server_fds_after, static_cast<long long>(client_growth),
             static_cast<long long>(client_peak_extra),
             static_cast<unsigned long long>(st.connections_accepted));
-        std::fflush(stdout);
+        (void)std::fflush(stdout);
         struct stat gone {};
         BOOST_TEST(::lstat(path.c_str(), &gone) != 0);  // the socket went with stop()
     }
@@ -832,7 +832,7 @@ void print_flood(const char* name, std::size_t max_connections, const flood_outc
         out.server_fds_end, static_cast<unsigned long long>(out.stats.handshake_timeouts),
         static_cast<unsigned long long>(out.stats.limit_violations), s.during, s.pooled, s.max_pooled_ms,
         s.fresh, s.max_fresh_ms, s.failed, errors.c_str());
-    std::fflush(stdout);
+    (void)std::fflush(stdout);
 }
 
 }  // namespace
