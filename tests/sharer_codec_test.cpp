@@ -9,6 +9,7 @@
 #include "sharer/native_protocol.hpp"
 #include "sharer/native_stream.hpp"
 #include "sharer/pickle.hpp"
+#include "sharer/quick_connect.hpp"
 
 #include <fcntl.h>
 
@@ -1625,4 +1626,212 @@ BOOST_AUTO_TEST_CASE(native_fifo_truncated_batch_serves_a_prefix) {
         BOOST_TEST((got.ok.at(3) == s.numbers[3]));
     }
     BOOST_TEST(steward::test::open_fd_count() == fds_before);
+}
+
+BOOST_AUTO_TEST_CASE(native_fifo_allocation_free_path_matches) {
+    // next(msg, fds, truncated, ec) + add_from() give what next(ec) + add() give, and reuse the
+    // caller's vector: the client takes about one descriptor per reply at a high rate.
+    const int fds_before = steward::test::open_fd_count();
+    std::mt19937_64 rng(43);
+    std::vector<std::pair<std::uint64_t, std::uint32_t>> replies;
+    for (std::uint64_t id = 1; id <= 300; ++id) replies.emplace_back(id, id % 50 == 0 ? 300 : id % 7 == 0 ? 0 : 1);
+    sent_stream s(replies, 2);
+    native::stream_decoder dec;
+    native::reply_assembler assembler;
+    std::map<std::uint64_t, std::vector<int>> got;
+    std::size_t not_available = 0;
+    native::message msg;
+    std::vector<steward::unique_fd> fds;
+    fds.reserve(native::max_fds_per_part);
+    const auto* const storage = fds.data();
+    bool truncated = false;
+    std::error_code ec;
+    std::size_t pos = 0, call = 0;
+    while (pos < s.bytes.size()) {
+        // Reads of 1 KiB the kernel way (as receive_calls, written out here for this API).
+        std::size_t len = std::min<std::size_t>(1024, s.bytes.size() - pos);
+        std::vector<steward::unique_fd> batch;
+        while (call < s.calls.size() && s.calls[call].last <= pos) ++call;
+        for (std::size_t c = call; c < s.calls.size() && s.calls[c].first < pos + len; ++c) {
+            if (s.calls[c].fds.empty() || s.calls[c].first < pos) continue;
+            len = std::min(len, s.calls[c].last - pos);
+            batch = std::move(s.calls[c].fds);
+            s.calls[c].fds.clear();
+            break;
+        }
+        auto space = dec.prepare(1024);
+        std::copy_n(s.bytes.begin() + static_cast<std::ptrdiff_t>(pos), len, space.begin());
+        dec.commit(len, std::move(batch), false);
+        pos += len;
+        while (dec.next(msg, fds, truncated, ec)) {
+            BOOST_REQUIRE(!truncated);
+            const auto* part = std::get_if<native::reply>(&msg);
+            if (!part) continue;
+            auto done = assembler.add_from(*part, fds, truncated, ec);
+            BOOST_REQUIRE(!ec);
+            if (!done) continue;
+            if (done->status == native::reply_status::not_available) {
+                ++not_available;
+                continue;
+            }
+            for (auto& fd : done->fds) got[done->request_id].push_back(fd.get());
+        }
+        BOOST_REQUIRE_MESSAGE(!ec, ec.message());
+    }
+    BOOST_TEST(fds.data() == storage);  // never reallocated
+    BOOST_TEST(not_available == 300u / 7);
+    for (const auto& [id, n] : replies) {
+        if (n == 0) continue;
+        BOOST_TEST((got[id] == s.numbers[id]), "request " << id);
+    }
+    // add_from closes what it does not keep: a short part's and a refused part's descriptors.
+    {
+        std::vector<steward::unique_fd> some;
+        some.push_back(open_null());
+        some.push_back(open_null());
+        native::reply_assembler a;
+        auto done = a.add_from(native::split_reply(9, 3)[0], some, true, ec);
+        BOOST_REQUIRE(done.has_value());
+        BOOST_TEST((done->error == steward::errc::control_truncated));
+        BOOST_TEST(!some[0]);
+        BOOST_TEST(!some[1]);
+        some.clear();
+        some.push_back(open_null());
+        (void)a.add_from(native::split_reply(9, 3)[0], some, false, ec);  // fewer, not truncated
+        BOOST_TEST((ec == steward::errc::malformed_message));
+        BOOST_TEST(!some[0]);
+    }
+    BOOST_TEST(steward::test::open_fd_count() == fds_before + 0);
+}
+
+BOOST_AUTO_TEST_CASE(native_fifo_explicit_short_read) {
+    // Bytes copied in from elsewhere (what followed QUICK_ACK in its read) can say whether their
+    // read was short: after MSG_CTRUNC that decides whether the next batch's parts are served.
+    const int fds_before = steward::test::open_fd_count();
+    for (const bool short_read : {true, false}) {
+        sent_stream s({{1, 2}, {2, 2}, {3, 252}, {4, 1}}, 2);
+        BOOST_REQUIRE(s.calls.size() == 2u);
+        native::stream_decoder dec;
+        std::error_code ec;
+        std::vector<native::stream_decoder::event> events;
+        // Read 1: all of call 0, its batch cut to 3 (MSG_CTRUNC); read 2: call 1 with its batch.
+        for (std::size_t c = 0; c < 2 && !ec; ++c) {
+            auto& k = s.calls[c];
+            auto batch = std::move(k.fds);
+            const bool truncated = c == 0;
+            if (truncated) batch.resize(3);
+            auto space = dec.prepare(k.last - k.first);
+            std::copy(s.bytes.begin() + static_cast<std::ptrdiff_t>(k.first),
+                      s.bytes.begin() + static_cast<std::ptrdiff_t>(k.last), space.begin());
+            dec.commit(k.last - k.first, std::move(batch), truncated, c == 0 ? short_read : true);
+            while (auto ev = dec.next(ec)) events.push_back(std::move(*ev));
+        }
+        if (short_read) {
+            BOOST_REQUIRE_MESSAGE(!ec, ec.message());
+            const assembled got = assemble(events, ec);
+            BOOST_TEST((got.truncated == std::vector<std::uint64_t>{2}));
+            BOOST_TEST((got.ok.at(1) == s.numbers[1]));
+            BOOST_TEST((got.ok.at(3) == s.numbers[3]));
+            BOOST_TEST((got.ok.at(4) == s.numbers[4]));
+        } else {
+            BOOST_TEST((ec == steward::errc::control_truncated));  // could have been call 0's part
+            BOOST_TEST(dec.held_descriptors() == 0u);
+        }
+    }
+    BOOST_TEST(steward::test::open_fd_count() == fds_before);
+}
+
+// ---- quick_connect.hpp: the client's ack_reader ------------------------------------------------
+
+namespace {
+
+std::vector<std::byte> framed(std::span<const std::byte> payload) { return framing::make_frame(payload); }
+
+std::vector<std::byte> challenge_frame() {
+    std::string text = "#CHALLENGE#{sha256}";
+    text.append(40, 'n');
+    return framed(std::as_bytes(std::span<const char>(text.data(), text.size())));
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(quick_ack_reader) {
+    namespace quick = steward::detail::quick;
+    const steward::authkey key = counting_key();
+    const auto nonce = counting_nonce();
+    std::vector<std::byte> ack;
+    quick::append_ack_frame(ack, key, nonce, native::hello_ack{2, 64, 65536});
+    std::vector<std::byte> reply;
+    native::append_frame(reply, native::split_reply(1, 1)[0]);
+    auto concat = [](std::initializer_list<std::span<const std::byte>> parts) {
+        std::vector<std::byte> out;
+        for (auto p : parts) out.insert(out.end(), p.begin(), p.end());
+        return out;
+    };
+    using state = quick::ack_reader::state;
+    auto feed_all = [&](const std::vector<std::byte>& bytes, std::size_t step, const quick::nonce& n = counting_nonce()) {
+        quick::ack_reader r(key, n);
+        state st = state::need_more;
+        for (std::size_t at = 0; at < bytes.size() && st == state::need_more; at += step)
+            st = r.feed(std::span<const std::byte>(bytes).subspan(at, std::min(step, bytes.size() - at)));
+        return std::tuple{st, r.error(), r.ack(), std::vector<std::byte>(r.rest().begin(), r.rest().end())};
+    };
+    for (std::size_t step : {std::size_t{1}, std::size_t{7}, std::size_t{4096}}) {
+        // QUICK_ACK and what follows it.
+        auto [st, err, a, rest] = feed_all(concat({ack, reply}), step);
+        BOOST_TEST((st == state::acked));
+        BOOST_TEST((a == native::hello_ack{2, 64, 65536}));
+        if (step == 4096) BOOST_TEST(to_hex(rest) == to_hex(reply));  // the rest of that read
+        // One leading challenge (the server looked before QUICK arrived) is skipped.
+        std::tie(st, err, a, rest) = feed_all(concat({challenge_frame(), ack, reply}), step);
+        BOOST_TEST((st == state::acked));
+        // Two are not.
+        std::tie(st, err, a, rest) = feed_all(concat({challenge_frame(), challenge_frame(), ack}), step);
+        BOOST_TEST((st == state::failed));
+        BOOST_TEST((err == steward::errc::malformed_message));
+    }
+    // A QUICK_ACK for another nonce, or signed with another key: the MAC does not verify.
+    auto other = nonce;
+    other[0] ^= std::byte{1};
+    BOOST_TEST((std::get<1>(feed_all(ack, 4096, other)) == steward::errc::authentication_failed));
+    std::vector<std::byte> forged;
+    quick::append_ack_frame(forged, steward::authkey::generate(), nonce, native::hello_ack{2, 64, 65536});
+    BOOST_TEST((std::get<1>(feed_all(concat({forged, reply}), 4096)) == steward::errc::authentication_failed));
+    // ERROR frames say why the server refused.
+    auto error_frame = [](native::error_code_value code) {
+        std::vector<std::byte> out;
+        native::append_frame(out, native::error{code, "no"});
+        return out;
+    };
+    BOOST_TEST((std::get<1>(feed_all(error_frame(native::error_code_value::authentication_failed), 4096)) ==
+                steward::errc::authentication_failed));
+    BOOST_TEST((std::get<1>(feed_all(error_frame(native::error_code_value::limit_exceeded), 4096)) ==
+                steward::errc::limit_exceeded));
+    BOOST_TEST((std::get<0>(feed_all(error_frame(native::error_code_value::shutting_down), 4096)) == state::failed));
+    BOOST_TEST((std::get<1>(feed_all(concat({challenge_frame(), error_frame(native::error_code_value::authentication_failed)}),
+                                     3)) == steward::errc::authentication_failed));
+    // #FAILURE#: a server that took the QUICK for the answer to its challenge.
+    const std::string_view failure = "#FAILURE#";
+    BOOST_TEST((std::get<1>(feed_all(concat({challenge_frame(), framed(std::as_bytes(std::span<const char>(
+                                                                    failure.data(), failure.size())))}),
+                                     4096)) == steward::errc::authentication_failed));
+    // A frame above the handshake limit, a malformed header, something else entirely.
+    BOOST_TEST((std::get<1>(feed_all(from_hex("00000101"), 4096)) == steward::errc::limit_exceeded));
+    BOOST_TEST((std::get<1>(feed_all(from_hex("fffffffe"), 4096)) == steward::errc::malformed_message));
+    BOOST_TEST((std::get<1>(feed_all(reply, 4096)) == steward::errc::malformed_message));
+    // A QUICK_ACK with a wrong MAC after the challenge, fed byte by byte.
+    auto bad = ack;
+    bad.back() ^= std::byte{1};
+    BOOST_TEST((std::get<1>(feed_all(concat({challenge_frame(), bad}), 1)) == steward::errc::authentication_failed));
+    // Once decided, more bytes change nothing.
+    quick::ack_reader r(key, nonce);
+    BOOST_TEST((r.feed(ack) == state::acked));
+    BOOST_TEST((r.feed(bad) == state::acked));
+    BOOST_TEST((r.ack() == native::hello_ack{2, 64, 65536}));
+    // The wrappers are the codec's: same bytes as native::append_quick_frame.
+    std::vector<std::byte> a1, a2;
+    quick::append_request_frame(a1, key, sample_quick(true));
+    native::append_quick_frame(a2, key, sample_quick(true));
+    BOOST_TEST(to_hex(a1) == to_hex(a2));
+    BOOST_TEST(quick::is_request(std::span<const std::byte>(a1).subspan(4)));
 }

@@ -31,8 +31,12 @@ std::span<std::byte> stream_decoder::prepare(std::size_t n) {
 }
 
 void stream_decoder::commit(std::size_t bytes, std::vector<unique_fd> fds, bool truncated) {
+    commit(bytes, std::move(fds), truncated, bytes < prepared_);
+}
+
+void stream_decoder::commit(std::size_t bytes, std::vector<unique_fd> fds, bool truncated, bool short_read) {
     bytes = std::min(bytes, buffer_.size() - end_);
-    const bool read_full = bytes >= prepared_;
+    const bool read_full = !short_read;
     prepared_ = 0;
     const std::uint64_t first = offset_ + (end_ - begin_);
     end_ += bytes;
@@ -52,18 +56,26 @@ std::size_t stream_decoder::held_descriptors() const noexcept {
     return n;
 }
 
-std::optional<stream_decoder::event> stream_decoder::fail(std::error_code& ec, std::error_code why) {
+bool stream_decoder::fail(std::error_code& ec, std::error_code why) {
     failed_ = true;
     batches_.clear();  // closes every descriptor nobody claimed
     ec = why;
-    return std::nullopt;
+    return false;
 }
 
 std::optional<stream_decoder::event> stream_decoder::next(std::error_code& ec) {
+    event ev;
+    if (!next(ev.msg, ev.fds, ev.truncated, ec)) return std::nullopt;
+    return ev;
+}
+
+bool stream_decoder::next(message& msg, std::vector<unique_fd>& fds, bool& truncated, std::error_code& ec) {
     ec.clear();
+    fds.clear();
+    truncated = false;
     if (failed_) {
         ec = errc::malformed_message;
-        return std::nullopt;
+        return false;
     }
     if (orphan_batch_) return fail(ec, errc::malformed_message);
 
@@ -71,7 +83,7 @@ std::optional<stream_decoder::event> stream_decoder::next(std::error_code& ec) {
     const framing::frame_probe probe = framing::probe_frame(pending, max_payload_);
     switch (probe.status) {
         case framing::frame_status::need_more:
-            return std::nullopt;
+            return false;
         case framing::frame_status::too_large:
             return fail(ec, errc::limit_exceeded);
         case framing::frame_status::malformed:
@@ -82,10 +94,7 @@ std::optional<stream_decoder::event> stream_decoder::next(std::error_code& ec) {
     const std::uint64_t frame_start = offset_;
     const std::uint64_t frame_end = offset_ + probe.total_size();
     std::error_code decode_ec;
-    event ev{
-        decode(pending.subspan(probe.header_size, static_cast<std::size_t>(probe.payload_size)), decode_ec),
-        {},
-        false};
+    msg = decode(pending.subspan(probe.header_size, static_cast<std::size_t>(probe.payload_size)), decode_ec);
     if (decode_ec) return fail(ec, decode_ec);
     begin_ += static_cast<std::size_t>(probe.total_size());
     offset_ = frame_end;
@@ -98,29 +107,29 @@ std::optional<stream_decoder::event> stream_decoder::next(std::error_code& ec) {
         batches_.pop_front();
     }
 
-    const auto* part = std::get_if<reply>(&ev.msg);
-    if (!part || part->part_fds == 0) return ev;
-    return attribute(std::move(ev), part->part_fds, frame_start, frame_end, ec);
+    const auto* part = std::get_if<reply>(&msg);
+    if (!part || part->part_fds == 0) return true;
+    return attribute(fds, truncated, part->part_fds, frame_start, frame_end, ec);
 }
 
-std::optional<stream_decoder::event> stream_decoder::attribute(event ev, std::size_t k, std::uint64_t frame_start,
-                                                               std::uint64_t frame_end, std::error_code& ec) {
+bool stream_decoder::attribute(std::vector<unique_fd>& fds, bool& truncated, std::size_t k, std::uint64_t frame_start,
+                               std::uint64_t frame_end, std::error_code& ec) {
     // Batches "arrived" for this frame are those of reads that began before its last byte.
     if (batches_.empty() || batches_.front().first >= frame_end)
         return fail(ec, errc::malformed_message);  // declared descriptors never came
     batch& front = batches_.front();
     if (front.left() >= k) {
-        ev.fds.reserve(k);
-        for (std::size_t i = 0; i < k; ++i) ev.fds.push_back(std::move(front.fds[front.taken++]));
+        fds.reserve(k);
+        for (std::size_t i = 0; i < k; ++i) fds.push_back(std::move(front.fds[front.taken++]));
         ++front.parts;
         if (front.left() == 0 && !front.truncated) batches_.pop_front();
-        return ev;
+        return true;
     }
     if (!front.truncated) return fail(ec, errc::malformed_message);  // fewer than declared
     if (version_ < quick_version && front.parts > 0) {
         // Version 1: a batch belongs to one part, which it served already.
         batches_.pop_front();
-        return attribute(std::move(ev), k, frame_start, frame_end, ec);
+        return attribute(fds, truncated, k, frame_start, frame_end, ec);
     }
     // MSG_CTRUNC: the batch's prefix served the parts before this one in order; this part comes
     // out short, its partial descriptors closed now.
@@ -128,35 +137,45 @@ std::optional<stream_decoder::event> stream_decoder::attribute(event ev, std::si
         front.fds.clear();
         front.taken = 0;
         ++front.parts;
-        ev.truncated = true;
-        return ev;
+        truncated = true;
+        return true;
     }
     // The truncated batch is used up. Does this part still belong to its sendmsg? Yes if it
-    // starts inside the truncated batch's read;
-    // no if that read ended short (the kernel stops a read at the end of the data a batch came
-    // with, and a sendmsg's data is one socket buffer) and this part starts after it; unknown if
-    // it starts in the read of the next batch after a full read.
+    // starts inside the truncated batch's read; no if that read ended short (the kernel stops a
+    // read at the end of the data a batch came with, and a sendmsg's data is one socket buffer)
+    // and this part starts after it; unknown if it starts in the read of the next batch after a
+    // full read.
     const bool inside = frame_start < front.last;
     const bool next_arrived = batches_.size() >= 2 && batches_[1].first < frame_end;
     if (!inside && !front.read_full) {
         batches_.pop_front();
-        return attribute(std::move(ev), k, frame_start, frame_end, ec);
+        return attribute(fds, truncated, k, frame_start, frame_end, ec);
     }
     if (!inside && next_arrived && batches_[1].first <= frame_start)
         return fail(ec, errc::control_truncated);  // never hand out descriptors of another reply
     ++front.parts;
-    ev.truncated = true;
-    return ev;
+    truncated = true;
+    return true;
 }
 
 // ---- reply_assembler -------------------------------------------------------------------------
 
 std::optional<reply_assembler::completed> reply_assembler::add(const reply& part, std::vector<unique_fd> fds,
                                                                bool truncated, std::error_code& ec) {
+    return add_from(part, fds, truncated, ec);
+}
+
+std::optional<reply_assembler::completed> reply_assembler::add_from(const reply& part, std::span<unique_fd> fds,
+                                                                    bool truncated, std::error_code& ec) {
     ec.clear();
+    // Whatever is not kept is closed now, as the by-value overload's vector would be.
+    auto close_given = [&] {
+        for (auto& fd : fds) fd.reset();
+    };
     auto protocol_error = [&]() -> std::optional<completed> {
         active_ = false;
         fds_.clear();
+        close_given();
         ec = errc::malformed_message;
         return std::nullopt;
     };
@@ -181,7 +200,7 @@ std::optional<reply_assembler::completed> reply_assembler::add(const reply& part
         if (!truncated) return protocol_error();
         broken_ = true;  // keep consuming the remaining parts, keep nothing
         fds_.clear();
-        fds.clear();
+        close_given();
     }
     if (part.status != reply_status::ok) {
         active_ = false;
@@ -189,6 +208,8 @@ std::optional<reply_assembler::completed> reply_assembler::add(const reply& part
     }
     if (!broken_) {
         for (auto& fd : fds) fds_.push_back(std::move(fd));
+    } else {
+        close_given();
     }
     if (++next_index_ < part.part_count) return std::nullopt;
     active_ = false;

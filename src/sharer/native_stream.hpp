@@ -12,7 +12,9 @@
 // a part would take from both); descriptors without data. MSG_CTRUNC: the batch's prefix serves
 // the parts in order; a part that gets fewer than it declares comes out with event::truncated
 // set and no descriptors (the partial ones are closed here). Version 1 is the special case of one
-// part per batch. New: set_version(), held_descriptors(), errc::control_truncated from next()
+// part per batch. New: next(msg, fds, truncated, ec) and reply_assembler::add_from() (no
+// allocation per message), commit(..., short_read), set_version(), held_descriptors(),
+// errc::control_truncated from next()
 // when a truncation leaves it unknowable which batch a part's descriptors are in (see
 // set_version; the stream is then closed like a protocol error).
 
@@ -46,11 +48,19 @@ public:
     /// Records that a read put @p bytes into the space prepare() gave, together with the
     /// descriptors that came with it; @p truncated if the receive reported MSG_CTRUNC.
     void commit(std::size_t bytes, std::vector<unique_fd> fds = {}, bool truncated = false);
+    /// As above, saying explicitly whether the read that brought these bytes returned less than
+    /// it asked for (the three-argument form takes "less than the last prepare()"). Use it when
+    /// the bytes were copied in from elsewhere (e.g. what followed QUICK_ACK in its read).
+    void commit(std::size_t bytes, std::vector<unique_fd> fds, bool truncated, bool short_read);
 
     /// The next whole message, or nullopt when more bytes are needed. A protocol error sets
     /// @p ec (errc::malformed_message, or errc::limit_exceeded for a frame above the limit); the
     /// stream is unusable afterwards and every descriptor still held is closed.
     [[nodiscard]] std::optional<event> next(std::error_code& ec);
+    /// The same without an allocation per message: true and @p msg set when a whole message was
+    /// there; @p fds is cleared and receives a REPLY part's descriptors (its capacity is reused),
+    /// @p truncated as event::truncated. False with @p ec clear: more bytes needed.
+    [[nodiscard]] bool next(message& msg, std::vector<unique_fd>& fds, bool& truncated, std::error_code& ec);
 
     /// The session's version once known (HELLO_ACK / QUICK_ACK). Only matters after MSG_CTRUNC:
     /// in version 1 a truncated batch belongs to exactly one part; in version 2 (the default,
@@ -77,9 +87,9 @@ private:
         [[nodiscard]] std::size_t left() const noexcept { return fds.size() - taken; }
     };
 
-    std::optional<event> fail(std::error_code& ec, std::error_code why);
-    std::optional<event> attribute(event ev, std::size_t k, std::uint64_t frame_start, std::uint64_t frame_end,
-                                   std::error_code& ec);
+    bool fail(std::error_code& ec, std::error_code why);
+    bool attribute(std::vector<unique_fd>& fds, bool& truncated, std::size_t k, std::uint64_t frame_start,
+                   std::uint64_t frame_end, std::error_code& ec);
 
     std::uint64_t max_payload_;
     std::uint16_t version_ = max_protocol_version;
@@ -114,6 +124,10 @@ public:
     /// that ends the connection.
     [[nodiscard]] std::optional<completed> add(const reply& part, std::vector<unique_fd> fds, bool truncated,
                                                std::error_code& ec);
+    /// As add(), taking the descriptors out of @p fds (moved from, or closed when not kept), so
+    /// the caller's vector keeps its capacity (pairs with stream_decoder's allocation-free next()).
+    [[nodiscard]] std::optional<completed> add_from(const reply& part, std::span<unique_fd> fds, bool truncated,
+                                                    std::error_code& ec);
 
     /// True while a multi-part reply is incomplete (no other message may arrive meanwhile).
     [[nodiscard]] bool in_progress() const noexcept { return active_; }
