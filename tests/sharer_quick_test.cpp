@@ -586,3 +586,65 @@ STEWARD_CORO_TEST(foreign_uid_path_against_the_real_server) {
     }
     BOOST_TEST(open_fd_count() == before);
 }
+
+BOOST_AUTO_TEST_CASE(real_server_of_another_uid_takes_the_full_handshake) {
+    if (::geteuid() != 0) {
+        BOOST_TEST_MESSAGE("not root: cannot run a server as another uid; test skipped");
+        return;
+    }
+    // A server running as nobody that lets root in (allowed_uids): the client sees uid 65534 in
+    // SO_PEERCRED, so it must authenticate with the full handshake (root can enter the 0700
+    // directory of another user).
+    const authkey key = authkey::generate();
+    const int before = open_fd_count();
+    auto [id_r, id_w] = t::make_pipe();
+    auto [go_r, go_w] = t::make_pipe();
+    auto child = t::fork_child([&, key] {
+        id_r.reset();
+        go_w.reset();
+        if (::setgid(65534) != 0 || ::setuid(65534) != 0) return 40;
+        sharer_options o = options_with(key);
+        o.allowed_uids = {0};
+        o.socket_base_dir = "/tmp";
+        sharer s(o);
+        s.start_background();
+        unique_fd memfd = t::make_memfd("from nobody");
+        const std::string text = s.share(memfd.get()).format() + "\n";
+        if (::write(id_w.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size())) return 41;
+        char c = 0;
+        (void)::read(go_r.get(), &c, 1);  // the parent fetched; its CONFIRM may still be in flight
+        for (int i = 0; i < 400 && s.stats().delivered == 0; ++i)
+            std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        const sharer_stats st = s.stats();
+        s.stop();
+        return st.delivered == 1 && st.refused_auth == 0 && st.refused_peer == 0 ? 0 : 42;
+    });
+    id_w.reset();
+    go_r.reset();
+    std::string text;
+    char c = 0;
+    while (::read(id_r.get(), &c, 1) == 1 && c != '\n') text.push_back(c);
+    BOOST_REQUIRE(!text.empty());
+    const share_id id = share_id::parse(text);
+    uid_t server_uid = 0;
+    {
+        unique_fd probe = connect_to(id.address());
+        ucred cred{};
+        socklen_t len = sizeof cred;
+        BOOST_REQUIRE(::getsockopt(probe.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0);
+        server_uid = cred.uid;
+    }
+    BOOST_TEST(server_uid == 65534u);
+    BOOST_TEST(!quick::peer_allows_quick(server_uid));
+    std::error_code ec;
+    auto fds = fetch(id, ec, dedicated(key));
+    BOOST_TEST(!ec);
+    BOOST_REQUIRE(fds.size() == 1u);
+    BOOST_TEST(t::read_contents(fds[0].get()) == "from nobody");
+    fds.clear();
+    BOOST_REQUIRE(::write(go_w.get(), "g", 1) == 1);
+    go_w.reset();
+    id_r.reset();
+    BOOST_TEST(child.wait() == 0);
+    BOOST_TEST(open_fd_count() == before);
+}

@@ -930,6 +930,7 @@ private:
             case native::first_frame_kind::native_hello:
                 co_await serve_hello(self, conn, reader, first);
                 co_return;
+            case native::first_frame_kind::native_quick:  // only valid instead of the handshake
             case native::first_frame_kind::unknown:
                 self->count(&sharer_stats::protocol_errors);
                 co_return;
