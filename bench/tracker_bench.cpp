@@ -228,8 +228,11 @@ int register_steward(const bench::args& a, std::size_t coroutines, bool sigpipe_
     std::exception_ptr error;
     std::optional<int> status;
     std::size_t done = 0;
-    // Names formatted before the clock starts, as the floor and the CPython script do.
-    std::vector<std::string> names(a.n / 2 + 1);
+    // Names formatted before the clock starts, as the floor and the CPython script do, and laid out
+    // in the order they are used (the coroutines take turns: pair k of coroutine c is name
+    // k * coroutines + c), as the floor's buffer is: a thousand scattered read streams would
+    // otherwise measure the cache misses of this program's own array.
+    std::vector<std::string> names(a.n / 2 + coroutines);
     for (std::size_t i = 0; i < names.size(); ++i) {
         char name[32];
         names[i].assign(name, make_name(name, i));
@@ -246,7 +249,7 @@ int register_steward(const bench::args& a, std::size_t coroutines, bool sigpipe_
                     ctx,
                     [&, c, per, t0]() -> asio::awaitable<void> {
                         for (std::size_t i = 0; i + 1 < per; i += 2) {
-                            const std::string_view nm = names[(c * per + i) / 2];
+                            const std::string_view nm = names[(i / 2) * coroutines + c];
                             co_await t.async_register(nm, steward::resource_type::shared_memory,
                                                       asio::use_awaitable);
                             co_await t.async_unregister(nm, steward::resource_type::shared_memory,

@@ -22,6 +22,7 @@
 
 #include "tracker/client_pipe_write.hpp"
 #include "tracker/codec.hpp"
+#include "tracker/registry.hpp"
 
 #include <steward/io/async_spawn.hpp>
 #include <steward/io/backend_probe.hpp>
@@ -55,12 +56,12 @@
 #include <condition_variable>
 #include <csignal>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <memory_resource>
 #include <mutex>
+#include <optional>
 #include <string>
-#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -114,33 +115,6 @@ struct batch {
     std::array<char, batch_capacity> bytes;
 };
 
-struct string_hash {
-    using is_transparent = void;
-    std::size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
-};
-
-}  // namespace
-}  // namespace detail
-}  // namespace steward
-
-#if defined(__GLIBCXX__)
-// libstdc++ caches hash codes in the nodes only for hashers it considers slow; without the cache
-// every lookup re-hashes each string of the bucket it walks. Names are strings: cache.
-template <>
-struct std::__is_fast_hash<steward::detail::string_hash> : std::false_type {};
-#endif
-
-namespace steward {
-namespace detail {
-namespace {
-
-// Key of a registration: one byte for the type, then the canonical name.
-std::string_view make_key(resource_type type, std::string_view name, char* out) noexcept {
-    out[0] = static_cast<char>('0' + static_cast<int>(type));
-    std::memcpy(out + 1, name.data(), name.size());
-    return {out, name.size() + 1};
-}
-
 std::optional<int> status_code(const io::exit_status& st) {
     if (st.exited()) return st.code();
     if (st.killed()) return 128 + st.signal();
@@ -152,7 +126,7 @@ std::optional<int> status_code(const io::exit_status& st) {
 class tracker_impl : public std::enable_shared_from_this<tracker_impl> {
 public:
     tracker_impl(asio::any_io_executor ex, tracker_options options)
-        : ex_(std::move(ex)), options_(std::move(options)), registered_(&pool_) {
+        : ex_(std::move(ex)), options_(std::move(options)), registered_(std::in_place) {
         install_fork_hook();
         generation_ = fork_generation.load(std::memory_order_relaxed);
         owner_pid_ = ::getpid();
@@ -192,6 +166,8 @@ public:
     tracker::direct_outcome try_direct(bool reg, std::string_view name, resource_type type,
                                        std::error_code& ec) {
         ec.clear();
+        // Resumed by a completion loop with others still to resume: the queue, without the lock.
+        if (completing_.load(std::memory_order_relaxed) != 0) return tracker::direct_outcome::queue;
         std::unique_lock lk(m_);
         check_fork_locked();
         // Checked before encoding: under load (the common "not allowed") the queue encodes anyway.
@@ -308,11 +284,9 @@ public:
         if (name.size() >= tracking::max_message_size ||
             tracking::client_canonical_name(type, name, msg.canonical_buf.data(), msg.canonical))
             return false;
-        std::array<char, tracking::max_message_size + 3> buf;
-        const std::string_view key = make_key(type, msg.canonical, buf.data());
         std::lock_guard lk(m_);
         check_fork_locked();
-        return registered_.find(key) != registered_.end();
+        return registered_->find(type, msg.canonical) != tracking::registry::no_handle;
     }
 
     int daemon_pid() {
@@ -426,16 +400,17 @@ private:
         return b;
     }
 
+    // The daemon's own compact set (names in arenas, one table word per name): no allocation per
+    // message, a short-name hash, and churn (register then unregister) compacted away in bulk.
     void remember_locked(bool reg, resource_type type, std::string_view name) {
-        std::array<char, tracking::max_message_size + 3> buf;
-        const std::string_view key = make_key(type, name, buf.data());
         if (reg) {
-            if (registered_.find(key) == registered_.end()) registered_.emplace(key);
-        } else {
-            auto it = registered_.find(key);
-            if (it != registered_.end()) registered_.erase(it);
+            (void)registered_->insert(type, name);
+        } else if (registered_->erase(type, name)) {
+            (void)registered_->compact();  // only when dead entries outnumber live ones (and 4096)
         }
     }
+
+    void forget_all_locked() { registered_.emplace(); }
 
     void schedule_flush_locked() {
         if (role_ || flush_posted_ || waiting_room_) return;
@@ -495,7 +470,7 @@ private:
                 if (auto ec = start_daemon_locked()) {
                     // Nothing queued since the last start reached a daemon: forget those names, or
                     // a later relaunch would register names whose registration failed.
-                    if (state_ == state::idle) registered_.clear();
+                    if (state_ == state::idle) forget_all_locked();
                     fail_all_locked(ec, done);
                 }
                 if (!done.empty()) {
@@ -695,7 +670,7 @@ private:
             (void)std::fprintf(stderr,
                                "steward: the tracker daemon is gone (%s); started a new one (pid %d) and "
                                "re-registered %zu names of this process\n",
-                               dead_status_.c_str(), static_cast<int>(child.pid()), registered_.size());
+                               dead_status_.c_str(), static_cast<int>(child.pid()), registered_->size());
         }
         if (owns_daemon_ && daemon_.valid()) {
             std::error_code ignore;
@@ -723,10 +698,9 @@ private:
         batch* first = nullptr;
         batch* last = nullptr;
         std::array<char, tracking::max_message_size> line;
-        for (const auto& key : registered_) {
-            const auto type = static_cast<resource_type>(key[0] - '0');
+        registered_->for_each([&](tracking::registry::handle h) {
             std::size_t n = 0;
-            if (tracking::encode_into(true, type, std::string_view(key).substr(1), line.data(), n)) continue;
+            if (tracking::encode_into(true, registered_->type(h), registered_->name(h), line.data(), n)) return;
             if (!last || last->size + n > batch_capacity) {
                 batch* b = new_batch_locked();
                 if (last)
@@ -737,7 +711,7 @@ private:
             }
             std::memcpy(last->bytes.data() + last->size, line.data(), n);
             last->size += n;
-        }
+        });
         if (first) {
             last->next = head_;
             if (!tail_) tail_ = last;
@@ -769,7 +743,7 @@ private:
             ::close(fd);
         }
         owns_daemon_ = false;
-        registered_.clear();
+        forget_all_locked();
         if (inflight_) {
             inflight_->next = head_;
             head_ = inflight_;
@@ -801,7 +775,7 @@ private:
         waiter_.reset();
         write_fd_.reset();
         state_ = state::idle;
-        registered_.clear();
+        forget_all_locked();
         io::child_process child;
         if (owns_daemon_) child = std::move(daemon_);
         owns_daemon_ = false;
@@ -891,8 +865,7 @@ private:
     unsigned generation_ = 0;
     pid_t owner_pid_ = -1;
 
-    std::pmr::unsynchronized_pool_resource pool_;
-    std::pmr::unordered_set<std::pmr::string, string_hash, std::equal_to<>> registered_;
+    std::optional<tracking::registry> registered_;  // optional: registry has no clear()
 };
 
 }  // namespace detail
