@@ -22,20 +22,28 @@ namespace {
 std::atomic<bool> nowait_unsupported{false};
 
 // Suppresses the SIGPIPE a write to a reader-less pipe raises, for the calling thread only, without
-// touching the process disposition (see the header comment).
+// touching the process disposition (see the header comment). Costs two rt_sigprocmask calls when
+// the caller does not block SIGPIPE (the usual case) and two other calls when it does.
 class sigpipe_guard {
 public:
     sigpipe_guard() noexcept {
         ::sigemptyset(&pipe_set_);
         ::sigaddset(&pipe_set_, SIGPIPE);
         ::pthread_sigmask(SIG_BLOCK, &pipe_set_, &old_mask_);
-        sigset_t pending;
-        ::sigemptyset(&pending);
-        ::sigpending(&pending);
-        // A SIGPIPE pending already is somebody else's (e.g. kill(pid, SIGPIPE) while the caller had
-        // it blocked): it must stay pending, so ours is not consumed then either (leaving one pending
-        // SIGPIPE, exactly as before the write).
-        was_pending_ = ::sigismember(&pending, SIGPIPE) == 1;
+        already_blocked_ = ::sigismember(&old_mask_, SIGPIPE) == 1;
+        // The write's own SIGPIPE must be consumed unless a SIGPIPE sent by somebody else would be
+        // consumed with it. Standard signals do not queue: a second one raised while one is pending
+        // in the thread's set merges with it. sigtimedwait takes the thread-directed set first, so
+        // only a SIGPIPE already pending for this thread is at risk, and that needs SIGPIPE to have
+        // been blocked before this call: an unblocked pending signal is delivered on the way back
+        // to user mode and is gone by now. So sigpending() is only asked when the caller blocked it
+        // (a process-directed SIGPIPE pending then also keeps ours pending, as before).
+        if (already_blocked_) {
+            sigset_t pending;
+            ::sigemptyset(&pending);
+            ::sigpending(&pending);
+            was_pending_ = ::sigismember(&pending, SIGPIPE) == 1;
+        }
     }
     sigpipe_guard(const sigpipe_guard&) = delete;
     sigpipe_guard& operator=(const sigpipe_guard&) = delete;
@@ -48,11 +56,15 @@ public:
         }
     }
 
-    ~sigpipe_guard() { ::pthread_sigmask(SIG_SETMASK, &old_mask_, nullptr); }
+    ~sigpipe_guard() {
+        // Already blocked: the mask did not change, nothing to restore.
+        if (!already_blocked_) ::pthread_sigmask(SIG_SETMASK, &old_mask_, nullptr);
+    }
 
 private:
     sigset_t pipe_set_{};
     sigset_t old_mask_{};
+    bool already_blocked_ = false;
     bool was_pending_ = false;
 };
 

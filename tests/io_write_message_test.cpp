@@ -387,6 +387,11 @@ sigset_t current_mask() {
     return mask;
 }
 
+bool sigpipe_blocked() {
+    const sigset_t mask = current_mask();
+    return ::sigismember(&mask, SIGPIPE) == 1;
+}
+
 bool sigpipe_pending() {
     sigset_t pending;
     ::sigemptyset(&pending);
@@ -473,6 +478,81 @@ BOOST_AUTO_TEST_CASE(cancelling_a_waiting_write_writes_nothing,
     ctx.run();
     BOOST_TEST(!result);
     BOOST_TEST(read_exactly(read_end.get(), written) == "PROBE:1:noop\n");
+}
+
+// The SIGPIPE guard when the caller already blocks SIGPIPE: the mask is left as it was, the write's
+// own SIGPIPE is consumed, and a SIGPIPE that was pending before stays pending (it is somebody
+// else's and standard signals do not queue, so consuming "ours" would lose it).
+BOOST_AUTO_TEST_CASE(sigpipe_guard_with_sigpipe_already_blocked) {
+    sigset_t pipe_set;
+    ::sigemptyset(&pipe_set);
+    ::sigaddset(&pipe_set, SIGPIPE);
+    sigset_t saved;
+    BOOST_REQUIRE(::pthread_sigmask(SIG_BLOCK, &pipe_set, &saved) == 0);
+    auto consume_pending = [&] {
+        const timespec zero{};
+        return ::sigtimedwait(&pipe_set, nullptr, &zero) == SIGPIPE;
+    };
+    while (consume_pending()) {
+    }
+
+    for (const bool fallback : {false, true}) {
+        nowait_mode mode(fallback);
+        {
+            auto [read_end, write_end] = make_pipe();
+            read_end.reset();
+            std::error_code ec;
+            const std::size_t n = sio::detail::write_whole(write_end.get(), "PROBE:0:noop\n", 13, ec);
+            BOOST_TEST((ec == std::errc::broken_pipe));
+            BOOST_TEST(n == 0u);
+            BOOST_TEST(sigpipe_blocked());
+            BOOST_TEST(!sigpipe_pending());
+        }
+        {
+            // Somebody else's SIGPIPE, pending for this thread before the write.
+            BOOST_REQUIRE(::pthread_kill(::pthread_self(), SIGPIPE) == 0);
+            BOOST_REQUIRE(sigpipe_pending());
+            auto [read_end, write_end] = make_pipe();
+            read_end.reset();
+            std::error_code ec;
+            (void)sio::detail::write_whole(write_end.get(), "PROBE:0:noop\n", 13, ec);
+            BOOST_TEST((ec == std::errc::broken_pipe));
+            BOOST_TEST(sigpipe_blocked());
+            BOOST_TEST(sigpipe_pending());
+            BOOST_TEST(consume_pending());
+            BOOST_TEST(!sigpipe_pending());
+        }
+    }
+    ::pthread_sigmask(SIG_SETMASK, &saved, nullptr);
+}
+
+// The usual case (SIGPIPE not blocked, default disposition): a successful write and a broken one
+// both leave the thread's mask exactly as it was.
+BOOST_AUTO_TEST_CASE(sigpipe_guard_restores_an_unblocked_mask) {
+    struct sigaction old_action {};
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    ::sigemptyset(&dfl.sa_mask);
+    ::sigaction(SIGPIPE, &dfl, &old_action);
+    sigset_t pipe_set;
+    ::sigemptyset(&pipe_set);
+    ::sigaddset(&pipe_set, SIGPIPE);
+    sigset_t saved;
+    BOOST_REQUIRE(::pthread_sigmask(SIG_UNBLOCK, &pipe_set, &saved) == 0);
+    {
+        auto [read_end, write_end] = make_pipe();
+        std::error_code ec;
+        BOOST_TEST(sio::detail::write_whole(write_end.get(), "PROBE:0:noop\n", 13, ec) == 13u);
+        BOOST_TEST(!ec);
+        BOOST_TEST(!sigpipe_blocked());
+        read_end.reset();
+        (void)sio::detail::write_whole(write_end.get(), "PROBE:0:noop\n", 13, ec);
+        BOOST_TEST((ec == std::errc::broken_pipe));
+        BOOST_TEST(!sigpipe_blocked());
+        BOOST_TEST(!sigpipe_pending());
+    }
+    ::pthread_sigmask(SIG_SETMASK, &saved, nullptr);
+    ::sigaction(SIGPIPE, &old_action, nullptr);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

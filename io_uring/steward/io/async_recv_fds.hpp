@@ -4,6 +4,7 @@
 /// with it from an AF_UNIX socket, on the socket's executor.
 
 #include <steward/error.hpp>
+#include <steward/io/detail/immediate.hpp>
 #include <steward/io/detail/scm_rights.hpp>
 #include <steward/unique_fd.hpp>
 
@@ -11,75 +12,75 @@
 #include <asio/cancellation_type.hpp>
 #include <asio/compose.hpp>
 #include <asio/error.hpp>
-#include <asio/post.hpp>
 
 #include <cstddef>
 #include <system_error>
+#include <tuple>
 #include <utility>
 #include <vector>
 
 namespace steward::io {
 namespace detail {
 
-// The composed operation behind async_recv_fds; same phases as send_fds_op. Nothing is consumed
-// from the socket until the one recvmsg that succeeds, after which the operation completes, so
-// every cancellation type can be honoured for its whole life.
+// The operation behind async_recv_fds (shape: see detail/immediate.hpp). Nothing is consumed from
+// the socket until the one recvmsg that succeeds, after which the operation completes, so every
+// cancellation type can be honoured for its whole life.
 template <typename Socket>
 class recv_fds_op {
 public:
-    recv_fds_op(Socket& socket, asio::mutable_buffer data, scm_rights_control control)
-        : socket_(socket), data_(data), control_(std::move(control)) {}
+    recv_fds_op(Socket& socket, asio::mutable_buffer data) : socket_(socket), data_(data) {}
 
-    template <typename Self>
-    void operator()(Self& self, std::error_code ec = {}) {
-        switch (phase_) {
-            case phase::starting:
-                self.reset_cancellation_state(asio::enable_total_cancellation());
-                phase_ = phase::waiting;
-                // recvmsg into zero bytes cannot tell EOF from nothing, and descriptors need a byte.
-                if (data_.size() == 0) return finish(self, asio::error::invalid_argument, 0, true);
-                return attempt(self, true);
-            case phase::waiting:
-                if (!ec && self.cancelled() != asio::cancellation_type::none)
-                    ec = asio::error::operation_aborted;
-                if (ec) return finish(self, ec, 0, false);
-                return attempt(self, false);
-            case phase::completing:
-                return self.complete(result_, received_, std::move(fds_));
+    bool start() {
+        // recvmsg into zero bytes cannot tell EOF from nothing, and descriptors need a byte.
+        if (data_.size() == 0) {
+            result_ = asio::error::invalid_argument;
+            return true;
         }
+        return attempt();
     }
 
-private:
-    enum class phase { starting, waiting, completing };
+    [[nodiscard]] std::tuple<std::error_code, std::size_t, std::vector<unique_fd>> result() {
+        return {result_, received_, std::move(fds_)};
+    }
 
+    // Composed operation, entered after start() found nothing to receive.
     template <typename Self>
-    void attempt(Self& self, bool initiating) {
-        const attempt_result r =
-            recv_attempt(socket_.native_handle(), data_, control_, socket_kind_of<Socket>::value, fds_);
-        if (r.would_block) {
+    void operator()(Self& self) {
+        self.reset_cancellation_state(asio::enable_total_cancellation());
+        socket_.async_wait(Socket::wait_read, std::move(self));
+    }
+
+    // Readability reported (or the wait failed / was cancelled).
+    template <typename Self>
+    void operator()(Self& self, std::error_code ec) {
+        if (!ec && self.cancelled() != asio::cancellation_type::none) ec = asio::error::operation_aborted;
+        if (ec) return self.complete(ec, std::size_t{0}, std::vector<unique_fd>{});
+        if (!attempt()) {
             socket_.async_wait(Socket::wait_read, std::move(self));
             return;  // `this` now lives inside the moved handler: touch nothing
         }
-        finish(self, r.ec, r.bytes, initiating);
+        self.complete(result_, received_, std::move(fds_));
     }
 
-    template <typename Self>
-    void finish(Self& self, std::error_code ec, std::size_t bytes, bool initiating) {
-        if (!initiating) return self.complete(ec, bytes, std::move(fds_));
-        result_ = ec;
-        received_ = bytes;
-        phase_ = phase::completing;
-        auto io_executor = self.get_io_executor();
-        asio::post(io_executor, std::move(self));
+private:
+    // One recvmsg: true when it settled the operation (result_ set), false on EAGAIN.
+    bool attempt() {
+        // The control buffer is only touched inside the recvmsg and the parse that follows it, so
+        // one per thread serves every operation (no allocation per receive).
+        thread_local const scm_rights_control control = scm_rights_control::for_receive();
+        const attempt_result r =
+            recv_attempt(socket_.native_handle(), data_, control, socket_kind_of<Socket>::value, fds_);
+        if (r.would_block) return false;
+        result_ = r.ec;
+        received_ = r.bytes;
+        return true;
     }
 
     Socket& socket_;
     asio::mutable_buffer data_;
-    scm_rights_control control_;
     std::vector<unique_fd> fds_;
     std::error_code result_;
     std::size_t received_ = 0;
-    phase phase_ = phase::starting;
 };
 
 }  // namespace detail
@@ -105,8 +106,26 @@ private:
 /// underlying memory must stay valid until the completion handler runs.
 ///
 /// @param token The completion token (`asio::use_awaitable`, `asio::deferred`,
-/// `asio::as_tuple(...)`, a callback, ...). The completion handler is never invoked from within
-/// this function.
+/// `asio::as_tuple(...)`, a callback, ...). See Immediate Completion for when the handler runs.
+///
+/// @par Immediate Completion
+/// The first `recvmsg` is made inside this call (but see use_awaitable and deferred below). When
+/// that settles the operation (data or end of stream was there, or an error, including an empty @p
+/// data), it completes without waiting:
+/// - `asio::use_awaitable` and `asio::as_tuple(asio::use_awaitable)`: the coroutine resumes at
+///   once, without a handler and without a trip through the executor (other handlers ready on it
+///   do not run in between; `co_await asio::post(...)` yields explicitly). A loop of such
+///   completions does not grow the stack. The attempt is made when the awaitable is co_awaited.
+/// - any other token (callbacks, `asio::deferred`, `asio::as_tuple(callback)`, ...): the handler is
+///   submitted with `asio::dispatch` on its associated immediate executor, which by default is the
+///   I/O executor with `blocking.never` (a post): the handler is never invoked from within the
+///   initiating function. `asio::bind_immediate_executor(ex, token)` chooses another executor; one
+///   that runs handlers inline (e.g. `asio::system_executor`) makes the handler run inside the call,
+///   and a handler that starts the next operation then recurses. With `asio::deferred` the attempt
+///   is made when the operation is launched.
+///
+/// Otherwise (nothing to read yet) the operation waits for readability on the I/O executor and
+/// completes from there, as any Asio operation.
 ///
 /// @par Completion Signature
 /// @code void(std::error_code ec, std::size_t bytes, std::vector<steward::unique_fd> fds) @endcode
@@ -139,8 +158,9 @@ template <fd_passing_socket Socket,
 auto async_recv_fds(
     Socket& socket, asio::mutable_buffer data,
     CompletionToken&& token = asio::default_completion_token_t<typename Socket::executor_type>()) {
-    return asio::async_compose<CompletionToken, void(std::error_code, std::size_t, std::vector<unique_fd>)>(
-        detail::recv_fds_op<Socket>(socket, data, detail::scm_rights_control::for_receive()), token, socket);
+    return detail::start_immediate_op<void(std::error_code, std::size_t, std::vector<unique_fd>)>(
+        socket, detail::recv_fds_op<Socket>(socket, data),
+        std::forward<CompletionToken>(token));
 }
 
 }  // namespace steward::io

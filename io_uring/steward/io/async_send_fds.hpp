@@ -4,84 +4,85 @@
 /// AF_UNIX socket, on the socket's executor.
 
 #include <steward/error.hpp>
+#include <steward/io/detail/immediate.hpp>
 #include <steward/io/detail/scm_rights.hpp>
 
 #include <asio/async_result.hpp>
 #include <asio/cancellation_type.hpp>
 #include <asio/compose.hpp>
 #include <asio/error.hpp>
-#include <asio/post.hpp>
 
 #include <cstddef>
 #include <span>
 #include <system_error>
+#include <tuple>
 #include <utility>
 
 namespace steward::io {
 
 namespace detail {
 
-// The composed operation behind async_send_fds. Phases: `starting` (first invocation, inside the
-// initiating call), `waiting` (resumed by async_wait), `completing` (a result found during
-// initiation, delivered through a post so the handler never runs inside the initiating call).
+// The operation behind async_send_fds (shape: see detail/immediate.hpp). start() makes the first
+// sendmsg attempts inside the initiating call; only when the socket buffer is full does the
+// composed operation wait for writability and continue.
 template <typename Socket>
 class send_fds_op {
 public:
     send_fds_op(Socket& socket, scm_rights_control control, asio::const_buffer data, std::error_code refused)
         : socket_(socket), control_(std::move(control)), data_(data), result_(refused) {}
 
+    bool start() {
+        if (result_) return true;
+        return attempt();
+    }
+
+    [[nodiscard]] std::tuple<std::error_code, std::size_t> result() const noexcept { return {result_, sent_}; }
+
+    // Composed operation, entered after start() hit a full socket buffer.
     template <typename Self>
-    void operator()(Self& self, std::error_code ec = {}) {
-        switch (phase_) {
-            case phase::starting:
-                // Until a byte is out, stopping is harmless: every cancellation type is honoured.
-                self.reset_cancellation_state(asio::enable_total_cancellation());
-                phase_ = phase::waiting;
-                if (result_) return finish(self, result_, true);
-                return attempt(self, true);
-            case phase::waiting:
-                // A cancellation requested after the wait had already completed still counts.
-                if (!ec && self.cancelled() != asio::cancellation_type::none)
-                    ec = asio::error::operation_aborted;
-                if (ec) return finish(self, ec, false);
-                return attempt(self, false);
-            case phase::completing:
-                return self.complete(result_, sent_);
+    void operator()(Self& self) {
+        if (sent_ == 0) {
+            // Until a byte is out, stopping is harmless: every cancellation type is honoured.
+            self.reset_cancellation_state(asio::enable_total_cancellation());
+        } else {
+            // The descriptors and a prefix are out: abandoning the rest would leave the peer
+            // mid-message, so only terminal cancellation (the stream is then unusable) remains.
+            self.reset_cancellation_state(asio::enable_terminal_cancellation());
         }
+        socket_.async_wait(Socket::wait_write, std::move(self));
+    }
+
+    // Writability reported (or the wait failed / was cancelled).
+    template <typename Self>
+    void operator()(Self& self, std::error_code ec) {
+        // A cancellation requested after the wait had already completed still counts.
+        if (!ec && self.cancelled() != asio::cancellation_type::none) ec = asio::error::operation_aborted;
+        if (ec) return self.complete(ec, sent_);
+        const std::size_t before = sent_;
+        if (!attempt()) {
+            if (before == 0 && sent_ != 0) self.reset_cancellation_state(asio::enable_terminal_cancellation());
+            socket_.async_wait(Socket::wait_write, std::move(self));
+            return;  // `this` now lives inside the moved handler: touch nothing
+        }
+        self.complete(result_, sent_);
     }
 
 private:
-    enum class phase { starting, waiting, completing };
-
-    template <typename Self>
-    void attempt(Self& self, bool initiating) {
+    // sendmsg until all of data_ is out (true, result_ set) or the buffer is full (false).
+    bool attempt() {
         while (sent_ < data_.size()) {
             // The descriptors ride only on the first sendmsg that moves bytes; the rest of a
             // partially sent block goes out without control data.
             const attempt_result r =
                 send_attempt(socket_.native_handle(), sent_ == 0 ? &control_ : nullptr, data_ + sent_);
-            if (r.would_block) {
-                socket_.async_wait(Socket::wait_write, std::move(self));
-                return;  // `this` now lives inside the moved handler: touch nothing
-            }
-            if (r.ec) return finish(self, r.ec, initiating);
-            if (sent_ == 0 && r.bytes < data_.size()) {
-                // The descriptors and a prefix are out: abandoning the rest would leave the peer
-                // mid-message, so only terminal cancellation (the stream is then unusable) remains.
-                self.reset_cancellation_state(asio::enable_terminal_cancellation());
+            if (r.would_block) return false;
+            if (r.ec) {
+                result_ = r.ec;
+                return true;
             }
             sent_ += r.bytes;
         }
-        finish(self, {}, initiating);
-    }
-
-    template <typename Self>
-    void finish(Self& self, std::error_code ec, bool initiating) {
-        if (!initiating) return self.complete(ec, sent_);
-        result_ = ec;
-        phase_ = phase::completing;
-        auto io_executor = self.get_io_executor();
-        asio::post(io_executor, std::move(self));
+        return true;
     }
 
     Socket& socket_;
@@ -89,7 +90,6 @@ private:
     asio::const_buffer data_;
     std::error_code result_;
     std::size_t sent_ = 0;
-    phase phase_ = phase::starting;
 };
 
 }  // namespace detail
@@ -119,8 +119,26 @@ private:
 /// underlying memory must stay valid until the completion handler runs.
 ///
 /// @param token The completion token (`asio::use_awaitable`, `asio::deferred`,
-/// `asio::as_tuple(...)`, a callback, ...). The completion handler is never invoked from within
-/// this function.
+/// `asio::as_tuple(...)`, a callback, ...). See Immediate Completion for when the handler runs.
+///
+/// @par Immediate Completion
+/// The first `sendmsg` is made inside this call (but see use_awaitable and deferred below). When
+/// that settles the operation (all of @p data went out, or an error, including the argument checks
+/// above), it completes without waiting:
+/// - `asio::use_awaitable` and `asio::as_tuple(asio::use_awaitable)`: the coroutine resumes at
+///   once, without a handler and without a trip through the executor (other handlers ready on it
+///   do not run in between; `co_await asio::post(...)` yields explicitly). A loop of such
+///   completions does not grow the stack. The attempt is made when the awaitable is co_awaited.
+/// - any other token (callbacks, `asio::deferred`, `asio::as_tuple(callback)`, ...): the handler is
+///   submitted with `asio::dispatch` on its associated immediate executor, which by default is the
+///   I/O executor with `blocking.never` (a post): the handler is never invoked from within the
+///   initiating function. `asio::bind_immediate_executor(ex, token)` chooses another executor; one
+///   that runs handlers inline (e.g. `asio::system_executor`) makes the handler run inside the call,
+///   and a handler that starts the next operation then recurses. With `asio::deferred` the attempt
+///   is made when the operation is launched.
+///
+/// Otherwise (the socket buffer is full) the operation waits for writability on the I/O executor
+/// and completes from there, as any Asio operation.
 ///
 /// @par Completion Signature
 /// @code void(std::error_code ec, std::size_t bytes_sent) @endcode
@@ -160,8 +178,9 @@ auto async_send_fds(
         refused = errc::empty_payload;
     detail::scm_rights_control control =
         refused ? detail::scm_rights_control{} : detail::scm_rights_control{fds};
-    return asio::async_compose<CompletionToken, void(std::error_code, std::size_t)>(
-        detail::send_fds_op<Socket>(socket, std::move(control), data, refused), token, socket);
+    return detail::start_immediate_op<void(std::error_code, std::size_t)>(
+        socket, detail::send_fds_op<Socket>(socket, std::move(control), data, refused),
+        std::forward<CompletionToken>(token));
 }
 
 }  // namespace steward::io

@@ -15,6 +15,7 @@
 //   children it does not own with waitpid(-1); that is not supported).
 
 #include <steward/io/child_process.hpp>
+#include <steward/io/detail/immediate.hpp>
 
 #include <asio/any_io_executor.hpp>
 #include <asio/append.hpp>
@@ -23,6 +24,7 @@
 
 #include <string>
 #include <system_error>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -88,7 +90,10 @@ struct initiate_spawn {
                     const spawn_options& options) const {
         std::error_code ec;
         child_process child = spawn(ex, argv, options, ec);
-        asio::post(ex, asio::append(std::forward<Handler>(handler), ec, std::move(child)));
+        // Always an immediate completion: Asio's rule (the associated immediate executor, a post by
+        // default) keeps the handler out of this call unless the caller bound one that runs inline.
+        complete_immediately(std::forward<Handler>(handler), ex,
+                             std::tuple<std::error_code, child_process>(ec, std::move(child)));
     }
 };
 
@@ -97,7 +102,9 @@ struct initiate_spawn {
 /// Spawns a child process (see spawn()) and completes with its handle.
 ///
 /// posix_spawn runs in the initiating call (it returns once the child has exec'd, or failed to);
-/// the completion is posted to @p ex, never delivered from inside the call.
+/// the completion is then submitted with `asio::dispatch` on the handler's associated immediate
+/// executor: by default @p ex with `blocking.never` (a post), so it is never delivered from inside
+/// the call unless the caller chose an inline executor with `asio::bind_immediate_executor`.
 ///
 /// @param ex The executor the child's async_wait() uses; the completion runs on the handler's
 ///   associated executor (by default @p ex).

@@ -33,9 +33,17 @@
 // the write the calling thread blocks SIGPIPE; if the write failed with EPIPE and no SIGPIPE was
 // pending before, the one it raised (thread-directed, so it is dequeued first) is consumed with a
 // zero-timeout sigtimedwait; then the thread's mask is restored. The process disposition is never
-// changed and no signal aimed at the process is lost.
+// changed and no signal aimed at the process is lost. ("Pending before" can only be true when the
+// caller already blocked SIGPIPE, so sigpending() is asked only then.)
+//
+// System calls per message: write_whole() makes rt_sigprocmask (block), pwritev2, rt_sigprocmask
+// (restore); async_write_message() adds one fstat for its not-a-pipe check. That check is not
+// cached: no descriptor-level state survives a close() + assign() of another file with the same
+// number, and a stale "is a pipe" would let a message land in a file or socket. Code that owns
+// its pipe checks once and calls write_whole() directly (the tracker client does).
 
 #include <steward/error.hpp>
+#include <steward/io/detail/immediate.hpp>
 #include <steward/unique_fd.hpp>
 
 #include <asio/append.hpp>
@@ -53,6 +61,7 @@
 #include <memory>
 #include <span>
 #include <system_error>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -112,23 +121,25 @@ public:
         single_ = asio::const_buffer(batch_->data(), batch_->size());
     }
 
-    // Start: runs inside the initiating function, so a result known now is posted, never delivered
-    // from here.
+    // First attempt (see detail/immediate.hpp): the checks and one write. True when that settled
+    // the operation; false when the pipe is full and the composed operation below has to wait.
+    bool start() {
+        ec_ = precheck_;
+        if (!ec_) ec_ = check_pipe(pipe_.native_handle());
+        if (!ec_ && single_.size() != 0)
+            written_ = write_whole(pipe_.native_handle(), single_.data(), single_.size(), ec_);
+        return ec_ != asio::error::would_block;
+    }
+
+    [[nodiscard]] std::tuple<std::error_code, std::size_t> result() const noexcept { return {ec_, written_}; }
+
+    // Composed operation, entered only after start() found the pipe full: wait for room.
     template <typename Self>
     void operator()(Self& self) {
         // Nothing is written before the operation completes successfully, so any cancellation type
         // leaves the pipe as it was.
         self.reset_cancellation_state(asio::enable_total_cancellation());
-        std::error_code ec = precheck_;
-        if (!ec) ec = check_pipe(pipe_.native_handle());
-        std::size_t n = 0;
-        if (!ec && single_.size() != 0)
-            n = write_whole(pipe_.native_handle(), single_.data(), single_.size(), ec);
-        if (ec == asio::error::would_block) {
-            wait(self);
-            return;
-        }
-        asio::post(pipe_.get_executor(), asio::append(std::move(self), completion_tag{}, ec, n));
+        wait(self);
     }
 
     // Readiness reported (or the wait failed / was cancelled).
@@ -185,6 +196,8 @@ private:
     std::unique_ptr<std::vector<char>> batch_;  // stable address: single_ points into it across moves
     std::unique_ptr<waiter_type> waiter_;
     std::error_code precheck_;
+    std::error_code ec_;
+    std::size_t written_ = 0;
 };
 
 }  // namespace detail
@@ -196,7 +209,27 @@ private:
 ///   changed: no O_NONBLOCK is set on it (it is typically shared with other processes).
 /// @param message At most 512 bytes. Not copied: the bytes stay valid until the operation
 ///   completes (for deferred tokens this includes the time before it is launched).
-/// @param token The completion token.
+/// @param token The completion token (`asio::use_awaitable`, `asio::deferred`,
+///   `asio::as_tuple(...)`, a callback, ...). See Immediate Completion for when the handler runs.
+///
+/// @par Immediate Completion
+/// The pipe check (one `fstat`) and the first write are made inside this call (but see
+/// use_awaitable and deferred below). When that settles the operation (the message was written, or
+/// an error, including the checks), it completes without waiting:
+/// - `asio::use_awaitable` and `asio::as_tuple(asio::use_awaitable)`: the coroutine resumes at
+///   once, without a handler and without a trip through the executor (other handlers ready on it
+///   do not run in between; `co_await asio::post(...)` yields explicitly). A loop of such
+///   completions does not grow the stack. The attempt is made when the awaitable is co_awaited.
+/// - any other token (callbacks, `asio::deferred`, `asio::as_tuple(callback)`, ...): the handler is
+///   submitted with `asio::dispatch` on its associated immediate executor, which by default is the
+///   I/O executor with `blocking.never` (a post): the handler is never invoked from within the
+///   initiating function. `asio::bind_immediate_executor(ex, token)` chooses another executor; one
+///   that runs handlers inline (e.g. `asio::system_executor`) makes the handler run inside the call,
+///   and a handler that starts the next operation then recurses. With `asio::deferred` the attempt
+///   is made when the operation is launched.
+///
+/// Otherwise (the pipe is full) the operation waits for room on the I/O executor and completes
+/// from there, as any Asio operation.
 ///
 /// @par Completion Signature
 /// @code void(std::error_code ec, std::size_t bytes_written) @endcode
@@ -222,8 +255,8 @@ template <typename Descriptor,
 auto async_write_message(
     Descriptor& pipe, asio::const_buffer message,
     CompletionToken&& token = asio::default_completion_token_t<typename Descriptor::executor_type>()) {
-    return asio::async_compose<CompletionToken, void(std::error_code, std::size_t)>(
-        detail::write_whole_op<Descriptor>(pipe, message), token, pipe);
+    return detail::start_immediate_op<void(std::error_code, std::size_t)>(
+        pipe, detail::write_whole_op<Descriptor>(pipe, message), std::forward<CompletionToken>(token));
 }
 
 /// Writes several whole messages to a pipe in one atomic write() (group commit).
@@ -240,6 +273,11 @@ auto async_write_message(
 /// As async_write_message(), plus steward::errc::batch_too_large when the batch exceeds 4096 bytes
 /// (message_too_long when one message exceeds 512); in both cases nothing was written.
 ///
+/// @par Immediate Completion
+/// As async_write_message(): when the first write settles the operation, use_awaitable resumes
+/// at once and other tokens get the handler through its associated immediate executor (a post by
+/// default, never inside this call).
+///
 /// @par Per-Operation Cancellation
 /// terminal, partial and total, while waiting for room (nothing written yet).
 template <typename Descriptor,
@@ -247,8 +285,8 @@ template <typename Descriptor,
 auto async_write_messages(
     Descriptor& pipe, std::span<const asio::const_buffer> messages,
     CompletionToken&& token = asio::default_completion_token_t<typename Descriptor::executor_type>()) {
-    return asio::async_compose<CompletionToken, void(std::error_code, std::size_t)>(
-        detail::write_whole_op<Descriptor>(pipe, messages), token, pipe);
+    return detail::start_immediate_op<void(std::error_code, std::size_t)>(
+        pipe, detail::write_whole_op<Descriptor>(pipe, messages), std::forward<CompletionToken>(token));
 }
 
 }  // namespace steward::io
