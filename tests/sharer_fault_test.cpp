@@ -11,6 +11,8 @@
 
 #include <asio/io_context.hpp>
 
+#include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <csignal>
@@ -32,8 +34,9 @@
 // a share is delivered once its receiver confirmed it; a transfer that fails puts it back, still
 // fetchable; a share still pending at stop is closed).
 //
-// Receiver at RLIMIT_NOFILE (clear error, share still fetchable) is tested by
-// sharer_security_test's control_truncated_at_a_tiny_rlimit_gives_the_share_back.
+// Receiver at RLIMIT_NOFILE (clear error, share still fetchable): the single-fetch case is
+// sharer_security_test's control_truncated_at_a_tiny_rlimit_gives_the_share_back; here the limit is
+// reached in the middle of a pipeline (receiver_reaching_rlimit_mid_pipeline).
 
 using namespace steward;
 namespace t = steward::test;
@@ -595,5 +598,143 @@ BOOST_AUTO_TEST_CASE(stop_with_fetches_in_flight_keeps_exactly_once,
     std::printf("sharer fault, stop: %zu rounds (seed %llu) in %.2f s\n", rounds,
                 static_cast<unsigned long long>(seed), t::seconds_since(start));
     (void)std::fflush(stdout);
+    t::check_shm_unchanged(shm_before);
+}
+
+namespace {
+
+struct rlimit_report {
+    std::int32_t ok = 0;
+    std::int32_t truncated = 0;
+    std::int32_t other_errors = 0;
+    std::int32_t inexact = 0;
+    std::int32_t refetched_ok = 0;
+    std::int32_t fd_growth = -1;
+};
+
+}  // namespace
+
+// Complements sharer_security_test's control_truncated_at_a_tiny_rlimit_gives_the_share_back (one
+// fetch, a fresh process fetches the share back): here the receiver runs out of descriptors in the
+// middle of a pipeline of 210 fetches on its pooled connection, keeping what it receives. Each fetch
+// ends whole or with errc::control_truncated (nothing in between, nothing else), every truncated
+// share goes back to the cache and is fetched whole by the same process over the same connection
+// once it has room again, and neither side leaks a descriptor.
+BOOST_AUTO_TEST_CASE(receiver_reaching_rlimit_mid_pipeline,
+                     *boost::unit_test::precondition(t::io_uring_available)) {
+    constexpr std::size_t singles = 200, groups = 10, group_size = 20, room = 25;
+    const auto shm_before = t::shm_entries();
+    const int fds_before = t::open_fd_count();
+    t::shared_array<rlimit_report> report(1);
+    {
+        sharer s;
+        s.start_background();
+        std::vector<share_id> ids;
+        std::vector<std::vector<ino_t>> inodes;
+        for (std::size_t i = 0; i < singles + groups; ++i) {
+            std::vector<unique_fd> files;
+            std::vector<int> numbers;
+            inodes.emplace_back();
+            // A group every 21 shares, so that one arrives when the table has room for only part
+            // of it (the kernel installs what fits and reports MSG_CTRUNC).
+            for (std::size_t k = 0; k < (i % 21 == 10 ? group_size : 1); ++k) {
+                files.emplace_back(::memfd_create("steward-rlimit", MFD_CLOEXEC));
+                BOOST_REQUIRE(files.back());
+                inodes.back().push_back(inode_of(files.back().get()));
+                numbers.push_back(files.back().get());
+            }
+            ids.push_back(s.share(numbers));
+        }
+        unique_fd warm_file = t::make_memfd("warm");
+        const share_id warm = s.share(warm_file.get());
+        warm_file.reset();
+
+        auto child = t::fork_child([&] {
+            rlimit_report& r = report[0];
+            asio::io_context io(1);
+            const asio::any_io_executor ex = io.get_executor();
+            auto exact = [&](std::size_t i, const std::vector<unique_fd>& fds) {
+                if (fds.size() != inodes[i].size()) return false;
+                for (std::size_t k = 0; k < fds.size(); ++k)
+                    if (inode_of(fds[k].get()) != inodes[i][k]) return false;
+                return true;
+            };
+            std::error_code warm_ec;
+            async_fetch(ex, warm, [&](std::error_code ec, std::vector<unique_fd>) { warm_ec = ec; });
+            io.run_for(std::chrono::seconds(10));
+            io.restart();
+            if (warm_ec) return 40;  // the pooled connection is up before the limit is lowered
+            const int before = t::open_fd_count();
+
+            // Fill the holes below the highest descriptor, then allow `room` more.
+            rlimit old{};
+            ::getrlimit(RLIMIT_NOFILE, &old);
+            int highest = 0;
+            for (int fd = 0; fd < static_cast<int>(old.rlim_cur); ++fd)
+                if (::fcntl(fd, F_GETFD) >= 0) highest = fd;
+            std::vector<unique_fd> fillers;
+            for (int fd = 0; fd < highest; ++fd)
+                if (::fcntl(fd, F_GETFD) < 0 && ::dup3(2, fd, O_CLOEXEC) == fd) fillers.emplace_back(fd);
+            rlimit low = old;
+            low.rlim_cur = static_cast<rlim_t>(highest) + 1 + room;
+            if (::setrlimit(RLIMIT_NOFILE, &low) != 0) return 41;
+
+            std::vector<unique_fd> kept;  // what arrives stays open: the table fills up
+            std::vector<std::size_t> truncated;
+            for (std::size_t i = 0; i < ids.size(); ++i)
+                async_fetch(ex, ids[i], [&, i](std::error_code ec, std::vector<unique_fd> fds) {
+                    if (!ec) {
+                        ++r.ok;
+                        r.inexact += !exact(i, fds);
+                        for (auto& f : fds) kept.push_back(std::move(f));
+                    } else if (ec == errc::control_truncated) {
+                        ++r.truncated;
+                        truncated.push_back(i);
+                    } else {
+                        ++r.other_errors;
+                        std::fprintf(stderr, "fetch %zu: %s\n", i, ec.message().c_str());
+                    }
+                    r.inexact += ec && !fds.empty();  // an error hands over nothing
+                });
+            io.run_for(std::chrono::seconds(20));
+            io.restart();
+
+            // Room again: the truncated shares, fetched again on the same connection.
+            kept.clear();
+            if (::setrlimit(RLIMIT_NOFILE, &old) != 0) return 42;
+            for (std::size_t i : truncated)
+                async_fetch(ex, ids[i], [&, i](std::error_code ec, std::vector<unique_fd> fds) {
+                    if (!ec && exact(i, fds)) ++r.refetched_ok;
+                });
+            io.run_for(std::chrono::seconds(20));
+            fillers.clear();
+            r.fd_growth = t::open_fd_count() - before;
+            return 0;
+        });
+        BOOST_TEST(child.wait() == 0);
+        const rlimit_report& r = report[0];
+        const auto total = static_cast<std::int32_t>(ids.size());
+        BOOST_TEST(r.ok + r.truncated == total);
+        BOOST_TEST(r.other_errors == 0);
+        BOOST_TEST(r.ok >= 1);
+        BOOST_TEST(r.truncated >= 1);  // the limit was really reached
+        BOOST_TEST(r.inexact == 0);
+        BOOST_TEST(r.refetched_ok == r.truncated);
+        BOOST_TEST(r.fd_growth == 0);
+        BOOST_TEST(t::wait_for_condition([&] { return s.pending() == 0; }, std::chrono::seconds(5)));
+        const sharer_stats st = s.stats();
+        BOOST_TEST(st.delivered == ids.size() + 1);
+        BOOST_TEST(st.returned == static_cast<std::uint64_t>(r.truncated));
+        BOOST_TEST(st.connections_accepted == 1u);  // the truncations did not cost the connection
+        std::printf(
+            "sharer fault, receiver at RLIMIT_NOFILE mid-pipeline: %d of %d fetches whole, %d "
+            "control_truncated and given back, all %d fetched whole again on the same connection, "
+            "other errors %d, server returned %llu, connections %llu\n",
+            r.ok, total, r.truncated, r.refetched_ok, r.other_errors,
+            static_cast<unsigned long long>(st.returned),
+            static_cast<unsigned long long>(st.connections_accepted));
+        (void)std::fflush(stdout);
+    }
+    BOOST_TEST(t::open_fd_count() == fds_before);
     t::check_shm_unchanged(shm_before);
 }
