@@ -143,7 +143,9 @@ private:
             if (r.would_block) {
                 deadline_->arm();
                 auto [wec] = co_await socket_.async_wait(asio::socket_base::wait_read, use_tuple);
-                if (wec) co_return deadline_->translate(wire::normalize(wec));
+                // A wait that reports the peer's reset: what it wrote before is still readable.
+                if (wec == asio::error::operation_aborted || deadline_->expired() || cancelled_)
+                    co_return deadline_->translate(wire::normalize(wec));
                 continue;
             }
             const bool truncated = r.ec == errc::control_truncated;

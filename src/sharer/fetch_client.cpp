@@ -441,7 +441,9 @@ private:
             if (r.would_block) {
                 if (self->settle()) continue;
                 auto [ec] = co_await self->socket_.async_wait(asio::socket_base::wait_read, use_tuple);
-                if (ec) {
+                // A wait that reports the peer's reset: what it wrote before is still readable,
+                // and the next read reports the reset itself.
+                if (ec == asio::error::operation_aborted || !self->socket_.is_open()) {
                     self->fail(wire::normalize(ec));
                     break;
                 }

@@ -838,7 +838,12 @@ private:
     }
 
     // One ERROR frame written without waiting (it fits any empty socket buffer), before a close.
+    // What the client already wrote (a QUICK) is read first: closing with unread bytes would
+    // reset the connection, and the client could lose the ERROR.
     static void send_refusal(int fd, native::error_code_value code, const char* text) noexcept {
+        std::array<std::byte, 512> sink{};
+        for (int i = 0; i < 4 && ::recv(fd, sink.data(), sink.size(), MSG_DONTWAIT) > 0; ++i) {
+        }
         try {
             std::vector<std::byte> out;
             native::append_frame(out, native::error{code, text});
