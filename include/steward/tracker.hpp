@@ -296,16 +296,16 @@ private:
     // running on it may invoke the handler in place, as dispatch() would).
     template <typename Handler>
     [[nodiscard]] bool runs_on_own_executor(const Handler& handler) const {
-        const executor_type own = get_executor();
-        const auto theirs = asio::get_associated_executor(handler, own);
+        const auto theirs = asio::get_associated_executor(handler, ex_);
         if constexpr (std::is_same_v<std::decay_t<decltype(theirs)>, executor_type>)
-            return theirs == own;
+            return theirs == ex_;
         else
             return false;
     }
     void initiate_stop(std::chrono::milliseconds timeout,
                        asio::any_completion_handler<void(std::error_code, std::optional<int>)> handler);
 
+    executor_type ex_;  // the impl's, kept here so the per-call executor check needs no call
     std::shared_ptr<detail::tracker_impl> impl_;
 };
 

@@ -101,6 +101,12 @@ void install_fork_hook() {
     std::call_once(once, [] { ::pthread_atfork(nullptr, nullptr, on_fork_child); });
 }
 
+// Handlers the completion loops running on this thread have yet to resume. A caller resumed by
+// such a loop while others wait their turn joins a batch instead of writing directly: the others
+// are about to call too (group commit); the last one (a lone caller, e.g. every call of a serial
+// loop) may write directly. Per thread because a loop resumes its callers on its own thread.
+thread_local std::size_t completions_pending = 0;
+
 struct sync_waiter {
     sync_waiter* next = nullptr;
     std::error_code ec;
@@ -167,24 +173,22 @@ public:
                                        std::error_code& ec) {
         ec.clear();
         // Resumed by a completion loop with others still to resume: the queue, without the lock.
-        if (completing_.load(std::memory_order_relaxed) != 0) return tracker::direct_outcome::queue;
+        if (completions_pending != 0) return tracker::direct_outcome::queue;
         std::unique_lock lk(m_);
         check_fork_locked();
         // Checked before encoding: under load (the common "not allowed") the queue encodes anyway.
         if (!direct_allowed_locked()) return tracker::direct_outcome::queue;
-        encoded msg;  // under the lock, but nobody else is active when direct writes are allowed
+        // Encoded and written with the lock held (unlike a drain's write): nothing else is active
+        // when direct writes are allowed, and the write never blocks, so a concurrent caller waits
+        // at most one system call, and one lock round trip per message is saved.
+        encoded msg;
         if ((ec = encode(reg, name, type, msg))) return tracker::direct_outcome::done;
-        role_ = true;
-        const int fd = write_fd_.get();
-        const bool skip_guard = skip_sigpipe_guard_;
-        lk.unlock();
         int err = 0;
-        const auto res = tracking::pipe_write_nowait(fd, msg.bytes.data(), msg.size, skip_guard, err);
-        lk.lock();
+        const auto res = tracking::pipe_write_nowait(write_fd_.get(), msg.bytes.data(), msg.size,
+                                                     skip_sigpipe_guard_, err);
         auto outcome = tracker::direct_outcome::queue;
         switch (res) {
         case tracking::pipe_write_result::written:
-            // Remembered only now: a relaunch (which would replay the set) needs the role we hold.
             remember_locked(reg, type, msg.canonical);
             outcome = tracker::direct_outcome::done;
             // Completing in place never lets the executor run anything else: every so often the
@@ -208,9 +212,6 @@ public:
             outcome = tracker::direct_outcome::done;
             break;
         }
-        release_role_locked();
-        // Callers that arrived while the role was held queued their messages without a flush.
-        if (head_) schedule_flush_locked();
         return outcome;
     }
 
@@ -331,7 +332,7 @@ private:
     // being filled (group commit), and writes keep their order.
     bool direct_allowed_locked() const noexcept {
         return state_ == state::running && !role_ && !head_ && !inflight_ && !flush_posted_ &&
-               !waiting_room_ && completing_.load(std::memory_order_relaxed) == 0 && yielding_ == 0 && sync_waiting_ == 0 &&
+               !waiting_room_ && completions_pending == 0 && yielding_ == 0 && sync_waiting_ == 0 &&
                !direct_unsupported_ && write_fd_.get() >= 0;
     }
 
@@ -544,7 +545,11 @@ private:
         // Callers resumed here that call again join a batch instead of writing directly while
         // others are still to be resumed by this loop: those are about to call too (group commit).
         // The last one (a lone caller: every call of a serial loop) may write directly.
-        completing_.fetch_add(done.size(), std::memory_order_relaxed);
+        struct restore {
+            std::size_t outer = completions_pending;  // a handler may block and drain: loops nest
+            ~restore() { completions_pending = outer; }  // also when a handler throws
+        } pending;
+        std::size_t left = done.size();
         lk.unlock();
         // The common case, a coroutine on the io_context this drain runs on, is resumed directly:
         // exactly what dispatch() would do, without its type-erased executor round trips. Blocking
@@ -553,7 +558,7 @@ private:
         const ctx_executor* here = post_only ? nullptr : ex_.target<ctx_executor>();
         if (here && !here->running_in_this_thread()) here = nullptr;
         for (auto& w : done) {
-            completing_.fetch_sub(1, std::memory_order_relaxed);
+            completions_pending = pending.outer + --left;
             if (here && w.direct)
                 std::move(w.handler)(ec);
             else if (post_only)
@@ -755,7 +760,6 @@ private:
         flush_posted_ = false;
         waiting_room_ = false;
         sync_waiting_ = 0;
-        completing_.store(0, std::memory_order_relaxed);
         yielding_ = 0;
     }
 
@@ -840,8 +844,6 @@ private:
     bool flush_posted_ = false;
     bool waiting_room_ = false;
     std::size_t sync_waiting_ = 0;
-    // Handlers complete_all() loops have yet to run (a hint for direct writes, read without order).
-    std::atomic<std::size_t> completing_{0};
     std::size_t yielding_ = 0;    // direct callers between done_yield and end_yield()
     unsigned inline_streak_ = 0;
     bool direct_unsupported_ = false;
@@ -873,7 +875,7 @@ private:
 // ---- public wrapper ---------------------------------------------------------------------------
 
 tracker::tracker(executor_type ex, tracker_options options)
-    : impl_(std::make_shared<detail::tracker_impl>(std::move(ex), std::move(options))) {}
+    : ex_(ex), impl_(std::make_shared<detail::tracker_impl>(std::move(ex), std::move(options))) {}
 
 tracker::tracker(tracker&&) noexcept = default;
 tracker& tracker::operator=(tracker&&) noexcept = default;
