@@ -25,14 +25,15 @@ bool would_block(int err) noexcept {
 
 }  // namespace
 
-scm_rights_control::scm_rights_control(std::size_t bytes)
-    : storage_(new word[(bytes + sizeof(word) - 1) / sizeof(word)]()), size_(bytes) {}
+scm_rights_control::scm_rights_control(std::size_t bytes) : size_(bytes) {
+    if (bytes > sizeof inline_) storage_.reset(new word[(bytes + sizeof(word) - 1) / sizeof(word)]());
+}
 
 scm_rights_control::scm_rights_control(std::span<const int> fds) {
     if (fds.empty()) return;
     const std::size_t payload = fds.size() * sizeof(int);
     *this = scm_rights_control(static_cast<std::size_t>(CMSG_SPACE(payload)));
-    auto* header = ::new (static_cast<void*>(storage_.get())) cmsghdr{};
+    auto* header = ::new (data()) cmsghdr{};
     header->cmsg_level = SOL_SOCKET;
     header->cmsg_type = SCM_RIGHTS;
     header->cmsg_len = CMSG_LEN(payload);

@@ -48,9 +48,11 @@ struct socket_kind_of<asio::basic_datagram_socket<Protocol, Executor>> {
     static constexpr socket_kind value = socket_kind::datagram;
 };
 
-/// A control buffer for SCM_RIGHTS. It lives on the heap so that the composed operation holding
-/// it stays cheap to move each time it is handed to async_wait. It is made of cmsghdr-aligned
-/// words (cmsghdr itself ends in a flexible array member, so it cannot be an array element).
+/// A control buffer for SCM_RIGHTS, made of cmsghdr-aligned words (cmsghdr itself ends in a
+/// flexible array member, so it cannot be an array element). Up to inline_fds descriptors live
+/// inside the object (no allocation for the common one-descriptor send); larger buffers live on
+/// the heap so that the operation holding them stays cheap to move each time it is handed to
+/// async_wait. data() may change when the object moves: take it afresh for each call.
 class scm_rights_control {
 public:
     scm_rights_control() = default;
@@ -62,8 +64,13 @@ public:
     /// Room for max_fds_per_message descriptors, for recvmsg. Throws std::bad_alloc.
     [[nodiscard]] static scm_rights_control for_receive();
 
-    [[nodiscard]] void* data() const noexcept { return storage_.get(); }
+    [[nodiscard]] void* data() const noexcept {
+        return storage_ ? static_cast<void*>(storage_.get()) : static_cast<void*>(inline_);
+    }
     [[nodiscard]] std::size_t size() const noexcept { return size_; }
+
+    /// Descriptors that fit without an allocation.
+    static constexpr std::size_t inline_fds = 8;
 
 private:
     explicit scm_rights_control(std::size_t bytes);
@@ -71,9 +78,11 @@ private:
     struct alignas(cmsghdr) word {
         unsigned char bytes[sizeof(cmsghdr)];
     };
+    static constexpr std::size_t inline_words = (CMSG_SPACE(inline_fds * sizeof(int)) + sizeof(word) - 1) / sizeof(word);
 
     std::unique_ptr<word[]> storage_;
     std::size_t size_ = 0;
+    mutable word inline_[inline_words]{};  // mutable: recvmsg/sendmsg take the buffer through data()
 };
 
 /// The outcome of one non-blocking attempt: either would_block (nothing happened, wait and retry)
