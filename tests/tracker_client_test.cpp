@@ -859,6 +859,17 @@ STEWARD_CORO_TEST(direct_write_then_a_full_pipe_falls_back_to_the_queue_in_order
                                                                       asio::use_awaitable));
     BOOST_CHECK(inline3);
     BOOST_CHECK_EQUAL(read_available(a.read_end.get()), "UNREGISTER:" + x2 + ":shared_memory\n");
+    // as_tuple(use_awaitable) takes the direct path too; a callback always goes through the executor.
+    const bool inline4 = co_await completes_without_suspending(
+        ctx, t.async_register(x2, resource_type::shared_memory, asio::as_tuple(asio::use_awaitable)));
+    BOOST_CHECK(inline4);
+    std::optional<std::error_code> callback_ec;
+    t.async_unregister(x2, resource_type::shared_memory, [&](std::error_code e) { callback_ec = e; });
+    BOOST_CHECK(!callback_ec);  // never inside the initiating call
+    while (!callback_ec) co_await asio::post(ctx, asio::use_awaitable);
+    BOOST_CHECK(!*callback_ec);
+    BOOST_CHECK_EQUAL(read_available(a.read_end.get()),
+                      "REGISTER:" + x2 + ":shared_memory\nUNREGISTER:" + x2 + ":shared_memory\n");
     // Invalid names fail on the direct path as on the queue, writing nothing.
     auto [bad] = co_await t.async_register("", resource_type::shared_memory, asio::as_tuple(asio::use_awaitable));
     BOOST_CHECK(bad == std::errc::invalid_argument);

@@ -32,6 +32,7 @@
 
 #include <asio/any_completion_handler.hpp>
 #include <asio/any_io_executor.hpp>
+#include <asio/as_tuple.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/async_result.hpp>
 #include <asio/awaitable.hpp>
@@ -45,6 +46,7 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <tuple>
 #include <type_traits>
 
 namespace steward {
@@ -85,10 +87,10 @@ class tracker_impl;
 /// @par Direct writes
 /// A call made while nothing is queued, being written or being completed writes its own message at
 /// once (one non-blocking write, the calling thread) instead of waiting for a flush; a full pipe
-/// sends it to the queue like any other. With asio::use_awaitable such a call completes without
-/// suspending the coroutine (every 64th in a row yields once through the executor, so a loop of
-/// calls cannot starve other work); blocking calls return at once. Other completion tokens always
-/// go through the queue and complete through the executor.
+/// sends it to the queue like any other. With asio::use_awaitable (or as_tuple(use_awaitable)) such
+/// a call completes without suspending the coroutine (every 64th in a row yields once through the executor,
+/// so a loop of calls cannot starve other work); blocking calls return at once. Other completion tokens
+/// always go through the queue and complete through the executor.
 ///
 /// @par Liveness
 /// If the daemon has died (its pidfd reports an exit, or a write fails with EPIPE), the next
@@ -237,11 +239,18 @@ public:
     enum class direct_outcome { done, done_yield, queue };
 
 private:
+    // Tokens that get the direct path: use_awaitable, and as_tuple(use_awaitable).
     template <typename T>
     struct awaitable_token : std::false_type {};
     template <typename Executor>
     struct awaitable_token<asio::use_awaitable_t<Executor>> : std::true_type {
         using executor = Executor;
+        static constexpr bool tuple = false;
+    };
+    template <typename Executor>
+    struct awaitable_token<asio::as_tuple_t<asio::use_awaitable_t<Executor>>> : std::true_type {
+        using executor = Executor;
+        static constexpr bool tuple = true;
     };
 
     template <typename CompletionToken>
@@ -250,8 +259,9 @@ private:
         if constexpr (awaitable_token<token_type>::value) {
             // A coroutine of our own instead of async_initiate: a message written directly then
             // completes without the coroutine ever suspending.
-            return awaitable_message<typename awaitable_token<token_type>::executor>(register_it, std::string(name),
-                                                                                   type);
+            return awaitable_message<typename awaitable_token<token_type>::executor,
+                                     awaitable_token<token_type>::tuple>(register_it, std::string(name),
+                                                                         type);
         } else {
             return asio::async_initiate<CompletionToken, void(std::error_code)>(
                 [this, register_it, type](auto handler, const std::string& n) {
@@ -263,31 +273,44 @@ private:
     }
 
     // Lazy like every awaitable: @p name is a copy because it may be awaited after the caller's
-    // string is gone.
-    template <typename Executor>
-    asio::awaitable<void, Executor> awaitable_message(bool register_it, std::string name, resource_type type) {
+    // string is gone. Tuple: as_tuple(use_awaitable), the error returned instead of thrown.
+    template <typename Executor, bool Tuple>
+    asio::awaitable<std::conditional_t<Tuple, std::tuple<std::error_code>, void>, Executor> awaitable_message(
+        bool register_it, std::string name, resource_type type) {
         std::error_code ec;
         switch (try_direct(register_it, name, type, ec)) {
-        case direct_outcome::done:
-            break;
-        case direct_outcome::done_yield:
-            co_await asio::post(co_await asio::this_coro::executor, asio::use_awaitable_t<Executor>());
-            end_yield();
-            break;
-        case direct_outcome::queue:
-            asio::use_awaitable_t<Executor> token;
-            co_await asio::async_initiate<asio::use_awaitable_t<Executor>, void(std::error_code)>(
-                [this, register_it, type](auto handler, std::string_view n) {
+            case direct_outcome::done:
+                break;
+            case direct_outcome::done_yield:
+                co_await asio::post(co_await asio::this_coro::executor, asio::use_awaitable_t<Executor>());
+                end_yield();
+                break;
+            case direct_outcome::queue: {
+                auto initiation = [this, register_it, type](auto handler, std::string_view n) {
                     const bool direct = runs_on_own_executor(handler);
                     initiate_message(register_it, n, type, direct, std::move(handler));
-                },
-                token, std::string_view(name));
-            co_return;
+                };
+                if constexpr (Tuple) {
+                    auto token = asio::as_tuple(asio::use_awaitable_t<Executor>());
+                    co_return co_await asio::async_initiate<decltype(token), void(std::error_code)>(
+                        std::move(initiation), token, std::string_view(name));
+                } else {
+                    asio::use_awaitable_t<Executor> token;
+                    co_await asio::async_initiate<decltype(token), void(std::error_code)>(
+                        std::move(initiation), token, std::string_view(name));
+                    co_return;
+                }
+            }
         }
-        if (ec) throw std::system_error(ec);
+        if constexpr (Tuple) {
+            co_return std::tuple<std::error_code>(ec);
+        } else {
+            if (ec) throw std::system_error(ec);
+        }
     }
 
-    direct_outcome try_direct(bool register_it, std::string_view name, resource_type type, std::error_code& ec);
+    direct_outcome try_direct(bool register_it, std::string_view name, resource_type type,
+                              std::error_code& ec);
     void end_yield();
     void initiate_ensure_running(asio::any_completion_handler<void(std::error_code)> handler);
     void initiate_message(bool register_it, std::string_view name, resource_type type, bool direct,

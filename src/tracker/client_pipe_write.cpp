@@ -29,14 +29,14 @@ pipe_write_result classify(ssize_t n, std::size_t size, int& err) noexcept {
         return pipe_write_result::error;
     }
     switch (err) {
-    case EAGAIN:
-        return pipe_write_result::would_block;
-    case EPIPE:
-        return pipe_write_result::no_reader;
-    case EOPNOTSUPP:
-        return pipe_write_result::unsupported;
-    default:
-        return pipe_write_result::error;
+        case EAGAIN:
+            return pipe_write_result::would_block;
+        case EPIPE:
+            return pipe_write_result::no_reader;
+        case EOPNOTSUPP:
+            return pipe_write_result::unsupported;
+        default:
+            return pipe_write_result::error;
     }
 }
 

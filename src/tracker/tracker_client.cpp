@@ -25,10 +25,10 @@
 #include "tracker/registry.hpp"
 
 #include <steward/io/async_spawn.hpp>
-#include <steward/io/backend_probe.hpp>
-#include <steward/io_uring_check.hpp>
 #include <steward/io/async_write_message.hpp>
+#include <steward/io/backend_probe.hpp>
 #include <steward/io/child_process.hpp>
+#include <steward/io_uring_check.hpp>
 #include <steward/unique_fd.hpp>
 
 #include <asio/any_completion_handler.hpp>
@@ -55,8 +55,8 @@
 #include <charconv>
 #include <condition_variable>
 #include <csignal>
-#include <cstdio>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -188,29 +188,29 @@ public:
                                                      skip_sigpipe_guard_, err);
         auto outcome = tracker::direct_outcome::queue;
         switch (res) {
-        case tracking::pipe_write_result::written:
-            remember_locked(reg, type, msg.canonical);
-            outcome = tracker::direct_outcome::done;
-            // Completing in place never lets the executor run anything else: every so often the
-            // caller yields once, so a loop of calls cannot starve the other work of its thread.
-            if (++inline_streak_ >= max_inline_streak) {
-                inline_streak_ = 0;
-                ++yielding_;
-                outcome = tracker::direct_outcome::done_yield;
-            }
-            break;
-        case tracking::pipe_write_result::no_reader:
-            mark_dead_locked();
-            break;  // queued: the drain starts a new daemon, which learns the message with the set
-        case tracking::pipe_write_result::unsupported:
-            direct_unsupported_ = true;
-            break;
-        case tracking::pipe_write_result::would_block:
-            break;  // queued: the drain waits for room
-        case tracking::pipe_write_result::error:
-            ec = errno_code(err);
-            outcome = tracker::direct_outcome::done;
-            break;
+            case tracking::pipe_write_result::written:
+                remember_locked(reg, type, msg.canonical);
+                outcome = tracker::direct_outcome::done;
+                // Completing in place never lets the executor run anything else: every so often the
+                // caller yields once, so a loop of calls cannot starve the other work of its thread.
+                if (++inline_streak_ >= max_inline_streak) {
+                    inline_streak_ = 0;
+                    ++yielding_;
+                    outcome = tracker::direct_outcome::done_yield;
+                }
+                break;
+            case tracking::pipe_write_result::no_reader:
+                mark_dead_locked();
+                break;  // queued: the drain starts a new daemon, which learns the message with the set
+            case tracking::pipe_write_result::unsupported:
+                direct_unsupported_ = true;
+                break;
+            case tracking::pipe_write_result::would_block:
+                break;  // queued: the drain waits for room
+            case tracking::pipe_write_result::error:
+                ec = errno_code(err);
+                outcome = tracker::direct_outcome::done;
+                break;
         }
         return outcome;
     }
@@ -230,13 +230,13 @@ public:
     std::error_code sync_message(bool reg, std::string_view name, resource_type type) {
         std::error_code direct_ec;
         switch (try_direct(reg, name, type, direct_ec)) {
-        case tracker::direct_outcome::done:
-            return direct_ec;
-        case tracker::direct_outcome::done_yield:
-            end_yield();  // a blocking call returns to its caller: nothing to yield to
-            return direct_ec;
-        case tracker::direct_outcome::queue:
-            break;
+            case tracker::direct_outcome::done:
+                return direct_ec;
+            case tracker::direct_outcome::done_yield:
+                end_yield();  // a blocking call returns to its caller: nothing to yield to
+                return direct_ec;
+            case tracker::direct_outcome::queue:
+                break;
         }
         encoded msg;
         if (auto ec = encode(reg, name, type, msg)) return ec;
@@ -355,7 +355,8 @@ private:
     static std::error_code encode(bool reg, std::string_view name, resource_type type, encoded& out) {
         // A name this long cannot fit a 512-byte line in either format.
         if (name.size() >= tracking::max_message_size) return errc::message_too_long;
-        if (auto ec = tracking::client_canonical_name(type, name, out.canonical_buf.data(), out.canonical)) return ec;
+        if (auto ec = tracking::client_canonical_name(type, name, out.canonical_buf.data(), out.canonical))
+            return ec;
         return tracking::encode_into(reg, type, out.canonical, out.bytes.data(), out.size);
     }
 
@@ -546,7 +547,7 @@ private:
         // others are still to be resumed by this loop: those are about to call too (group commit).
         // The last one (a lone caller: every call of a serial loop) may write directly.
         struct restore {
-            std::size_t outer = completions_pending;  // a handler may block and drain: loops nest
+            std::size_t outer = completions_pending;     // a handler may block and drain: loops nest
             ~restore() { completions_pending = outer; }  // also when a handler throws
         } pending;
         std::size_t left = done.size();
@@ -705,7 +706,8 @@ private:
         std::array<char, tracking::max_message_size> line;
         registered_->for_each([&](tracking::registry::handle h) {
             std::size_t n = 0;
-            if (tracking::encode_into(true, registered_->type(h), registered_->name(h), line.data(), n)) return;
+            if (tracking::encode_into(true, registered_->type(h), registered_->name(h), line.data(), n))
+                return;
             if (!last || last->size + n > batch_capacity) {
                 batch* b = new_batch_locked();
                 if (last)
@@ -844,7 +846,7 @@ private:
     bool flush_posted_ = false;
     bool waiting_room_ = false;
     std::size_t sync_waiting_ = 0;
-    std::size_t yielding_ = 0;    // direct callers between done_yield and end_yield()
+    std::size_t yielding_ = 0;  // direct callers between done_yield and end_yield()
     unsigned inline_streak_ = 0;
     bool direct_unsupported_ = false;
     bool skip_sigpipe_guard_ = false;  // tracker_options::sigpipe_ignored, confirmed at start
