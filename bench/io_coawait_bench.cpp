@@ -3,6 +3,8 @@
 //
 // scenario coawait_send:  co_await io::async_send_fds(socket, {}, 1 byte) on a socketpair whose
 //                         peer is drained every 128 sends (one recv takes them all)
+// scenario coawait_send_fd: the same with one descriptor attached to every byte (SCM_RIGHTS); the
+//                         peer's drain receives and closes them (variants steward, nop, raw, post)
 // scenario coawait_write: co_await io::async_write_message(pipe, 40-byte message) on a pipe whose
 //                         read end is drained every 1000 writes
 // variants:
@@ -37,6 +39,8 @@
 #include <sys/uio.h>
 
 #include <csignal>
+#include <cstring>
+#include <span>
 #include <functional>
 
 namespace {
@@ -49,6 +53,31 @@ constexpr std::size_t message_size = sizeof message - 1;
 void drain(int fd) {
     static char sink[1 << 16];
     while (::recv(fd, sink, sizeof sink, MSG_DONTWAIT) > 0) {
+    }
+}
+
+// Receives everything queued, closing the descriptors that came with it (one recvmsg per batch:
+// a stream socket never returns bytes of two descriptor batches in one call).
+void drain_with_fds(int fd) {
+    alignas(cmsghdr) static char control[CMSG_SPACE(253 * sizeof(int))];
+    static char sink[1 << 16];
+    for (;;) {
+        iovec iov{sink, sizeof sink};
+        msghdr msg{};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control;
+        msg.msg_controllen = sizeof control;
+        if (::recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC) <= 0) return;
+        for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+            const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            for (std::size_t i = 0; i < count; ++i) {
+                int received = -1;
+                std::memcpy(&received, CMSG_DATA(c) + i * sizeof(int), sizeof received);
+                ::close(received);
+            }
+        }
     }
 }
 
@@ -80,17 +109,28 @@ double run_nop(std::size_t n) {
     return s;
 }
 
-double run_raw_send(std::size_t n) {
+// @p carried: -1 sends the byte alone, otherwise that descriptor rides along (SCM_RIGHTS).
+double run_raw_send(std::size_t n, int carried = -1) {
     int sv[2];
     bench::check(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0, "socketpair");
     char byte = 'x';
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
     auto once = [&](std::size_t i) {
         iovec iov{&byte, 1};
         msghdr msg{};
         msg.msg_iov = &iov;
         msg.msg_iovlen = 1;
+        if (carried >= 0) {
+            msg.msg_control = control;
+            msg.msg_controllen = sizeof control;
+            cmsghdr* c = CMSG_FIRSTHDR(&msg);
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_RIGHTS;
+            c->cmsg_len = CMSG_LEN(sizeof(int));
+            std::memcpy(CMSG_DATA(c), &carried, sizeof carried);
+        }
         bench::check(::sendmsg(sv[0], &msg, MSG_NOSIGNAL) == 1, "sendmsg");
-        if (i % send_drain_every == send_drain_every - 1) drain(sv[1]);
+        if (i % send_drain_every == send_drain_every - 1) carried >= 0 ? drain_with_fds(sv[1]) : drain(sv[1]);
     };
     for (std::size_t i = 0; i < 1024; ++i) once(i);
     const auto t0 = bench::clock::now();
@@ -203,22 +243,22 @@ double run_callback_write(std::size_t n) {
     return s;
 }
 
-double run_steward_send(std::size_t n) {
+double run_steward_send(std::size_t n, int carried = -1) {
     int sv[2];
     bench::check(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0, "socketpair");
     asio::io_context ctx(1);
     asio::local::stream_protocol::socket sock(ctx, asio::local::stream_protocol(), sv[0]);
     double seconds = 0;
     std::exception_ptr error;
+    const std::span<const int> fds = carried >= 0 ? std::span<const int>(&carried, 1) : std::span<const int>();
     asio::co_spawn(
         ctx,
         [&]() -> asio::awaitable<void> {
             char byte = 'x';
             auto loop = [&](std::size_t count) -> asio::awaitable<void> {
                 for (std::size_t i = 0; i < count; ++i) {
-                    co_await steward::io::async_send_fds(sock, {}, asio::buffer(&byte, 1),
-                                                         asio::use_awaitable);
-                    if (i % send_drain_every == send_drain_every - 1) drain(sv[1]);
+                    co_await steward::io::async_send_fds(sock, fds, asio::buffer(&byte, 1), asio::use_awaitable);
+                    if (i % send_drain_every == send_drain_every - 1) carried >= 0 ? drain_with_fds(sv[1]) : drain(sv[1]);
                 }
             };
             co_await loop(1024);
@@ -289,19 +329,24 @@ int main(int argc, char** argv) {
         if (ec) return bench::not_measured(a, "io_uring unavailable: " + why);
 
         double seconds = 0;
-        const bool send = a.scenario == "coawait_send";
+        const bool send_fd = a.scenario == "coawait_send_fd";
+        const bool send = a.scenario == "coawait_send" || send_fd;
         if (!send && a.scenario != "coawait_write") return bench::failed(a, "unknown scenario");
+        // The descriptor coawait_send_fd passes with every byte: one end of a pipe, kept open.
+        int carried_pipe[2] = {-1, -1};
+        if (send_fd) bench::check(::pipe2(carried_pipe, O_CLOEXEC) == 0, "pipe2");
+        const int carried = carried_pipe[0];
         if (a.variant == "nop")
             seconds = run_nop(a.n);
         else if (a.variant == "raw")
-            seconds = send ? run_raw_send(a.n) : run_raw_write(a.n);
+            seconds = send ? run_raw_send(a.n, carried) : run_raw_write(a.n);
         else if (a.variant == "steward")
-            seconds = send ? run_steward_send(a.n) : run_steward_write(a.n);
+            seconds = send ? run_steward_send(a.n, carried) : run_steward_write(a.n);
         else if (a.variant == "same_syscalls" && !send)
             seconds = run_same_syscalls_write(a.n);
         else if (a.variant == "post")
             seconds = run_post(a.n);
-        else if (a.variant == "callback")
+        else if (a.variant == "callback" && !send_fd)
             seconds = send ? run_callback_send(a.n) : run_callback_write(a.n);
         else
             return bench::failed(a, "unknown variant");
