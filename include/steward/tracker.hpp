@@ -93,7 +93,7 @@ class tracker_impl;
 /// always go through the queue and complete through the executor.
 ///
 /// @par Liveness
-/// If the daemon has died (its pidfd reports an exit, or a write fails with EPIPE), the next
+/// If the daemon has died (a write fails with EPIPE: only the daemon holds the read end), that
 /// operation starts a new one and first sends it REGISTER for every name this process has
 /// registered and not unregistered, including the registration that discovered the death; a
 /// one-time warning goes to stderr.
