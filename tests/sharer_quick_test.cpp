@@ -59,7 +59,8 @@ unique_fd connect_to(const std::string& path) {
 bool send_all(int fd, std::span<const std::byte> data, std::span<const int> fds = {}) {
     std::size_t sent = 0;
     while (sent < data.size()) {
-        const wire::attempt a = wire::send_with_fds(fd, data.subspan(sent), sent == 0 ? fds : std::span<const int>{});
+        const wire::attempt a =
+            wire::send_with_fds(fd, data.subspan(sent), sent == 0 ? fds : std::span<const int>{});
         if (a.err == EAGAIN) {
             ::usleep(100);
             continue;
@@ -326,7 +327,8 @@ STEWARD_CORO_TEST(server_refuses_a_quick_with_another_key) {
         sharer s(ctx.get_executor(), options_with(key));
         unique_fd memfd = t::make_memfd("x");
         const share_id id = s.share(memfd.get());
-        auto [ec, fds] = co_await async_fetch(ctx.get_executor(), id, use_tuple, dedicated(authkey::generate()));
+        auto [ec, fds] =
+            co_await async_fetch(ctx.get_executor(), id, use_tuple, dedicated(authkey::generate()));
         BOOST_TEST((ec == errc::authentication_failed));
         BOOST_TEST(fds.empty());
         BOOST_TEST(s.stats().refused_auth == 1u);
@@ -353,8 +355,10 @@ BOOST_AUTO_TEST_CASE(server_answers_a_bad_mac_with_error_7_and_closes) {
         q.first_fetch = native::fetch{1, id.key()};
         std::vector<std::byte> frame;
         quick::append_request_frame(frame, key, q);
-        if (flip) frame.back() ^= std::byte{0x80};  // the MAC
-        else frame[4 + 5] = std::byte{0x7f};         // min_version > max_version: malformed
+        if (flip)
+            frame.back() ^= std::byte{0x80};  // the MAC
+        else
+            frame[4 + 5] = std::byte{0x7f};  // min_version > max_version: malformed
         BOOST_REQUIRE(send_all(c.get(), frame));
         auto payload = read_frame(c.get());
         if (payload && is_challenge(*payload)) payload = read_frame(c.get());  // the accept race
@@ -363,7 +367,8 @@ BOOST_AUTO_TEST_CASE(server_answers_a_bad_mac_with_error_7_and_closes) {
         const native::message m = native::decode(*payload, ec);
         BOOST_REQUIRE(!ec);
         BOOST_REQUIRE(std::holds_alternative<native::error>(m));
-        BOOST_TEST(static_cast<std::uint16_t>(std::get<native::error>(m).code) == quick::error_authentication_failed);
+        BOOST_TEST(static_cast<std::uint16_t>(std::get<native::error>(m).code) ==
+                   quick::error_authentication_failed);
         BOOST_TEST(!read_frame(c.get()).has_value());  // closed
     }
     BOOST_TEST(s.stats().refused_auth == 2u);
@@ -456,7 +461,8 @@ namespace {
 // Accepts one connection, reads the QUICK, optionally sends a challenge first (the accept race),
 // then answers QUICK_ACK (MAC made with @p ack_key) + one REPLY with a pipe's read end, in one
 // sendmsg. Returns whether the QUICK verified.
-bool scripted_quick_server(const fake_listener& l, const authkey& key, const authkey& ack_key, int challenges) {
+bool scripted_quick_server(const fake_listener& l, const authkey& key, const authkey& ack_key,
+                           int challenges) {
     unique_fd c = l.accept();
     if (!c) return false;
     for (int i = 0; i < challenges; ++i) {

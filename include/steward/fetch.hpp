@@ -45,10 +45,15 @@ void start_fetch(const asio::any_io_executor& executor, const share_id& id, cons
 /// Fetches the descriptors shared under @p id from the steward::sharer at `id.address()`.
 ///
 /// Unless fetch_options::pooled is false, connections are pooled per execution context (the
-/// io_context behind @p executor), server address and authkey: the first fetch connects and authenticates (SO_PEERCRED on the server
-/// side, then the mutual HMAC handshake), later and concurrent fetches reuse that connection and
-/// pipeline their requests on it. Receipts are confirmed to the server in batches. A connection
-/// with nothing in flight is closed after a few seconds of idleness.
+/// io_context behind @p executor), server address and authkey: the first fetch connects and
+/// authenticates, later and concurrent fetches reuse that connection and pipeline their requests
+/// on it. Receipts are confirmed to the server in batches. A connection with nothing in flight is
+/// closed after a few seconds of idleness.
+///
+/// Authentication: the server checks SO_PEERCRED. When SO_PEERCRED on the client's side says the
+/// server runs as this process's uid or as root, the client uses quick connect (one round trip:
+/// its first frame carries an HMAC and the first request, and no descriptor is accepted before
+/// the server's answering HMAC verified); otherwise the mutual HMAC handshake runs first.
 ///
 /// The reply is assembled all-or-nothing: with more than 253 descriptors it arrives in several
 /// messages, and if any of them is cut short (MSG_CTRUNC: this process reached RLIMIT_NOFILE) every

@@ -86,7 +86,8 @@ private:
     asio::awaitable<std::error_code> exchange(std::vector<unique_fd>& out) {
         if (std::error_code ec = io::io_uring_status()) co_return ec;  // cached per process
         deadline_.emplace(socket_, options_.handshake_timeout + options_.reply_timeout, shared_from_this());
-        if (std::error_code ec = co_await client::connect(socket_, address_)) co_return deadline_->translate(ec);
+        if (std::error_code ec = co_await client::connect(socket_, address_))
+            co_return deadline_->translate(ec);
         uid_t server_uid = 0;
         if (std::error_code ec = client::peer_uid(socket_.native_handle(), server_uid)) co_return ec;
 
@@ -107,8 +108,10 @@ private:
             deadline_->arm();
             std::error_code ec = co_await fast_handshake::run(socket_, auth::handshake::role::client, key_,
                                                               options_.handshake_timeout, shared_from_this());
-            if (ec == asio::error::eof || ec == asio::error::connection_reset || ec == asio::error::broken_pipe)
-                ec = errc::authentication_failed;  // a server that refuses the peer closes before its challenge
+            if (ec == asio::error::eof || ec == asio::error::connection_reset ||
+                ec == asio::error::broken_pipe)
+                ec = errc::authentication_failed;  // a server that refuses the peer closes before its
+                                                   // challenge
             if (ec) co_return deadline_->translate(wire::normalize(ec));
             native::append_frame(request, native::hello{1, quick::max_version, 0});
             const std::size_t at = request.size();
@@ -122,7 +125,8 @@ private:
         }
 
         // Filled by each recvmsg and emptied right after it (no suspension in between).
-        thread_local const io::detail::scm_rights_control control = io::detail::scm_rights_control::for_receive();
+        thread_local const io::detail::scm_rights_control control =
+            io::detail::scm_rights_control::for_receive();
         std::array<std::byte, 1024> raw;  // NOLINT(cppcoreguidelines-pro-type-member-init): written by recv
         std::vector<unique_fd> batch;
         std::vector<unique_fd> held;  // descriptors that came before QUICK_ACK was complete
@@ -138,8 +142,8 @@ private:
             const bool before_ack = state_ == state::quick_sent;
             const std::span<std::byte> room = before_ack ? std::span<std::byte>(raw) : decoder_.prepare(4096);
             const io::detail::attempt_result r =
-                io::detail::recv_attempt(socket_.native_handle(), asio::buffer(room.data(), room.size()), control,
-                                         io::detail::socket_kind::stream, batch);
+                io::detail::recv_attempt(socket_.native_handle(), asio::buffer(room.data(), room.size()),
+                                         control, io::detail::socket_kind::stream, batch);
             if (r.would_block) {
                 deadline_->arm();
                 auto [wec] = co_await socket_.async_wait(asio::socket_base::wait_read, use_tuple);
@@ -153,8 +157,8 @@ private:
                 // After the handshake, a close before HELLO_ACK is the server's refusal; before
                 // QUICK_ACK a refusing server says so (ERROR), a bare close is a lost connection.
                 if (state_ == state::hello_sent) co_return make_error_code(errc::authentication_failed);
-                co_return r.ec && r.ec != asio::error::eof ? wire::normalize(r.ec)
-                                                           : std::make_error_code(std::errc::connection_reset);
+                co_return r.ec&& r.ec != asio::error::eof ? wire::normalize(r.ec)
+                                                          : std::make_error_code(std::errc::connection_reset);
             }
             if (!before_ack) {
                 decoder_.commit(r.bytes, std::move(batch), truncated);
@@ -207,8 +211,9 @@ private:
             switch (done->status) {
                 case native::reply_status::ok:
                     if (done->error) {
-                        native::append_frame(tail_, native::give_back{request_id,
-                                                                      native::give_back_reason::control_truncated});
+                        native::append_frame(
+                            tail_,
+                            native::give_back{request_id, native::give_back_reason::control_truncated});
                         result_ = done->error;
                     } else {
                         native::append_frame(tail_, native::confirm{request_id, {}});

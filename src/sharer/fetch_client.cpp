@@ -11,9 +11,9 @@
 #include "sharer/dedicated_fetch.hpp"
 #include "sharer/fetch_connect.hpp"
 #include "sharer/handshake_driver.hpp"
-#include "sharer/quick_connect.hpp"
 #include "sharer/native_protocol.hpp"
 #include "sharer/native_stream.hpp"
+#include "sharer/quick_connect.hpp"
 #include "sharer/sharer_handshake.hpp"
 #include "sharer/sharer_wire.hpp"
 
@@ -60,8 +60,8 @@ constexpr std::uint16_t client_max_version = quick::max_version;
 clock::time_point coarse_now() noexcept {
     timespec ts{};
     ::clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-    return clock::time_point(std::chrono::duration_cast<clock::duration>(std::chrono::seconds(ts.tv_sec) +
-                                                                         std::chrono::nanoseconds(ts.tv_nsec)));
+    return clock::time_point(std::chrono::duration_cast<clock::duration>(
+        std::chrono::seconds(ts.tv_sec) + std::chrono::nanoseconds(ts.tv_nsec)));
 }
 
 void complete(fetch_handler& h, std::error_code ec, std::vector<unique_fd> fds) {
@@ -454,8 +454,7 @@ private:
                 // Closed after the handshake but before HELLO_ACK: the server refused this
                 // process. Before QUICK_ACK a refusing server says so (ERROR); a bare close is a
                 // lost connection (e.g. the server died).
-                self->fail(self->state_ == state::hello_sent
-                               ? make_error_code(errc::authentication_failed)
+                self->fail(self->state_ == state::hello_sent ? make_error_code(errc::authentication_failed)
                            : r.ec == asio::error::eof || r.bytes == 0
                                ? std::make_error_code(std::errc::connection_reset)
                                : wire::normalize(r.ec));

@@ -17,7 +17,8 @@ namespace steward::detail::quick {
 namespace {
 
 bool is_ack(std::span<const std::byte> payload) noexcept {
-    return payload.size() >= 5 && payload[0] == std::byte{static_cast<std::uint8_t>(native::msg_type::quick_ack)} &&
+    return payload.size() >= 5 &&
+           payload[0] == std::byte{static_cast<std::uint8_t>(native::msg_type::quick_ack)} &&
            std::memcmp(payload.data() + 1, native::magic.data(), native::magic.size()) == 0;
 }
 
@@ -37,8 +38,10 @@ ack_reader::state ack_reader::feed(std::span<const std::byte> bytes) {
         const auto have = std::span<const std::byte>(buffer_).subspan(consumed_);
         // Nothing before QUICK_ACK is longer than a challenge (256 bytes of payload).
         const framing::frame_probe probe = framing::probe_frame(have, framing::handshake_max_payload);
-        if (probe.status == framing::frame_status::too_large) return fail(make_error_code(errc::limit_exceeded));
-        if (probe.status == framing::frame_status::malformed) return fail(make_error_code(errc::malformed_message));
+        if (probe.status == framing::frame_status::too_large)
+            return fail(make_error_code(errc::limit_exceeded));
+        if (probe.status == framing::frame_status::malformed)
+            return fail(make_error_code(errc::malformed_message));
         if (probe.status == framing::frame_status::need_more) return state_;
         const auto payload = have.subspan(probe.header_size, static_cast<std::size_t>(probe.payload_size));
         consumed_ += static_cast<std::size_t>(probe.total_size());
@@ -66,7 +69,8 @@ ack_reader::state ack_reader::feed(std::span<const std::byte> bytes) {
         }
         // #FAILURE#: a server that took the QUICK for the answer to its challenge refused it.
         const std::string_view failure = auth::failure;
-        if (payload.size() == failure.size() && std::memcmp(payload.data(), failure.data(), failure.size()) == 0)
+        if (payload.size() == failure.size() &&
+            std::memcmp(payload.data(), failure.data(), failure.size()) == 0)
             return fail(make_error_code(errc::authentication_failed));
         return fail(make_error_code(errc::malformed_message));
     }

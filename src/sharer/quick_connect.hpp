@@ -48,7 +48,8 @@ inline void append_ack_frame(std::vector<std::byte>& out, const authkey& key, co
     native::append_quick_ack_frame(out, key, client_nonce, ack);
 }
 [[nodiscard]] inline native::hello_ack decode_ack(const authkey& key, const nonce& client_nonce,
-                                                  std::span<const std::byte> payload, std::error_code& ec) noexcept {
+                                                  std::span<const std::byte> payload,
+                                                  std::error_code& ec) noexcept {
     return native::decode_quick_ack(key, client_nonce, payload, ec);
 }
 

@@ -1,5 +1,5 @@
-#include <steward/sharer.hpp>
 #include <steward/io/backend_probe.hpp>
+#include <steward/sharer.hpp>
 
 #include <steward/error.hpp>
 #include <steward/io_uring_check.hpp>
@@ -665,7 +665,8 @@ private:
                         ++self->stats_.limit_violations;
                         // Say why before closing: a steward client reports limit_exceeded, not a
                         // key or uid problem (a CPython client fails on it as on a close).
-                        send_refusal(fd.get(), native::error_code_value::limit_exceeded, "too many connections");
+                        send_refusal(fd.get(), native::error_code_value::limit_exceeded,
+                                     "too many connections");
                         continue;  // fd closes
                     }
                     conn = std::make_shared<sharer_connection>(*self->strand_);
@@ -969,7 +970,8 @@ private:
                 }
                 if (n == 0) return make_error_code(asio::error::eof);
                 if (errno == EINTR) continue;
-                if (errno == EWOULDBLOCK) return std::make_error_code(std::errc::resource_unavailable_try_again);
+                if (errno == EWOULDBLOCK)
+                    return std::make_error_code(std::errc::resource_unavailable_try_again);
                 return errno_code(errno);
             }
         }
@@ -1018,7 +1020,8 @@ private:
             }
         }
 
-        asio::awaitable<std::error_code> next_frame(local_socket& socket, std::span<const std::byte>& payload) {
+        asio::awaitable<std::error_code> next_frame(local_socket& socket,
+                                                    std::span<const std::byte>& payload) {
             co_return co_await next_frame(socket, payload, [] {});
         }
 
@@ -1145,7 +1148,9 @@ private:
         [[nodiscard]] bool coalesce() const noexcept { return coalesce_; }
         [[nodiscard]] bool empty() const noexcept { return bytes_.empty(); }
         [[nodiscard]] bool has_fds() const noexcept { return !fds_.empty(); }
-        [[nodiscard]] bool fits(std::size_t n) const noexcept { return fds_.size() + n <= native::max_fds_per_part; }
+        [[nodiscard]] bool fits(std::size_t n) const noexcept {
+            return fds_.size() + n <= native::max_fds_per_part;
+        }
         std::vector<std::byte>& bytes() noexcept { return bytes_; }
 
         void add_failure(std::uint64_t id, native::reply_status status) {
@@ -1199,7 +1204,8 @@ private:
             for (std::size_t at : w.replies()) {
                 const auto id = wire::get_be<std::uint64_t>(w.bytes().data() + at + 5);
                 w.returned().push_back(id);  // put back once the pass is written (see serve_pass)
-                wire::put_reply(w.bytes().data() + at, native::failure_reply(id, native::reply_status::server_error));
+                wire::put_reply(w.bytes().data() + at,
+                                native::failure_reply(id, native::reply_status::server_error));
             }
             w.drop_fds();
             err = co_await send_fully(conn->socket, w.bytes(), {});
@@ -1318,8 +1324,8 @@ private:
     // The reply to request @p id (in conn->unconfirmed), more than 253 descriptors: one sendmsg
     // per part.
     static asio::awaitable<bool> send_multipart(const std::shared_ptr<sharer_impl>& self,
-                                                const std::shared_ptr<sharer_connection>& conn, reply_writer& w,
-                                                std::uint64_t id) {
+                                                const std::shared_ptr<sharer_connection>& conn,
+                                                reply_writer& w, std::uint64_t id) {
         const taken_share& t = *find_unconfirmed(*conn, id);
         const auto total = static_cast<std::uint32_t>(t.entry.fds.size());
         const std::uint32_t parts = native::part_count_for(total);
@@ -1380,8 +1386,9 @@ private:
         const quick::request q = quick::decode_request(self->key_, payload, ec);
         if (ec) {
             self->count(&sharer_stats::refused_auth);
-            co_await send_error(conn->socket, static_cast<native::error_code_value>(quick::error_authentication_failed),
-                                ec == errc::authentication_failed ? "authentication failed" : "malformed QUICK");
+            co_await send_error(
+                conn->socket, static_cast<native::error_code_value>(quick::error_authentication_failed),
+                ec == errc::authentication_failed ? "authentication failed" : "malformed QUICK");
             co_return;
         }
         if (q.min_version > quick::max_version || q.max_version < 2) {
@@ -1392,8 +1399,9 @@ private:
         conn->last_activity = clock::now();
         // QUICK_ACK and the reply to the embedded FETCH leave in one sendmsg.
         reply_writer w(true);
-        quick::append_ack_frame(w.bytes(), self->key_, q.client_nonce,
-                                native::hello_ack{2, self->options_.max_in_flight, self->options_.max_frame_size});
+        quick::append_ack_frame(
+            w.bytes(), self->key_, q.client_nonce,
+            native::hello_ack{2, self->options_.max_in_flight, self->options_.max_frame_size});
         co_await native_session(self, conn, reader, w, q.first_fetch);
     }
 
@@ -1427,7 +1435,8 @@ private:
             if (ec) {
                 note_read_error(self, ec);
                 if (ec == errc::limit_exceeded)
-                    co_await send_error(conn->socket, native::error_code_value::limit_exceeded, "frame too large");
+                    co_await send_error(conn->socket, native::error_code_value::limit_exceeded,
+                                        "frame too large");
                 co_return;
             }
             for (;;) {
@@ -1451,8 +1460,9 @@ private:
                 } else if (auto* c = std::get_if<native::confirm>(&msg)) {
                     confirm(self, *conn, *c);
                 } else if (auto* g = std::get_if<native::give_back>(&msg)) {
-                    auto it = std::find_if(conn->unconfirmed.begin(), conn->unconfirmed.end(),
-                                           [id = g->request_id](const taken_share& t) { return t.request_id == id; });
+                    auto it = std::find_if(
+                        conn->unconfirmed.begin(), conn->unconfirmed.end(),
+                        [id = g->request_id](const taken_share& t) { return t.request_id == id; });
                     if (it != conn->unconfirmed.end()) {
                         taken_share t = std::move(*it);
                         conn->unconfirmed.erase(it);
@@ -1477,7 +1487,8 @@ private:
     // A write failed (the peer is gone): the CONFIRM and GIVE_BACK frames it wrote before are
     // still queued here, and what they confirm must not be put back (and delivered again).
     static void drain_confirmations(const std::shared_ptr<sharer_impl>& self,
-                                    const std::shared_ptr<sharer_connection>& conn, connection_reader& reader) {
+                                    const std::shared_ptr<sharer_connection>& conn,
+                                    connection_reader& reader) {
         for (;;) {
             std::span<const std::byte> payload;
             std::error_code ec;
@@ -1500,10 +1511,12 @@ private:
         }
     }
 
-    static void confirm(const std::shared_ptr<sharer_impl>& self, sharer_connection& conn, const native::confirm& c) {
+    static void confirm(const std::shared_ptr<sharer_impl>& self, sharer_connection& conn,
+                        const native::confirm& c) {
         // The cumulative part under one lock; the descriptors are closed after it.
         std::size_t covered = 0;
-        while (covered < conn.unconfirmed.size() && conn.unconfirmed[covered].request_id <= c.up_to) ++covered;
+        while (covered < conn.unconfirmed.size() && conn.unconfirmed[covered].request_id <= c.up_to)
+            ++covered;
         if (covered != 0) self->delivered_prefix(conn, covered);
         for (std::uint64_t id : c.ids) {
             auto it = std::find_if(conn.unconfirmed.begin(), conn.unconfirmed.end(),
