@@ -121,8 +121,10 @@ private:
 ///   I/O executor with `blocking.never` (a post): the handler is never invoked from within the
 ///   initiating function. `asio::bind_immediate_executor(ex, token)` chooses another executor; one
 ///   that runs handlers inline (e.g. `asio::system_executor`) makes the handler run inside the call,
-///   and a handler that starts the next operation then recurses. With `asio::deferred` the attempt
-///   is made when the operation is launched.
+///   and a handler that starts the next operation then recurses (so does a coroutine that loops
+///   over `co_await` with `asio::bind_immediate_executor(inline_ex, asio::use_awaitable)`: plain
+///   `asio::use_awaitable` is the token that avoids both the post and the recursion). With
+///   `asio::deferred` the attempt is made when the operation is launched.
 ///
 /// Otherwise (nothing to read yet) the operation waits for readability on the I/O executor and
 /// completes from there, as any Asio operation.
