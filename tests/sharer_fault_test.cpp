@@ -345,11 +345,11 @@ bool allowed_connection_loss(const fetch_record& r) {
     if (r.error_category != 2) return false;
     const auto e = static_cast<std::errc>(r.error_value);
     return e == std::errc::connection_reset || e == std::errc::connection_refused ||
-           e == std::errc::no_such_file_or_directory || e == std::errc::broken_pipe;
+           e == std::errc::no_such_file_or_directory;
 }
 
-// Failures that are none of the documented outcomes of losing the server: the connection lost
-// (connection_reset; broken_pipe when the loss shows on a write), no listener any more
+// Failures that are none of the documented outcomes of losing the server (fetch.hpp): the
+// connection lost (connection_reset, also when the loss shows on a write), no listener any more
 // (ECONNREFUSED, ENOENT), and with @p closed_shares_refused the share closed by stop()
 // (errc::share_not_available, the answer for a share that is gone).
 std::size_t count_disallowed_errors(const fault_layout& layout, bool closed_shares_refused = false) {
