@@ -263,6 +263,14 @@ def native_frame():
     bad_mac[-1] ^= 1
     write(t, "bad-quick-mac", b"\x00" + bytes(bad_mac))
     write(t, "bad-quick-ack-version-1", b"\x00" + n_quick_ack(1, 64, 65536))
+    # What a quick-connect client reads first (quick::ack_reader): an optional challenge, then
+    # QUICK_ACK and the frames behind it.
+    challenge = frame(CHALLENGE + b"{sha256}" + SERVER_NONCE)
+    write(t, "ack-reader-ack-then-reply", bytes([v2 | (4 << 2)]) + frame(n_quick_ack(2, 64, 65536)) + ok_reply(1, 1))
+    write(t, "ack-reader-challenge-first", b"\x00" + challenge + frame(n_quick_ack(2, 64, 65536)) + ok_reply(1, 2))
+    write(t, "ack-reader-two-challenges", b"\x00" + challenge + challenge + frame(n_quick_ack(2, 64, 65536)))
+    write(t, "ack-reader-error-7", b"\x00" + frame(n_error(7, b"bad MAC")))
+    write(t, "ack-reader-failure", b"\x00" + challenge + frame(b"#FAILURE#"))
 
 
 # ---- share_id_text -----------------------------------------------------------------------------

@@ -39,6 +39,10 @@
 //   verifies: re-MACed input is refused only as malformed_message, by an independent structure
 //   check, and re-encodes to the same bytes; other input fails with malformed_message or
 //   authentication_failed;
+// - quick::ack_reader: the same outcome (state, error, session parameters, rest) however the
+//   stream is cut into feeds; acked only for at most one leading #CHALLENGE# frame and then a
+//   QUICK_ACK that decode_quick_ack accepts, rest() being exactly the bytes after it; failures
+//   only with the documented errors;
 // - frame_packer: chunks are whole frames in order, hold exactly the descriptors their REPLY
 //   parts declare, at most 253, and only a part whose descriptors would not fit starts a chunk.
 
@@ -47,6 +51,7 @@
 #include "sharer/framing.hpp"
 #include "sharer/native_protocol.hpp"
 #include "sharer/native_stream.hpp"
+#include "sharer/quick_connect.hpp"
 
 #include <steward/error.hpp>
 
@@ -170,6 +175,55 @@ void check_quick(std::span<const std::byte> stream) {
         (void)native::decode_quick_ack(key, other, p, ec);
         FUZZ_CHECK(ec == steward::errc::authentication_failed);
     }
+}
+
+void check_ack_reader(std::span<const std::byte> stream, std::uint32_t seed) {
+    namespace quick = steward::detail::quick;
+    static const steward::authkey key = fuzz_key();
+    const quick::nonce nonce = fuzz_nonce();
+    quick::ack_reader whole(key, nonce);
+    const auto st = whole.feed(stream);
+    steward::fuzz::chunker cuts(seed);
+    quick::ack_reader pieces(key, nonce);
+    auto st2 = quick::ack_reader::state::need_more;
+    for (std::size_t at = 0; at < stream.size();) {
+        const std::size_t n = std::min(cuts.next(64), stream.size() - at);
+        st2 = pieces.feed(stream.subspan(at, n));
+        at += n;
+    }
+    if (stream.empty()) st2 = pieces.feed({});
+    FUZZ_CHECK(st == st2 && whole.error() == pieces.error());
+    using state = quick::ack_reader::state;
+    if (st == state::failed) {
+        const std::error_code e = whole.error();
+        FUZZ_CHECK(e == steward::errc::authentication_failed || e == steward::errc::malformed_message ||
+                   e == steward::errc::limit_exceeded || e == std::errc::connection_reset);
+        return;
+    }
+    if (st == state::need_more) return;
+    FUZZ_CHECK(whole.ack() == pieces.ack());
+    // Acked: [one challenge frame] QUICK_ACK, then rest().
+    std::size_t at = 0;
+    auto next_frame = [&](std::span<const std::byte>& payload) {
+        const auto p = framing::probe_frame(stream.subspan(at), framing::handshake_max_payload);
+        FUZZ_CHECK(p.status == framing::frame_status::frame);
+        payload = stream.subspan(at + p.header_size, static_cast<std::size_t>(p.payload_size));
+        at += static_cast<std::size_t>(p.total_size());
+    };
+    std::span<const std::byte> payload;
+    next_frame(payload);
+    if (!(payload.size() >= 5 && payload[0] == std::byte{0x09} && has_magic(payload))) {
+        const std::string_view tag = "#CHALLENGE#";
+        FUZZ_CHECK(payload.size() >= tag.size() && std::equal(tag.begin(), tag.end(), reinterpret_cast<const char*>(payload.data())));
+        next_frame(payload);
+    }
+    std::error_code ec;
+    FUZZ_CHECK(native::decode_quick_ack(key, nonce, payload, ec) == whole.ack() && !ec);
+    const auto rest = whole.rest();
+    FUZZ_CHECK(rest.size() == stream.size() - at && std::equal(rest.begin(), rest.end(), stream.begin() + static_cast<std::ptrdiff_t>(at)));
+    const auto rest2 = pieces.rest();
+    // Fed in pieces, rest() holds what followed QUICK_ACK in the feeds given so far.
+    FUZZ_CHECK(rest2.size() <= rest.size() && std::equal(rest2.begin(), rest2.end(), rest.begin()));
 }
 
 struct reference_frame {
@@ -493,32 +547,37 @@ void check_coalesced(std::span<const std::byte> stream, unsigned mode, std::size
             for (int fd : r.fds) fds.emplace_back(fd);
             decoder.commit(r.size, std::move(fds), r.truncated);
             pos += r.size;
+            // The allocation-free form of next() (next(ec) is the version-1 path's).
+            native::message msg;
+            std::vector<unique_fd> part_fds;
+            bool truncated = false;
             while (true) {
                 std::error_code ec;
-                auto ev = decoder.next(ec);
+                const bool got = decoder.next(msg, part_fds, truncated, ec);
                 if (ec) {
-                    FUZZ_CHECK(!ev);
+                    FUZZ_CHECK(!got);
                     failure = ec;
                     break;
                 }
-                if (!ev) break;
+                if (!got) break;
                 FUZZ_CHECK(events < ref.frames.size());
-                FUZZ_CHECK(ev->msg == ref.frames[events].msg);
+                FUZZ_CHECK(msg == ref.frames[events].msg);
                 FUZZ_CHECK(ref.frames[events].offset + ref.frames[events].size <= pos);
-                const std::uint16_t claimed = claimed_fds(ev->msg);
-                FUZZ_CHECK(ev->fds.size() == claimed || (ev->truncated && ev->fds.empty()));
-                for (const auto& fd : ev->fds) FUZZ_CHECK(handed_out.insert(fd.get()).second);
+                const std::uint16_t claimed = claimed_fds(msg);
+                FUZZ_CHECK(part_fds.size() == claimed || (truncated && part_fds.empty()));
+                for (const auto& fd : part_fds) FUZZ_CHECK(handed_out.insert(fd.get()).second);
                 if (!hostile && claimed > 0) {
-                    FUZZ_CHECK(ev->truncated == plan.short_part[events]);
-                    if (!ev->truncated) {
-                        FUZZ_CHECK(ev->fds.size() == plan.expected[events].size());
-                        for (std::size_t k = 0; k < ev->fds.size(); ++k)
-                            FUZZ_CHECK(ev->fds[k].get() == plan.expected[events][k]);
+                    FUZZ_CHECK(truncated == plan.short_part[events]);
+                    if (!truncated) {
+                        FUZZ_CHECK(part_fds.size() == plan.expected[events].size());
+                        for (std::size_t k = 0; k < part_fds.size(); ++k)
+                            FUZZ_CHECK(part_fds[k].get() == plan.expected[events][k]);
                     }
                 }
-                if (const auto* part = std::get_if<native::reply>(&ev->msg)) {
+                if (const auto* part = std::get_if<native::reply>(&msg)) {
                     std::error_code aec;
-                    auto done = assembler.add(*part, std::move(ev->fds), ev->truncated, aec);
+                    auto done = assembler.add_from(*part, part_fds, truncated, aec);
+                    for (const auto& fd : part_fds) FUZZ_CHECK(!fd);  // taken or closed
                     if (aec) FUZZ_CHECK(aec == steward::errc::malformed_message && !done);
                     if (done && (done->error || done->status != native::reply_status::ok))
                         FUZZ_CHECK(done->fds.empty());
@@ -673,6 +732,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     (void)decode_checked(stream, ec);
 
     check_quick(stream);
+    check_ack_reader(stream, steward::fuzz::seed_of(stream));
 
     const unsigned mode = control & 3;
     const std::size_t max_read = 1 + ((control >> 2) & 0x1f) * 8;
