@@ -885,7 +885,8 @@ void remac_quick(std::vector<std::byte>& payload, const native::quick_mac_key& k
 
 void remac_ack(std::vector<std::byte>& payload, const native::quick_mac_key& key) {
     const auto signed_size = payload.size() - native::quick_mac_size;
-    const auto mac = native::quick_ack_mac(key, counting_nonce(), std::span<const std::byte>(payload).first(signed_size));
+    const auto mac =
+        native::quick_ack_mac(key, counting_nonce(), std::span<const std::byte>(payload).first(signed_size));
     std::copy(mac.begin(), mac.end(), payload.begin() + static_cast<std::ptrdiff_t>(signed_size));
 }
 
@@ -903,23 +904,39 @@ BOOST_AUTO_TEST_CASE(quick_known_answer) {
     const steward::authkey key = counting_key();
     const native::quick_mac_key prepared(key);
     const std::string with_fetch =
-        "08" "53545744" "0002" "0002" "00000000"
+        "08"
+        "53545744"
+        "0002"
+        "0002"
+        "00000000"
         "404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f"
-        "01" "0000000000000007" "0123456789abcdeffedcba9876543210"
+        "01"
+        "0000000000000007"
+        "0123456789abcdeffedcba9876543210"
         "89744f55155e2107c6aca1c9403a2123d0d6bbaa257558815553d4bb41d6e0da";
     const std::string without_fetch =
-        "08" "53545744" "0002" "0002" "00000000"
+        "08"
+        "53545744"
+        "0002"
+        "0002"
+        "00000000"
         "404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f"
         "00"
         "f1998d1c5b2e4368ca055160f67be1b607a461e69876a640715838c1c07a262f";
     const std::string ack =
-        "09" "53545744" "0002" "00000040" "00010000"
+        "09"
+        "53545744"
+        "0002"
+        "00000040"
+        "00010000"
         "786a5511ac754a003b82ada4ba932c8acca971a1f74355a35ad3c0ae5ef02e68";
     BOOST_TEST(to_hex(native::encode_quick(prepared, sample_quick(true))) == with_fetch);
     BOOST_TEST(to_hex(native::encode_quick(key, sample_quick(true))) == with_fetch);
     BOOST_TEST(to_hex(native::encode_quick(prepared, sample_quick(false))) == without_fetch);
-    BOOST_TEST(to_hex(native::encode_quick_ack(prepared, counting_nonce(), native::hello_ack{2, 64, 65536})) == ack);
-    BOOST_TEST(to_hex(native::encode_quick_ack(key, counting_nonce(), native::hello_ack{2, 64, 65536})) == ack);
+    BOOST_TEST(
+        to_hex(native::encode_quick_ack(prepared, counting_nonce(), native::hello_ack{2, 64, 65536})) == ack);
+    BOOST_TEST(to_hex(native::encode_quick_ack(key, counting_nonce(), native::hello_ack{2, 64, 65536})) ==
+               ack);
     BOOST_TEST(native::quick_size_with_fetch == with_fetch.size() / 2);
     BOOST_TEST(native::quick_size_without_fetch == without_fetch.size() / 2);
     BOOST_TEST(native::quick_ack_size == ack.size() / 2);
@@ -957,7 +974,8 @@ BOOST_AUTO_TEST_CASE(quick_round_trip_and_classification) {
         BOOST_TEST((native::decode_quick(key, payload, ec) == q));
         BOOST_TEST(!ec);
         BOOST_TEST((native::classify_first_frame(payload) == native::first_frame_kind::native_quick));
-        const native::hello_ack ack{static_cast<std::uint16_t>(2 + rng() % 3), 1 + static_cast<std::uint32_t>(rng() % 99),
+        const native::hello_ack ack{static_cast<std::uint16_t>(2 + rng() % 3),
+                                    1 + static_cast<std::uint32_t>(rng() % 99),
                                     static_cast<std::uint32_t>(rng())};
         const auto ack_payload = native::encode_quick_ack(prepared, q.client_nonce, ack);
         BOOST_TEST((native::decode_quick_ack(prepared, q.client_nonce, ack_payload, ec) == ack));
@@ -988,8 +1006,10 @@ BOOST_AUTO_TEST_CASE(quick_round_trip_and_classification) {
     std::vector<std::byte> out{std::byte{1}};
     BOOST_CHECK_THROW(native::append_quick_frame(out, prepared, zero_id), std::invalid_argument);
     BOOST_TEST(out.size() == 1u);  // nothing half-written
-    BOOST_CHECK_THROW((void)native::encode_quick_ack(prepared, counting_nonce(), {1, 1, 1}), std::invalid_argument);
-    BOOST_CHECK_THROW((void)native::encode_quick_ack(prepared, counting_nonce(), {2, 0, 1}), std::invalid_argument);
+    BOOST_CHECK_THROW((void)native::encode_quick_ack(prepared, counting_nonce(), {1, 1, 1}),
+                      std::invalid_argument);
+    BOOST_CHECK_THROW((void)native::encode_quick_ack(prepared, counting_nonce(), {2, 0, 1}),
+                      std::invalid_argument);
 }
 
 BOOST_AUTO_TEST_CASE(quick_malformed_and_bad_mac) {
@@ -1015,9 +1035,10 @@ BOOST_AUTO_TEST_CASE(quick_malformed_and_bad_mac) {
     expect(edited(good, 0, 0x09), errc::malformed_message, "QUICK_ACK type");
     expect(edited(good, 1, 'X'), errc::malformed_message, "magic");
     expect(edited(good, 4, 'd'), errc::malformed_message, "magic case");
-    for (std::size_t size : {std::size_t{0}, std::size_t{1}, std::size_t{5}, native::quick_size_without_fetch - 1,
-                             native::quick_size_without_fetch + 1, native::quick_size_with_fetch - 1,
-                             native::quick_size_with_fetch + 1, std::size_t{300}}) {
+    for (std::size_t size :
+         {std::size_t{0}, std::size_t{1}, std::size_t{5}, native::quick_size_without_fetch - 1,
+          native::quick_size_without_fetch + 1, native::quick_size_with_fetch - 1,
+          native::quick_size_with_fetch + 1, std::size_t{300}}) {
         std::vector<std::byte> p = good;
         p.resize(size, std::byte{0});
         remac_quick(p, prepared);
@@ -1074,7 +1095,8 @@ BOOST_AUTO_TEST_CASE(quick_malformed_and_bad_mac) {
         BOOST_TEST((ec == errc::authentication_failed));
         auto p = good_short;
         const auto signed_size = p.size() - native::quick_mac_size;
-        const auto mac = native::quick_ack_mac(prepared, counting_nonce(), std::span<const std::byte>(p).first(signed_size));
+        const auto mac = native::quick_ack_mac(prepared, counting_nonce(),
+                                               std::span<const std::byte>(p).first(signed_size));
         std::copy(mac.begin(), mac.end(), p.begin() + static_cast<std::ptrdiff_t>(signed_size));
         expect(p, errc::authentication_failed, "server context");
     }
@@ -1083,7 +1105,8 @@ BOOST_AUTO_TEST_CASE(quick_malformed_and_bad_mac) {
     for (int i = 0; i < 5000; ++i) {
         auto p = rng() % 2 ? good : good_short;
         p.resize(rng() % 2 ? p.size() : rng() % 120);
-        for (int n = static_cast<int>(rng() % 4); n > 0 && !p.empty(); --n) p[rng() % p.size()] = static_cast<std::byte>(rng());
+        for (int n = static_cast<int>(rng() % 4); n > 0 && !p.empty(); --n)
+            p[rng() % p.size()] = static_cast<std::byte>(rng());
         std::error_code ec;
         (void)native::decode_quick(prepared, p, ec);
         BOOST_TEST((ec == errc::malformed_message || ec == errc::authentication_failed || !ec));
@@ -1119,7 +1142,8 @@ BOOST_AUTO_TEST_CASE(quick_ack_malformed_and_bad_mac) {
         remac_ack(p, prepared);
         BOOST_TEST((decode_with(p, counting_nonce()) == errc::malformed_message));
     }
-    for (std::size_t size : {std::size_t{0}, std::size_t{5}, native::quick_ack_size - 1, native::quick_ack_size + 1}) {
+    for (std::size_t size :
+         {std::size_t{0}, std::size_t{5}, native::quick_ack_size - 1, native::quick_ack_size + 1}) {
         auto p = good;
         p.resize(size, std::byte{0});
         BOOST_TEST((decode_with(p, counting_nonce()) == errc::malformed_message), "size " << size);
@@ -1213,7 +1237,8 @@ BOOST_AUTO_TEST_CASE(frame_packer_fewest_chunks) {
         const auto fd = fake_fds(1, static_cast<int>(1000 + id));
         packer.append_reply(native::split_reply(id, 1)[0], fd);
         expected_fds.push_back(fd[0]);
-        if (id % 100 == 0) packer.append(native::failure_reply(1000 + id, native::reply_status::not_available));
+        if (id % 100 == 0)
+            packer.append(native::failure_reply(1000 + id, native::reply_status::not_available));
     }
     BOOST_REQUIRE(packer.chunk_count() == 2u);
     const auto chunks = packer.chunks();
@@ -1240,14 +1265,16 @@ BOOST_AUTO_TEST_CASE(frame_packer_fewest_chunks) {
     BOOST_TEST(frames == 1u + 300u + 3u);
     std::error_code ec;
     const auto first = payloads_of(chunks[0].bytes).front();
-    BOOST_TEST((native::decode_quick_ack(key, counting_nonce(), first, ec) == native::hello_ack{2, 64, 65536}));
+    BOOST_TEST(
+        (native::decode_quick_ack(key, counting_nonce(), first, ec) == native::hello_ack{2, 64, 65536}));
 
     // A 600-descriptor reply behind a 200-descriptor one: 200 | 253 | 147+... (greedy, in order).
     packer.clear();
     BOOST_TEST(packer.empty());
     BOOST_TEST(packer.chunk_count() == 0u);
     packer.append_reply(native::split_reply(1, 200)[0], fake_fds(200, 10));
-    for (const auto& part : native::split_reply(2, 600)) packer.append_reply(part, fake_fds(part.part_fds, 300));
+    for (const auto& part : native::split_reply(2, 600))
+        packer.append_reply(part, fake_fds(part.part_fds, 300));
     packer.append_reply(native::split_reply(3, 100)[0], fake_fds(100, 2000));
     std::vector<std::size_t> counts;
     for (const auto& c : packer.chunks()) counts.push_back(c.fds.size());
@@ -1283,7 +1310,8 @@ BOOST_AUTO_TEST_CASE(frame_packer_refuses_descriptors_that_do_not_match) {
     std::vector<std::byte> hello;
     native::append_frame(hello, native::hello_ack{});
     BOOST_CHECK_THROW(packer.append_framed(hello, fake_fds(1, 5)), std::invalid_argument);
-    BOOST_CHECK_THROW(packer.append_framed(std::span<const std::byte>(frame).first(10)), std::invalid_argument);
+    BOOST_CHECK_THROW(packer.append_framed(std::span<const std::byte>(frame).first(10)),
+                      std::invalid_argument);
     auto two = frame;
     two.insert(two.end(), hello.begin(), hello.end());
     BOOST_CHECK_THROW(packer.append_framed(two), std::invalid_argument);
@@ -1296,7 +1324,8 @@ BOOST_AUTO_TEST_CASE(frame_packer_refuses_descriptors_that_do_not_match) {
     const std::vector<int> fds = fake_fds(3, 5);
     const native::outgoing_frame list[] = {{frame, fds}, {hello, {}}};
     const native::packed_frames packed = native::pack_frames(list);
-    BOOST_TEST(to_hex(packed.bytes) == to_hex(std::vector<std::byte>(packer.bytes().begin(), packer.bytes().end())));
+    BOOST_TEST(to_hex(packed.bytes) ==
+               to_hex(std::vector<std::byte>(packer.bytes().begin(), packer.bytes().end())));
     BOOST_TEST((packed.fds == fds));
     BOOST_REQUIRE(packed.chunks.size() == 1u);
     BOOST_TEST(packed.chunks[0].byte_count == packed.bytes.size());
@@ -1439,8 +1468,9 @@ BOOST_AUTO_TEST_CASE(native_fifo_coalesced_batches) {
         const int n = 1 + static_cast<int>(rng() % 40);
         for (int i = 0; i < n; ++i) {
             const auto r = rng() % 20;
-            const std::uint32_t fds = r == 0 ? 0 : r == 1 ? 254 + static_cast<std::uint32_t>(rng() % 400)
-                                                          : 1 + static_cast<std::uint32_t>(rng() % 6);
+            const std::uint32_t fds = r == 0   ? 0
+                                      : r == 1 ? 254 + static_cast<std::uint32_t>(rng() % 400)
+                                               : 1 + static_cast<std::uint32_t>(rng() % 6);
             replies.emplace_back(static_cast<std::uint64_t>(i + 1), fds);
         }
         sent_stream s(replies, version);
@@ -1518,8 +1548,8 @@ BOOST_AUTO_TEST_CASE(native_fifo_protocol_errors) {
             std::vector<steward::unique_fd> batch;
             for (std::size_t i = 0; i < fds; ++i) batch.push_back(open_null());
             auto space = dec.prepare(to - pos + 1);  // short reads: the kernel stopped there
-            std::copy(bytes.begin() + static_cast<std::ptrdiff_t>(pos), bytes.begin() + static_cast<std::ptrdiff_t>(to),
-                      space.begin());
+            std::copy(bytes.begin() + static_cast<std::ptrdiff_t>(pos),
+                      bytes.begin() + static_cast<std::ptrdiff_t>(to), space.begin());
             dec.commit(to - pos, std::move(batch));
             pos = to;
             while (dec.next(ec)) {
@@ -1532,7 +1562,8 @@ BOOST_AUTO_TEST_CASE(native_fifo_protocol_errors) {
     // The honest shapes: several parts in one batch; a second batch after the first was used up.
     BOOST_TEST(!run({one(1, 2), one(2, 3)}, {{2, 5}}));
     BOOST_TEST(!run({one(1, 2), one(2, 3), one(3, 1)}, {{2, 5}, {1, 1}}));
-    BOOST_TEST(!run({one(1, 2), one(2, 3), one(3, 1)}, {{1, 5}, {1, 0}, {1, 1}}));  // parts of a batch in later reads
+    BOOST_TEST(!run({one(1, 2), one(2, 3), one(3, 1)},
+                    {{1, 5}, {1, 0}, {1, 1}}));  // parts of a batch in later reads
     // A part finding fewer than it declares in an untruncated batch.
     BOOST_TEST((run({one(1, 2), one(2, 3)}, {{2, 4}}) == errc::malformed_message));
     // A part that would take from two batches (the first one short, the second arriving).
@@ -1634,7 +1665,8 @@ BOOST_AUTO_TEST_CASE(native_fifo_allocation_free_path_matches) {
     const int fds_before = steward::test::open_fd_count();
     std::mt19937_64 rng(43);
     std::vector<std::pair<std::uint64_t, std::uint32_t>> replies;
-    for (std::uint64_t id = 1; id <= 300; ++id) replies.emplace_back(id, id % 50 == 0 ? 300 : id % 7 == 0 ? 0 : 1);
+    for (std::uint64_t id = 1; id <= 300; ++id)
+        replies.emplace_back(id, id % 50 == 0 ? 300 : id % 7 == 0 ? 0 : 1);
     sent_stream s(replies, 2);
     native::stream_decoder dec;
     native::reply_assembler assembler;
@@ -1745,7 +1777,9 @@ BOOST_AUTO_TEST_CASE(native_fifo_explicit_short_read) {
 
 namespace {
 
-std::vector<std::byte> framed(std::span<const std::byte> payload) { return framing::make_frame(payload); }
+std::vector<std::byte> framed(std::span<const std::byte> payload) {
+    return framing::make_frame(payload);
+}
 
 std::vector<std::byte> challenge_frame() {
     std::string text = "#CHALLENGE#{sha256}";
@@ -1769,7 +1803,8 @@ BOOST_AUTO_TEST_CASE(quick_ack_reader) {
         return out;
     };
     using state = quick::ack_reader::state;
-    auto feed_all = [&](const std::vector<std::byte>& bytes, std::size_t step, const quick::nonce& n = counting_nonce()) {
+    auto feed_all = [&](const std::vector<std::byte>& bytes, std::size_t step,
+                        const quick::nonce& n = counting_nonce()) {
         quick::ack_reader r(key, n);
         state st = state::need_more;
         for (std::size_t at = 0; at < bytes.size() && st == state::need_more; at += step)
@@ -1796,7 +1831,8 @@ BOOST_AUTO_TEST_CASE(quick_ack_reader) {
     BOOST_TEST((std::get<1>(feed_all(ack, 4096, other)) == steward::errc::authentication_failed));
     std::vector<std::byte> forged;
     quick::append_ack_frame(forged, steward::authkey::generate(), nonce, native::hello_ack{2, 64, 65536});
-    BOOST_TEST((std::get<1>(feed_all(concat({forged, reply}), 4096)) == steward::errc::authentication_failed));
+    BOOST_TEST(
+        (std::get<1>(feed_all(concat({forged, reply}), 4096)) == steward::errc::authentication_failed));
     // ERROR frames say why the server refused.
     auto error_frame = [](native::error_code_value code) {
         std::vector<std::byte> out;
@@ -1807,9 +1843,11 @@ BOOST_AUTO_TEST_CASE(quick_ack_reader) {
                 steward::errc::authentication_failed));
     BOOST_TEST((std::get<1>(feed_all(error_frame(native::error_code_value::limit_exceeded), 4096)) ==
                 steward::errc::limit_exceeded));
-    BOOST_TEST((std::get<0>(feed_all(error_frame(native::error_code_value::shutting_down), 4096)) == state::failed));
-    BOOST_TEST((std::get<1>(feed_all(concat({challenge_frame(), error_frame(native::error_code_value::authentication_failed)}),
-                                     3)) == steward::errc::authentication_failed));
+    BOOST_TEST(
+        (std::get<0>(feed_all(error_frame(native::error_code_value::shutting_down), 4096)) == state::failed));
+    BOOST_TEST((std::get<1>(feed_all(
+                    concat({challenge_frame(), error_frame(native::error_code_value::authentication_failed)}),
+                    3)) == steward::errc::authentication_failed));
     // #FAILURE#: a server that took the QUICK for the answer to its challenge.
     const std::string_view failure = "#FAILURE#";
     BOOST_TEST((std::get<1>(feed_all(concat({challenge_frame(), framed(std::as_bytes(std::span<const char>(
@@ -1822,7 +1860,8 @@ BOOST_AUTO_TEST_CASE(quick_ack_reader) {
     // A QUICK_ACK with a wrong MAC after the challenge, fed byte by byte.
     auto bad = ack;
     bad.back() ^= std::byte{1};
-    BOOST_TEST((std::get<1>(feed_all(concat({challenge_frame(), bad}), 1)) == steward::errc::authentication_failed));
+    BOOST_TEST(
+        (std::get<1>(feed_all(concat({challenge_frame(), bad}), 1)) == steward::errc::authentication_failed));
     // Once decided, more bytes change nothing.
     quick::ack_reader r(key, nonce);
     BOOST_TEST((r.feed(ack) == state::acked));

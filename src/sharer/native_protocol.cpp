@@ -182,7 +182,8 @@ std::size_t begin_frame(std::vector<std::byte>& out) {
 
 void end_frame(std::vector<std::byte>& out, std::size_t at) {
     const std::uint64_t size = out.size() - at - 4;
-    for (int i = 0; i < 4; ++i) out[at + static_cast<std::size_t>(i)] = static_cast<std::byte>((size >> (8 * (3 - i))) & 0xff);
+    for (int i = 0; i < 4; ++i)
+        out[at + static_cast<std::size_t>(i)] = static_cast<std::byte>((size >> (8 * (3 - i))) & 0xff);
 }
 
 }  // namespace
@@ -311,7 +312,9 @@ EVP_MAC* hmac_algorithm() noexcept {
     return mac;
 }
 
-const unsigned char* uc(const std::byte* p) noexcept { return reinterpret_cast<const unsigned char*>(p); }
+const unsigned char* uc(const std::byte* p) noexcept {
+    return reinterpret_cast<const unsigned char*>(p);
+}
 
 std::span<const std::byte> as_span(std::string_view s) noexcept {
     return std::as_bytes(std::span<const char>(s.data(), s.size()));
@@ -324,7 +327,8 @@ const quick_mac_key& cached_key(const authkey& key) {
 }
 
 [[noreturn]] void throw_crypto() {
-    throw std::system_error(make_error_code(errc::authentication_failed), "HMAC-SHA256 unavailable in libcrypto");
+    throw std::system_error(make_error_code(errc::authentication_failed),
+                            "HMAC-SHA256 unavailable in libcrypto");
 }
 
 bool has_type_and_magic(std::span<const std::byte> payload, msg_type t) noexcept {
@@ -333,7 +337,8 @@ bool has_type_and_magic(std::span<const std::byte> payload, msg_type t) noexcept
 }
 
 bool verify_mac(const quick_mac_bytes& expected, std::span<const std::byte> payload) noexcept {
-    return CRYPTO_memcmp(expected.data(), payload.data() + payload.size() - quick_mac_size, quick_mac_size) == 0;
+    return CRYPTO_memcmp(expected.data(), payload.data() + payload.size() - quick_mac_size, quick_mac_size) ==
+           0;
 }
 
 }  // namespace
@@ -374,8 +379,8 @@ quick_mac_key::~quick_mac_key() {
     OPENSSL_cleanse(key_.data(), key_.size());
 }
 
-bool quick_mac_key::compute(std::span<const std::byte> a, std::span<const std::byte> b, std::span<const std::byte> c,
-                            quick_mac_bytes& out) const noexcept {
+bool quick_mac_key::compute(std::span<const std::byte> a, std::span<const std::byte> b,
+                            std::span<const std::byte> c, quick_mac_bytes& out) const noexcept {
     auto* const ctx = static_cast<EVP_MAC_CTX*>(ctx_);
     if (!ctx) return false;
     std::size_t len = 0;
@@ -429,8 +434,8 @@ void encode_quick_into(std::vector<std::byte>& out, const quick_mac_key& key, co
     w.bytes(mac);
 }
 
-void encode_quick_ack_into(std::vector<std::byte>& out, const quick_mac_key& key, const quick_nonce& client_nonce,
-                           const hello_ack& ack) {
+void encode_quick_ack_into(std::vector<std::byte>& out, const quick_mac_key& key,
+                           const quick_nonce& client_nonce, const hello_ack& ack) {
     if (ack.version < quick_version || ack.max_in_flight == 0)
         throw std::invalid_argument("QUICK_ACK needs version >= 2 and max_in_flight >= 1");
     const std::size_t begin = out.size();
@@ -440,7 +445,8 @@ void encode_quick_ack_into(std::vector<std::byte>& out, const quick_mac_key& key
     w.u16(ack.version);
     w.u32(ack.max_in_flight);
     w.u32(ack.max_payload);
-    const quick_mac_bytes mac = quick_ack_mac(key, client_nonce, std::span<const std::byte>(out).subspan(begin));
+    const quick_mac_bytes mac =
+        quick_ack_mac(key, client_nonce, std::span<const std::byte>(out).subspan(begin));
     w.bytes(mac);
 }
 
@@ -452,7 +458,9 @@ std::vector<std::byte> encode_quick(const quick_mac_key& key, const quick& q) {
     return out;
 }
 
-std::vector<std::byte> encode_quick(const authkey& key, const quick& q) { return encode_quick(cached_key(key), q); }
+std::vector<std::byte> encode_quick(const authkey& key, const quick& q) {
+    return encode_quick(cached_key(key), q);
+}
 
 void append_quick_frame(std::vector<std::byte>& out, const quick_mac_key& key, const quick& q) {
     const std::size_t size_before = out.size();
@@ -479,15 +487,16 @@ quick decode_quick(const quick_mac_key& key, std::span<const std::byte> payload,
         return quick{};
     };
     const std::error_code malformed = make_error_code(errc::malformed_message);
-    if (!has_type_and_magic(payload, msg_type::quick)) return fail(malformed, "native: not a QUICK (type or magic)");
+    if (!has_type_and_magic(payload, msg_type::quick))
+        return fail(malformed, "native: not a QUICK (type or magic)");
     if (payload.size() != quick_size_without_fetch && payload.size() != quick_size_with_fetch)
         return fail(malformed, "native: QUICK has the wrong size");
     reader r(payload.subspan(1 + magic.size()));
     quick q;
     std::span<const std::byte> nonce;
     std::uint8_t has_fetch = 0;
-    if (!r.u16(q.min_version) || !r.u16(q.max_version) || !r.u32(q.flags) || !r.bytes(quick_nonce_size, nonce) ||
-        !r.u8(has_fetch))
+    if (!r.u16(q.min_version) || !r.u16(q.max_version) || !r.u32(q.flags) ||
+        !r.bytes(quick_nonce_size, nonce) || !r.u8(has_fetch))
         return fail(malformed, "native: QUICK has the wrong size");
     if (has_fetch > 1) return fail(malformed, "native: QUICK has_fetch is neither 0 nor 1");
     if ((has_fetch == 1) != (payload.size() == quick_size_with_fetch))
@@ -503,7 +512,8 @@ quick decode_quick(const quick_mac_key& key, std::span<const std::byte> payload,
         q.first_fetch = f;
     }
     quick_mac_bytes expected{};
-    if (!key.compute(as_span(quick_client_context), payload.first(payload.size() - quick_mac_size), {}, expected))
+    if (!key.compute(as_span(quick_client_context), payload.first(payload.size() - quick_mac_size), {},
+                     expected))
         return fail(make_error_code(errc::authentication_failed), "native: libcrypto refused HMAC-SHA256");
     if (!verify_mac(expected, payload))
         return fail(make_error_code(errc::authentication_failed), "native: QUICK MAC does not verify");
@@ -528,12 +538,13 @@ std::vector<std::byte> encode_quick_ack(const quick_mac_key& key, const quick_no
     return out;
 }
 
-std::vector<std::byte> encode_quick_ack(const authkey& key, const quick_nonce& client_nonce, const hello_ack& ack) {
+std::vector<std::byte> encode_quick_ack(const authkey& key, const quick_nonce& client_nonce,
+                                        const hello_ack& ack) {
     return encode_quick_ack(cached_key(key), client_nonce, ack);
 }
 
-void append_quick_ack_frame(std::vector<std::byte>& out, const quick_mac_key& key, const quick_nonce& client_nonce,
-                            const hello_ack& ack) {
+void append_quick_ack_frame(std::vector<std::byte>& out, const quick_mac_key& key,
+                            const quick_nonce& client_nonce, const hello_ack& ack) {
     const std::size_t size_before = out.size();
     try {
         const std::size_t at = begin_frame(out);
@@ -551,7 +562,8 @@ void append_quick_ack_frame(std::vector<std::byte>& out, const authkey& key, con
 }
 
 hello_ack decode_quick_ack(const quick_mac_key& key, const quick_nonce& client_nonce,
-                           std::span<const std::byte> payload, std::error_code& ec, const char** why) noexcept {
+                           std::span<const std::byte> payload, std::error_code& ec,
+                           const char** why) noexcept {
     ec.clear();
     auto fail = [&](std::error_code e, const char* reason) -> hello_ack {
         ec = e;
@@ -566,18 +578,20 @@ hello_ack decode_quick_ack(const quick_mac_key& key, const quick_nonce& client_n
     hello_ack ack;
     if (!r.u16(ack.version) || !r.u32(ack.max_in_flight) || !r.u32(ack.max_payload))
         return fail(malformed, "native: QUICK_ACK has the wrong size");
-    if (ack.version < quick_version || ack.max_in_flight == 0) return fail(malformed, "native: QUICK_ACK values");
+    if (ack.version < quick_version || ack.max_in_flight == 0)
+        return fail(malformed, "native: QUICK_ACK values");
     quick_mac_bytes expected{};
-    if (!key.compute(as_span(quick_server_context), client_nonce, payload.first(payload.size() - quick_mac_size),
-                     expected))
+    if (!key.compute(as_span(quick_server_context), client_nonce,
+                     payload.first(payload.size() - quick_mac_size), expected))
         return fail(make_error_code(errc::authentication_failed), "native: libcrypto refused HMAC-SHA256");
     if (!verify_mac(expected, payload))
         return fail(make_error_code(errc::authentication_failed), "native: QUICK_ACK MAC does not verify");
     return ack;
 }
 
-hello_ack decode_quick_ack(const authkey& key, const quick_nonce& client_nonce, std::span<const std::byte> payload,
-                           std::error_code& ec, const char** why) noexcept {
+hello_ack decode_quick_ack(const authkey& key, const quick_nonce& client_nonce,
+                           std::span<const std::byte> payload, std::error_code& ec,
+                           const char** why) noexcept {
     try {
         return decode_quick_ack(cached_key(key), client_nonce, payload, ec, why);
     } catch (...) {
@@ -623,7 +637,8 @@ void frame_packer::append_reply(const reply& part, std::span<const int> fds) {
     add(at, fds);
 }
 
-void frame_packer::append_quick_ack(const quick_mac_key& key, const quick_nonce& client_nonce, const hello_ack& ack) {
+void frame_packer::append_quick_ack(const quick_mac_key& key, const quick_nonce& client_nonce,
+                                    const hello_ack& ack) {
     const std::size_t at = bytes_.size();
     append_quick_ack_frame(bytes_, key, client_nonce, ack);
     add(at, {});
@@ -673,8 +688,9 @@ packed_frames pack_frames(std::span<const outgoing_frame> frames, std::uint16_t 
     out.chunks.reserve(packer.chunk_count());
     for (std::size_t i = 0; i < packer.chunk_count(); ++i) {
         const frame_packer::chunk c = packer.chunk_at(i);
-        out.chunks.push_back({static_cast<std::size_t>(c.bytes.data() - packer.bytes().data()), c.bytes.size(),
-                              static_cast<std::size_t>(c.fds.data() - packer.fds().data()), c.fds.size()});
+        out.chunks.push_back({static_cast<std::size_t>(c.bytes.data() - packer.bytes().data()),
+                              c.bytes.size(), static_cast<std::size_t>(c.fds.data() - packer.fds().data()),
+                              c.fds.size()});
     }
     return out;
 }

@@ -1,10 +1,10 @@
 #pragma once
-// LEAD NOTE TO THE CODEC HELPER (delete this line): re-read the top of /work/spec-sharer-v2.md now; QUICK/QUICK_ACK already live in src/sharer/quick_connect.{hpp,cpp}.
-// steward's native sharer protocol (docs/protocol.md specifies it byte by byte). Every message is
-// one multiprocessing.connection frame (4-byte big-endian length + payload, see framing.hpp);
-// the payload starts with a type byte. After the handshake the first frame picks the protocol:
-// a pickle starts with 0x80 (PROTO), a native session starts with HELLO (0x01) and its magic.
-// Pure encode/decode over payload bytes; all integers big-endian.
+// LEAD NOTE TO THE CODEC HELPER (delete this line): re-read the top of /work/spec-sharer-v2.md now;
+// QUICK/QUICK_ACK already live in src/sharer/quick_connect.{hpp,cpp}. steward's native sharer protocol
+// (docs/protocol.md specifies it byte by byte). Every message is one multiprocessing.connection frame (4-byte
+// big-endian length + payload, see framing.hpp); the payload starts with a type byte. After the handshake the
+// first frame picks the protocol: a pickle starts with 0x80 (PROTO), a native session starts with HELLO
+// (0x01) and its magic. Pure encode/decode over payload bytes; all integers big-endian.
 //
 // New for version 2 (docs/protocol.md section 5.5-5.6):
 // - max_protocol_version = 2; msg_type::quick (0x08) / quick_ack (0x09); ERROR code 7
@@ -71,12 +71,12 @@ enum class reply_status : std::uint8_t {
 };
 
 enum class error_code_value : std::uint16_t {
-    malformed = 1,            ///< a frame that does not decode
-    unsupported_version = 2,  ///< no common protocol version
-    limit_exceeded = 3,       ///< frame size, in-flight or connection limit
-    shutting_down = 4,        ///< the server stops
-    idle_timeout = 5,         ///< no traffic for the idle timeout
-    protocol_violation = 6,   ///< a well-formed message out of place (e.g. confirm of an unknown id)
+    malformed = 1,              ///< a frame that does not decode
+    unsupported_version = 2,    ///< no common protocol version
+    limit_exceeded = 3,         ///< frame size, in-flight or connection limit
+    shutting_down = 4,          ///< the server stops
+    idle_timeout = 5,           ///< no traffic for the idle timeout
+    protocol_violation = 6,     ///< a well-formed message out of place (e.g. confirm of an unknown id)
     authentication_failed = 7,  ///< v2: a QUICK whose MAC does not verify (or that is malformed)
 };
 
@@ -169,7 +169,8 @@ void append_frame(std::vector<std::byte>& out, const message& m);
 inline constexpr std::size_t quick_nonce_size = 32;
 inline constexpr std::size_t quick_mac_size = 32;
 /// QUICK payload sizes (type .. has_fetch, optional FETCH, mac).
-inline constexpr std::size_t quick_size_without_fetch = 1 + 4 + 2 + 2 + 4 + quick_nonce_size + 1 + quick_mac_size;
+inline constexpr std::size_t quick_size_without_fetch =
+    1 + 4 + 2 + 2 + 4 + quick_nonce_size + 1 + quick_mac_size;
 inline constexpr std::size_t quick_size_with_fetch = quick_size_without_fetch + 24;
 /// QUICK_ACK payload size.
 inline constexpr std::size_t quick_ack_size = 1 + 4 + 2 + 4 + 4 + quick_mac_size;
@@ -183,9 +184,9 @@ using quick_mac_bytes = std::array<std::byte, quick_mac_size>;
 struct quick {
     std::uint16_t min_version = quick_version;
     std::uint16_t max_version = max_protocol_version;  ///< >= 2
-    std::uint32_t flags = 0;                            ///< reserved, 0
-    quick_nonce client_nonce{};                         ///< getrandom, fresh per connection
-    std::optional<fetch> first_fetch;                   ///< the embedded FETCH (has_fetch = 1)
+    std::uint32_t flags = 0;                           ///< reserved, 0
+    quick_nonce client_nonce{};                        ///< getrandom, fresh per connection
+    std::optional<fetch> first_fetch;                  ///< the embedded FETCH (has_fetch = 1)
     friend bool operator==(const quick&, const quick&) = default;
 };
 
@@ -208,7 +209,7 @@ public:
     [[nodiscard]] bool is_for(const authkey& key) const noexcept;
 
 private:
-    void* ctx_ = nullptr;               // EVP_MAC_CTX, keyed
+    void* ctx_ = nullptr;              // EVP_MAC_CTX, keyed
     std::array<std::byte, 32> key_{};  // for is_for(); wiped by the destructor
 };
 
@@ -231,15 +232,15 @@ void append_quick_frame(std::vector<std::byte>& out, const authkey& key, const q
 /// or not matching the size, version range with max_version < 2, request id 0) set
 /// errc::malformed_message; a MAC that does not verify (compared in constant time) sets
 /// errc::authentication_failed. Returns a default quick on error.
-[[nodiscard]] quick decode_quick(const quick_mac_key& key, std::span<const std::byte> payload, std::error_code& ec,
-                                 const char** why = nullptr) noexcept;
+[[nodiscard]] quick decode_quick(const quick_mac_key& key, std::span<const std::byte> payload,
+                                 std::error_code& ec, const char** why = nullptr) noexcept;
 [[nodiscard]] quick decode_quick(const authkey& key, std::span<const std::byte> payload, std::error_code& ec,
                                  const char** why = nullptr) noexcept;
 
 /// QUICK_ACK payload: version, max_in_flight and max_payload of @p ack, MAC bound to
 /// @p client_nonce. @throws std::invalid_argument for version < 2 or max_in_flight 0.
-[[nodiscard]] std::vector<std::byte> encode_quick_ack(const quick_mac_key& key, const quick_nonce& client_nonce,
-                                                      const hello_ack& ack);
+[[nodiscard]] std::vector<std::byte> encode_quick_ack(const quick_mac_key& key,
+                                                      const quick_nonce& client_nonce, const hello_ack& ack);
 [[nodiscard]] std::vector<std::byte> encode_quick_ack(const authkey& key, const quick_nonce& client_nonce,
                                                       const hello_ack& ack);
 void append_quick_ack_frame(std::vector<std::byte>& out, const quick_mac_key& key,

@@ -112,8 +112,8 @@ bool stream_decoder::next(message& msg, std::vector<unique_fd>& fds, bool& trunc
     return attribute(fds, truncated, part->part_fds, frame_start, frame_end, ec);
 }
 
-bool stream_decoder::attribute(std::vector<unique_fd>& fds, bool& truncated, std::size_t k, std::uint64_t frame_start,
-                               std::uint64_t frame_end, std::error_code& ec) {
+bool stream_decoder::attribute(std::vector<unique_fd>& fds, bool& truncated, std::size_t k,
+                               std::uint64_t frame_start, std::uint64_t frame_end, std::error_code& ec) {
     // Batches "arrived" for this frame are those of reads that began before its last byte.
     if (batches_.empty() || batches_.front().first >= frame_end)
         return fail(ec, errc::malformed_message);  // declared descriptors never came
@@ -165,8 +165,9 @@ std::optional<reply_assembler::completed> reply_assembler::add(const reply& part
     return add_from(part, fds, truncated, ec);
 }
 
-std::optional<reply_assembler::completed> reply_assembler::add_from(const reply& part, std::span<unique_fd> fds,
-                                                                    bool truncated, std::error_code& ec) {
+std::optional<reply_assembler::completed> reply_assembler::add_from(const reply& part,
+                                                                    std::span<unique_fd> fds, bool truncated,
+                                                                    std::error_code& ec) {
     ec.clear();
     // Whatever is not kept is closed now, as the by-value overload's vector would be.
     auto close_given = [&] {

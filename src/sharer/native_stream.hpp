@@ -120,14 +120,14 @@ public:
     /// Feeds one part and its batch. Returns the reply once its last part arrived. A part that
     /// does not continue the reply in progress (another request id, wrong index, a total, part
     /// count or status other than part 0's, a batch with more descriptors than declared, a whole
-    /// reply whose descriptors do not add up to the announced total) sets @p ec to errc::malformed_message: a protocol error
-    /// that ends the connection.
+    /// reply whose descriptors do not add up to the announced total) sets @p ec to errc::malformed_message: a
+    /// protocol error that ends the connection.
     [[nodiscard]] std::optional<completed> add(const reply& part, std::vector<unique_fd> fds, bool truncated,
                                                std::error_code& ec);
     /// As add(), taking the descriptors out of @p fds (moved from, or closed when not kept), so
     /// the caller's vector keeps its capacity (pairs with stream_decoder's allocation-free next()).
-    [[nodiscard]] std::optional<completed> add_from(const reply& part, std::span<unique_fd> fds, bool truncated,
-                                                    std::error_code& ec);
+    [[nodiscard]] std::optional<completed> add_from(const reply& part, std::span<unique_fd> fds,
+                                                    bool truncated, std::error_code& ec);
 
     /// True while a multi-part reply is incomplete (no other message may arrive meanwhile).
     [[nodiscard]] bool in_progress() const noexcept { return active_; }

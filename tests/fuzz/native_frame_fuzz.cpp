@@ -105,7 +105,8 @@ bool has_magic(std::span<const std::byte> p) {
 
 // Independent structure checks (docs/protocol.md section 5.5).
 bool quick_structure_ok(std::span<const std::byte> p) {
-    if (p.size() != native::quick_size_without_fetch && p.size() != native::quick_size_with_fetch) return false;
+    if (p.size() != native::quick_size_without_fetch && p.size() != native::quick_size_with_fetch)
+        return false;
     if (p[0] != std::byte{0x08} || !has_magic(p)) return false;
     const auto lo = be_at(p, 5, 2), hi = be_at(p, 7, 2);
     const auto has_fetch = be_at(p, 45, 1);
@@ -115,8 +116,8 @@ bool quick_structure_ok(std::span<const std::byte> p) {
 }
 
 bool quick_ack_structure_ok(std::span<const std::byte> p) {
-    return p.size() == native::quick_ack_size && p[0] == std::byte{0x09} && has_magic(p) && be_at(p, 5, 2) >= 2 &&
-           be_at(p, 7, 4) != 0;
+    return p.size() == native::quick_ack_size && p[0] == std::byte{0x09} && has_magic(p) &&
+           be_at(p, 5, 2) >= 2 && be_at(p, 7, 4) != 0;
 }
 
 void check_quick(std::span<const std::byte> stream) {
@@ -214,13 +215,15 @@ void check_ack_reader(std::span<const std::byte> stream, std::uint32_t seed) {
     next_frame(payload);
     if (!(payload.size() >= 5 && payload[0] == std::byte{0x09} && has_magic(payload))) {
         const std::string_view tag = "#CHALLENGE#";
-        FUZZ_CHECK(payload.size() >= tag.size() && std::equal(tag.begin(), tag.end(), reinterpret_cast<const char*>(payload.data())));
+        FUZZ_CHECK(payload.size() >= tag.size() &&
+                   std::equal(tag.begin(), tag.end(), reinterpret_cast<const char*>(payload.data())));
         next_frame(payload);
     }
     std::error_code ec;
     FUZZ_CHECK(native::decode_quick_ack(key, nonce, payload, ec) == whole.ack() && !ec);
     const auto rest = whole.rest();
-    FUZZ_CHECK(rest.size() == stream.size() - at && std::equal(rest.begin(), rest.end(), stream.begin() + static_cast<std::ptrdiff_t>(at)));
+    FUZZ_CHECK(rest.size() == stream.size() - at &&
+               std::equal(rest.begin(), rest.end(), stream.begin() + static_cast<std::ptrdiff_t>(at)));
     const auto rest2 = pieces.rest();
     // Fed in pieces, rest() holds what followed QUICK_ACK in the feeds given so far.
     FUZZ_CHECK(rest2.size() <= rest.size() && std::equal(rest2.begin(), rest2.end(), rest.begin()));
@@ -409,8 +412,9 @@ void check_packer(std::span<const std::byte> stream, const reference_walk& ref) 
         const std::uint16_t k = claimed_fds(f.msg);
         const std::size_t at = numbers.size();
         for (std::uint16_t i = 0; i < k; ++i) numbers.push_back(static_cast<int>(numbers.size()));
-        frames.push_back({stream.subspan(static_cast<std::size_t>(f.offset), static_cast<std::size_t>(f.size)),
-                          std::span<const int>(numbers).subspan(at, k)});
+        frames.push_back(
+            {stream.subspan(static_cast<std::size_t>(f.offset), static_cast<std::size_t>(f.size)),
+             std::span<const int>(numbers).subspan(at, k)});
     }
     const native::packed_frames packed = native::pack_frames(frames);
     FUZZ_CHECK(packed.bytes.size() == ref.consumed &&
@@ -426,7 +430,8 @@ void check_packer(std::span<const std::byte> stream, const reference_walk& ref) 
             FUZZ_CHECK(frame < ref.frames.size());
             const std::uint16_t k = claimed_fds(ref.frames[frame].msg);
             // Greedy: a chunk after the first starts only with a part that did not fit before.
-            if (first && c > 0) FUZZ_CHECK(k > 0 && packed.chunks[c - 1].fd_count + k > native::max_fds_per_part);
+            if (first && c > 0)
+                FUZZ_CHECK(k > 0 && packed.chunks[c - 1].fd_count + k > native::max_fds_per_part);
             first = false;
             declared += k;
             bytes += static_cast<std::size_t>(ref.frames[frame].size);
@@ -464,7 +469,8 @@ coalesced_plan plan_coalesced(std::span<const std::byte> stream, const reference
     std::vector<std::size_t> frame_call(ref.frames.size());
     for (std::size_t f = 0; f < ref.frames.size(); ++f) {
         const std::uint16_t k = claimed_fds(ref.frames[f].msg);
-        const bool split = calls.empty() || cuts.next(4) == 1 || (mode == 3 && k > 0 && calls.back().declared > 0) ||
+        const bool split = calls.empty() || cuts.next(4) == 1 ||
+                           (mode == 3 && k > 0 && calls.back().declared > 0) ||
                            calls.back().declared + k > native::max_fds_per_part;
         if (split) calls.push_back({static_cast<std::size_t>(ref.frames[f].offset), 0, 0, {}, false});
         calls.back().last = static_cast<std::size_t>(ref.frames[f].offset + ref.frames[f].size);
@@ -520,7 +526,8 @@ coalesced_plan plan_coalesced(std::span<const std::byte> stream, const reference
     return plan;
 }
 
-void check_coalesced(std::span<const std::byte> stream, unsigned mode, std::size_t max_read, std::uint32_t seed) {
+void check_coalesced(std::span<const std::byte> stream, unsigned mode, std::size_t max_read,
+                     std::uint32_t seed) {
     const reference_walk ref = walk(stream, true);
     steward::fuzz::chunker cuts(seed);
     std::vector<int> all_fds;
@@ -595,7 +602,8 @@ void check_coalesced(std::span<const std::byte> stream, unsigned mode, std::size
             FUZZ_CHECK(decoder.buffered() == stream.size() - ref.consumed);
             if (!hostile) FUZZ_CHECK(decoder.held_descriptors() == 0);
         } else {
-            FUZZ_CHECK(failure == steward::errc::malformed_message || failure == steward::errc::limit_exceeded ||
+            FUZZ_CHECK(failure == steward::errc::malformed_message ||
+                       failure == steward::errc::limit_exceeded ||
                        failure == steward::errc::control_truncated);
             FUZZ_CHECK(decoder.held_descriptors() == 0);
             if (!hostile) {
@@ -667,7 +675,8 @@ void check_stream(std::span<const std::byte> stream, unsigned mode, std::size_t 
                     FUZZ_CHECK(ev->truncated == it->truncated);
                     if (!ev->truncated) {
                         FUZZ_CHECK(it->fds.size() == ev->fds.size());
-                        for (std::size_t k = 0; k < ev->fds.size(); ++k) FUZZ_CHECK(ev->fds[k].get() == it->fds[k]);
+                        for (std::size_t k = 0; k < ev->fds.size(); ++k)
+                            FUZZ_CHECK(ev->fds[k].get() == it->fds[k]);
                     }
                 }
                 if (const auto* part = std::get_if<native::reply>(&ev->msg)) {
