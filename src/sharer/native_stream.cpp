@@ -114,48 +114,51 @@ bool stream_decoder::next(message& msg, std::vector<unique_fd>& fds, bool& trunc
 
 bool stream_decoder::attribute(std::vector<unique_fd>& fds, bool& truncated, std::size_t k,
                                std::uint64_t frame_start, std::uint64_t frame_end, std::error_code& ec) {
-    // Batches "arrived" for this frame are those of reads that began before its last byte.
-    if (batches_.empty() || batches_.front().first >= frame_end)
-        return fail(ec, errc::malformed_message);  // declared descriptors never came
-    batch& front = batches_.front();
-    if (front.left() >= k) {
-        fds.reserve(k);
-        for (std::size_t i = 0; i < k; ++i) fds.push_back(std::move(front.fds[front.taken++]));
-        ++front.parts;
-        if (front.left() == 0 && !front.truncated) batches_.pop_front();
-        return true;
-    }
-    if (!front.truncated) return fail(ec, errc::malformed_message);  // fewer than declared
-    if (version_ < quick_version && front.parts > 0) {
-        // Version 1: a batch belongs to one part, which it served already.
-        batches_.pop_front();
-        return attribute(fds, truncated, k, frame_start, frame_end, ec);
-    }
-    // MSG_CTRUNC: the batch's prefix served the parts before this one in order; this part comes
-    // out short, its partial descriptors closed now.
-    if (front.left() > 0 || version_ < quick_version) {
-        front.fds.clear();
-        front.taken = 0;
+    // A loop, not recursion: each pass drops one batch that cannot serve this part.
+    for (;;) {
+        // Batches "arrived" for this frame are those of reads that began before its last byte.
+        if (batches_.empty() || batches_.front().first >= frame_end)
+            return fail(ec, errc::malformed_message);  // declared descriptors never came
+        batch& front = batches_.front();
+        if (front.left() >= k) {
+            fds.reserve(k);
+            for (std::size_t i = 0; i < k; ++i) fds.push_back(std::move(front.fds[front.taken++]));
+            ++front.parts;
+            if (front.left() == 0 && !front.truncated) batches_.pop_front();
+            return true;
+        }
+        if (!front.truncated) return fail(ec, errc::malformed_message);  // fewer than declared
+        if (version_ < quick_version && front.parts > 0) {
+            // Version 1: a batch belongs to one part, which it served already.
+            batches_.pop_front();
+            continue;
+        }
+        // MSG_CTRUNC: the batch's prefix served the parts before this one in order; this part comes
+        // out short, its partial descriptors closed now.
+        if (front.left() > 0 || version_ < quick_version) {
+            front.fds.clear();
+            front.taken = 0;
+            ++front.parts;
+            truncated = true;
+            return true;
+        }
+        // The truncated batch is used up. Does this part still belong to its sendmsg? Yes if it
+        // starts inside the truncated batch's read; no if that read ended short (the kernel stops a
+        // read at the end of the data a batch came with, and a sendmsg's data is one socket buffer)
+        // and this part starts after it; unknown if it starts in the read of the next batch after a
+        // full read.
+        const bool inside = frame_start < front.last;
+        const bool next_arrived = batches_.size() >= 2 && batches_[1].first < frame_end;
+        if (!inside && !front.read_full) {
+            batches_.pop_front();
+            continue;
+        }
+        if (!inside && next_arrived && batches_[1].first <= frame_start)
+            return fail(ec, errc::control_truncated);  // never hand out descriptors of another reply
         ++front.parts;
         truncated = true;
         return true;
     }
-    // The truncated batch is used up. Does this part still belong to its sendmsg? Yes if it
-    // starts inside the truncated batch's read; no if that read ended short (the kernel stops a
-    // read at the end of the data a batch came with, and a sendmsg's data is one socket buffer)
-    // and this part starts after it; unknown if it starts in the read of the next batch after a
-    // full read.
-    const bool inside = frame_start < front.last;
-    const bool next_arrived = batches_.size() >= 2 && batches_[1].first < frame_end;
-    if (!inside && !front.read_full) {
-        batches_.pop_front();
-        return attribute(fds, truncated, k, frame_start, frame_end, ec);
-    }
-    if (!inside && next_arrived && batches_[1].first <= frame_start)
-        return fail(ec, errc::control_truncated);  // never hand out descriptors of another reply
-    ++front.parts;
-    truncated = true;
-    return true;
 }
 
 // ---- reply_assembler -------------------------------------------------------------------------
