@@ -40,8 +40,8 @@
 
 #include <csignal>
 #include <cstring>
-#include <span>
 #include <functional>
+#include <span>
 
 namespace {
 
@@ -250,15 +250,18 @@ double run_steward_send(std::size_t n, int carried = -1) {
     asio::local::stream_protocol::socket sock(ctx, asio::local::stream_protocol(), sv[0]);
     double seconds = 0;
     std::exception_ptr error;
-    const std::span<const int> fds = carried >= 0 ? std::span<const int>(&carried, 1) : std::span<const int>();
+    const std::span<const int> fds =
+        carried >= 0 ? std::span<const int>(&carried, 1) : std::span<const int>();
     asio::co_spawn(
         ctx,
         [&]() -> asio::awaitable<void> {
             char byte = 'x';
             auto loop = [&](std::size_t count) -> asio::awaitable<void> {
                 for (std::size_t i = 0; i < count; ++i) {
-                    co_await steward::io::async_send_fds(sock, fds, asio::buffer(&byte, 1), asio::use_awaitable);
-                    if (i % send_drain_every == send_drain_every - 1) carried >= 0 ? drain_with_fds(sv[1]) : drain(sv[1]);
+                    co_await steward::io::async_send_fds(sock, fds, asio::buffer(&byte, 1),
+                                                         asio::use_awaitable);
+                    if (i % send_drain_every == send_drain_every - 1)
+                        carried >= 0 ? drain_with_fds(sv[1]) : drain(sv[1]);
                 }
             };
             co_await loop(1024);

@@ -124,8 +124,8 @@ STEWARD_CORO_TEST(use_awaitable_write_that_completes_at_once_skips_the_executor)
     asio::posix::stream_descriptor pipe(ctx, ::dup(p.write_end.get()));
     {
         post_probe probe(ctx);
-        const std::size_t n = co_await sio::async_write_message(pipe, asio::buffer(message, message_size),
-                                                                asio::use_awaitable);
+        const std::size_t n =
+            co_await sio::async_write_message(pipe, asio::buffer(message, message_size), asio::use_awaitable);
         BOOST_TEST(n == message_size);
         BOOST_TEST(!probe.ran);
         BOOST_TEST(bytes_in(p.read_end.get()) == static_cast<int>(message_size));
@@ -187,12 +187,12 @@ STEWARD_CORO_TEST(use_awaitable_send_and_receive_that_complete_at_once_skip_the_
     BOOST_TEST((::fcntl(got[0].get(), F_GETFD) & FD_CLOEXEC) != 0);
     BOOST_TEST(!probe.ran);
 
-    auto [ec, n2] = co_await sio::async_send_fds(sender, {}, asio::buffer("n", 1),
-                                                 asio::as_tuple(asio::use_awaitable));
+    auto [ec, n2] =
+        co_await sio::async_send_fds(sender, {}, asio::buffer("n", 1), asio::as_tuple(asio::use_awaitable));
     BOOST_TEST(!ec);
     BOOST_TEST(n2 == 1u);
-    auto [ec3, n3, got3] = co_await sio::async_recv_fds(receiver, asio::buffer(&c, 1),
-                                                        asio::as_tuple(asio::use_awaitable));
+    auto [ec3, n3, got3] =
+        co_await sio::async_recv_fds(receiver, asio::buffer(&c, 1), asio::as_tuple(asio::use_awaitable));
     BOOST_TEST(!ec3);
     BOOST_TEST(n3 == 1u);
     BOOST_TEST(got3.empty());
@@ -219,11 +219,12 @@ BOOST_AUTO_TEST_CASE(callback_is_not_invoked_inside_the_initiating_call,
     std::vector<unique_fd> got;
     char c = 0;
 
-    sio::async_write_message(pipe, asio::buffer(message, message_size), [&](std::error_code ec, std::size_t n) {
-        ++calls;
-        write_ec = ec;
-        written = n;
-    });
+    sio::async_write_message(pipe, asio::buffer(message, message_size),
+                             [&](std::error_code ec, std::size_t n) {
+                                 ++calls;
+                                 write_ec = ec;
+                                 written = n;
+                             });
     BOOST_TEST(calls == 0);
     BOOST_TEST(bytes_in(p.read_end.get()) == static_cast<int>(message_size));  // the write itself happened
 
@@ -234,12 +235,13 @@ BOOST_AUTO_TEST_CASE(callback_is_not_invoked_inside_the_initiating_call,
     });
     BOOST_TEST(calls == 0);
 
-    sio::async_recv_fds(receiver, asio::buffer(&c, 1), [&](std::error_code ec, std::size_t n, std::vector<unique_fd> f) {
-        ++calls;
-        recv_ec = ec;
-        received = n;
-        got = std::move(f);
-    });
+    sio::async_recv_fds(receiver, asio::buffer(&c, 1),
+                        [&](std::error_code ec, std::size_t n, std::vector<unique_fd> f) {
+                            ++calls;
+                            recv_ec = ec;
+                            received = n;
+                            got = std::move(f);
+                        });
     BOOST_TEST(calls == 0);
 
     // An error found before any system call is no exception.
@@ -270,17 +272,19 @@ BOOST_AUTO_TEST_CASE(bound_immediate_executor_runs_the_handler_inside_the_call,
     pipe_pair p = make_pipe();
     asio::posix::stream_descriptor pipe(ctx, ::dup(p.write_end.get()));
     int calls = 0;
-    sio::async_write_message(pipe, asio::buffer(message, message_size),
-                             asio::bind_immediate_executor(asio::system_executor(), [&](std::error_code ec, std::size_t n) {
-                                 BOOST_TEST(!ec);
-                                 BOOST_TEST(n == message_size);
-                                 ++calls;
-                             }));
+    sio::async_write_message(
+        pipe, asio::buffer(message, message_size),
+        asio::bind_immediate_executor(asio::system_executor(), [&](std::error_code ec, std::size_t n) {
+            BOOST_TEST(!ec);
+            BOOST_TEST(n == message_size);
+            ++calls;
+        }));
     BOOST_TEST(calls == 1);
     // Binding the io_context's own executor: its dispatch runs inline only on a thread that runs
     // the context, so from here (outside run()) it is still queued.
-    sio::async_write_message(pipe, asio::buffer(message, message_size),
-                             asio::bind_immediate_executor(ctx.get_executor(), [&](std::error_code, std::size_t) { ++calls; }));
+    sio::async_write_message(
+        pipe, asio::buffer(message, message_size),
+        asio::bind_immediate_executor(ctx.get_executor(), [&](std::error_code, std::size_t) { ++calls; }));
     BOOST_TEST(calls == 1);
     ctx.run();
     BOOST_TEST(calls == 2);
@@ -385,16 +389,16 @@ BOOST_AUTO_TEST_CASE(a_million_immediate_co_awaits_do_not_grow_the_stack,
                     for (std::size_t i = 0; i < iterations; ++i) {
                         spread.sample();
                         if (i < real_writes) {
-                            written += co_await sio::async_write_message(pipe, asio::buffer(message, message_size),
-                                                                         asio::use_awaitable);
+                            written += co_await sio::async_write_message(
+                                pipe, asio::buffer(message, message_size), asio::use_awaitable);
                             if (i % 1000 == 999) {
                                 std::vector<char> sink(1000 * message_size);
                                 BOOST_REQUIRE(::read(p.read_end.get(), sink.data(), sink.size()) ==
                                               static_cast<ssize_t>(sink.size()));
                             }
                         } else {
-                            auto [ec, n] = co_await sio::async_write_message(pipe, asio::buffer(too_long),
-                                                                             asio::as_tuple(asio::use_awaitable));
+                            auto [ec, n] = co_await sio::async_write_message(
+                                pipe, asio::buffer(too_long), asio::as_tuple(asio::use_awaitable));
                             if (ec != steward::errc::message_too_long || n != 0) co_return;
                         }
                         ++completed;
@@ -487,7 +491,8 @@ STEWARD_CORO_TEST(cancellation_still_works_and_immediate_completions_leave_the_s
         asio::cancellation_signal signal;
         std::error_code got_ec = asio::error::would_block;
         sio::async_send_fds(sender, {}, asio::buffer("q", 1),
-                            asio::bind_cancellation_slot(signal.slot(), [&](std::error_code ec, std::size_t) { got_ec = ec; }));
+                            asio::bind_cancellation_slot(
+                                signal.slot(), [&](std::error_code ec, std::size_t) { got_ec = ec; }));
         BOOST_TEST(!signal.slot().has_handler());
         co_await asio::post(ctx, asio::use_awaitable);
         BOOST_TEST(!got_ec);

@@ -161,8 +161,7 @@ auto async_recv_fds(
     Socket& socket, asio::mutable_buffer data,
     CompletionToken&& token = asio::default_completion_token_t<typename Socket::executor_type>()) {
     return detail::start_immediate_op<void(std::error_code, std::size_t, std::vector<unique_fd>)>(
-        socket, detail::recv_fds_op<Socket>(socket, data),
-        std::forward<CompletionToken>(token));
+        socket, detail::recv_fds_op<Socket>(socket, data), std::forward<CompletionToken>(token));
 }
 
 }  // namespace steward::io

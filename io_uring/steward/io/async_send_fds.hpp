@@ -36,7 +36,9 @@ public:
         return attempt();
     }
 
-    [[nodiscard]] std::tuple<std::error_code, std::size_t> result() const noexcept { return {result_, sent_}; }
+    [[nodiscard]] std::tuple<std::error_code, std::size_t> result() const noexcept {
+        return {result_, sent_};
+    }
 
     // Composed operation, entered after start() hit a full socket buffer.
     template <typename Self>
@@ -60,7 +62,8 @@ public:
         if (ec) return self.complete(ec, sent_);
         const std::size_t before = sent_;
         if (!attempt()) {
-            if (before == 0 && sent_ != 0) self.reset_cancellation_state(asio::enable_terminal_cancellation());
+            if (before == 0 && sent_ != 0)
+                self.reset_cancellation_state(asio::enable_terminal_cancellation());
             socket_.async_wait(Socket::wait_write, std::move(self));
             return;  // `this` now lives inside the moved handler: touch nothing
         }

@@ -55,8 +55,9 @@ struct awaitable_fast_path<asio::use_awaitable_t<Executor>> : std::true_type {
         if constexpr (sizeof...(Values) == 1)
             return std::move(std::get<1>(result));
         else
-            return std::apply([](std::error_code, Values&&... v) { return std::tuple<Values...>(std::move(v)...); },
-                              std::move(result));
+            return std::apply(
+                [](std::error_code, Values&&... v) { return std::tuple<Values...>(std::move(v)...); },
+                std::move(result));
     }
 };
 
@@ -110,7 +111,8 @@ private:
 /// The awaitable behind use_awaitable / as_tuple(use_awaitable). A coroutine, so nothing happens
 /// until it is co_awaited (as with Asio's own awaitable operations).
 template <typename Token, typename Signature, typename IoObject, typename Op>
-typename asio::async_result<Token, Signature>::return_type await_immediate_op(IoObject& io, Op op, Token token) {
+typename asio::async_result<Token, Signature>::return_type await_immediate_op(IoObject& io, Op op,
+                                                                              Token token) {
     if (op.start()) co_return awaitable_fast_path<Token>::deliver(op.result());
     co_return co_await asio::async_compose<Token, Signature>(std::move(op), token, io);
 }
@@ -119,11 +121,11 @@ typename asio::async_result<Token, Signature>::return_type await_immediate_op(Io
 template <typename Signature, typename CompletionToken, typename IoObject, typename Op>
 auto start_immediate_op(IoObject& io, Op&& op, CompletionToken&& token) {
     if constexpr (is_awaitable_fast_path_v<CompletionToken>) {
-        return await_immediate_op<std::decay_t<CompletionToken>, Signature>(io, std::forward<Op>(op),
-                                                                            std::forward<CompletionToken>(token));
+        return await_immediate_op<std::decay_t<CompletionToken>, Signature>(
+            io, std::forward<Op>(op), std::forward<CompletionToken>(token));
     } else {
-        return asio::async_initiate<CompletionToken, Signature>(initiate_immediate_op<Signature, IoObject>(io),
-                                                               token, std::forward<Op>(op));
+        return asio::async_initiate<CompletionToken, Signature>(
+            initiate_immediate_op<Signature, IoObject>(io), token, std::forward<Op>(op));
     }
 }
 

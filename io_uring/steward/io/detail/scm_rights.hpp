@@ -78,7 +78,8 @@ private:
     struct alignas(cmsghdr) word {
         unsigned char bytes[sizeof(cmsghdr)];
     };
-    static constexpr std::size_t inline_words = (CMSG_SPACE(inline_fds * sizeof(int)) + sizeof(word) - 1) / sizeof(word);
+    static constexpr std::size_t inline_words =
+        (CMSG_SPACE(inline_fds * sizeof(int)) + sizeof(word) - 1) / sizeof(word);
 
     std::unique_ptr<word[]> storage_;
     std::size_t size_ = 0;
