@@ -1,4 +1,5 @@
 #define BOOST_TEST_MODULE tracker_raii_test
+#include "support/fd_test_support.hpp"
 #include "support/test_support.hpp"
 #include "support/tracker_client_support.hpp"
 
@@ -11,6 +12,9 @@
 #include <asio/posix/stream_descriptor.hpp>
 #include <asio/use_awaitable.hpp>
 
+#include <sched.h>
+#include <sys/inotify.h>
+#include <sys/mount.h>
 #include <sys/wait.h>
 
 #include <cstring>
@@ -194,6 +198,47 @@ STEWARD_CORO_TEST(named_semaphore_create_attach_post_wait_unlink) {
     }
     BOOST_CHECK_EQUAL(co_await stop(t), 0);
     st::scrub_dev_shm(stem);
+}
+
+// glibc's sem_open(O_CREAT) writes a new semaphore to a randomly named /dev/shm/sem.XXXXXX and then
+// links it: a process killed at that moment leaves a file that no tracker knows about. create()
+// names nothing but the semaphore. The child watches a /dev/shm of its own (a tmpfs in a private
+// mount namespace, so other tests' files cannot appear in it) with inotify: the only name ever
+// created there is the semaphore's, and the daemon removes it at the end.
+BOOST_AUTO_TEST_CASE(named_semaphore_create_names_no_temporary_file) {
+    auto child = st::fork_child([] {
+        if (::unshare(CLONE_NEWNS) != 0) return 10;
+        if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) return 11;
+        if (::mount("steward-test", "/dev/shm", "tmpfs", 0, "mode=1777") != 0) return 12;
+        steward::unique_fd watch(::inotify_init1(IN_CLOEXEC | IN_NONBLOCK));
+        if (!watch || ::inotify_add_watch(watch.get(), "/dev/shm", IN_CREATE | IN_MOVED_TO) < 0) return 13;
+        {
+            asio::io_context io;
+            tracker t(io.get_executor());
+            named_semaphore sem = named_semaphore::create(t, "steward_unnamed_first", 2);
+            if (!sem.try_wait() || !sem.try_wait() || sem.try_wait()) return 14;
+            named_semaphore other = named_semaphore::attach("steward_unnamed_first");
+            other.post();
+            if (!sem.try_wait()) return 15;
+            std::error_code ec;
+            (void)named_semaphore::create(t, "steward_unnamed_first", 0, ec);
+            if (ec != std::errc::file_exists) return 16;
+        }
+        std::vector<std::string> created;
+        alignas(inotify_event) char buf[4096];
+        for (ssize_t n; (n = ::read(watch.get(), buf, sizeof buf)) > 0;) {
+            for (char* p = buf; p < buf + n;) {
+                const auto* ev = reinterpret_cast<const inotify_event*>(p);
+                if (ev->len) created.emplace_back(ev->name);
+                p += sizeof(inotify_event) + ev->len;
+            }
+        }
+        for (const auto& name : created) std::fprintf(stderr, "created in /dev/shm: %s\n", name.c_str());
+        if (created != std::vector<std::string>{"sem.steward_unnamed_first"}) return 17;
+        if (::access("/dev/shm/sem.steward_unnamed_first", F_OK) == 0) return 18;
+        return 0;
+    });
+    BOOST_CHECK_EQUAL(child.wait(), 0);
 }
 
 STEWARD_CORO_TEST(failed_create_of_a_foreign_name_withdraws_its_registration) {

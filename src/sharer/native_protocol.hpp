@@ -1,5 +1,4 @@
 #pragma once
-// LEAD NOTE TO THE CODEC HELPER (delete this line): re-read the top of /work/spec-sharer-v2.md now;
 // QUICK/QUICK_ACK already live in src/sharer/quick_connect.{hpp,cpp}. steward's native sharer protocol
 // (docs/protocol.md specifies it byte by byte). Every message is one multiprocessing.connection frame (4-byte
 // big-endian length + payload, see framing.hpp); the payload starts with a type byte. After the handshake the

@@ -4,14 +4,70 @@
 #include "tracker/register_then_create.hpp"
 #include "tracker/unlink_then_unregister.hpp"
 #include <steward/shared_memory.hpp>
+#include <steward/unique_fd.hpp>
 
 #include <fcntl.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <string>
 #include <utility>
 
 namespace steward {
+namespace {
+
+// The file behind a POSIX named semaphore (glibc keeps them in /dev/shm as sem.<name>).
+std::string semaphore_path(const std::string& name) {
+    return "/dev/shm/sem." + name.substr(1);
+}
+
+// Creates the semaphore @p name (canonical, "/x") holding @p value, like sem_open(O_CREAT|O_EXCL)
+// but without a temporary name: glibc writes the new semaphore to a randomly named
+// /dev/shm/sem.XXXXXX and then links it, so a SIGKILL at that moment leaves a file no tracker can
+// know about. Here the file is written while it has no name (O_TMPFILE) and linkat() names it
+// (EEXIST when the name is taken, as O_EXCL): killed at any point, the process leaves nothing.
+// Returns 0 or an errno; EOPNOTSUPP when this way is not available (no O_TMPFILE on the
+// filesystem, no /proc), and the caller falls back to sem_open.
+int link_new_semaphore(const std::string& name, unsigned value) {
+    sem_t initial;
+    if (::sem_init(&initial, 1, value) != 0) return errno;
+    unique_fd fd(::open("/dev/shm", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600));
+    if (!fd) return errno == EISDIR || errno == EOPNOTSUPP || errno == EINVAL ? EOPNOTSUPP : errno;
+    const auto* bytes = reinterpret_cast<const char*>(&initial);
+    for (std::size_t done = 0; done < sizeof initial;) {
+        const ssize_t n = ::write(fd.get(), bytes + done, sizeof initial - done);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return n < 0 ? errno : EIO;
+        done += static_cast<std::size_t>(n);
+    }
+    const std::string path = semaphore_path(name);
+    // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; the /proc link works for anyone.
+    if (::linkat(fd.get(), "", AT_FDCWD, path.c_str(), AT_EMPTY_PATH) == 0) return 0;
+    if (errno != ENOENT && errno != EPERM) return errno;
+    const std::string self = "/proc/self/fd/" + std::to_string(fd.get());
+    if (::linkat(AT_FDCWD, self.c_str(), AT_FDCWD, path.c_str(), AT_SYMLINK_FOLLOW) == 0) return 0;
+    if (errno == ENOENT && ::access("/proc/self/fd", F_OK) != 0) return EOPNOTSUPP;
+    return errno;
+}
+
+// Opens a new semaphore (see above); SEM_FAILED with errno set on failure.
+sem_t* open_new_semaphore(const std::string& name, unsigned value) {
+    const int err = link_new_semaphore(name, value);
+    if (err == EOPNOTSUPP) return ::sem_open(name.c_str(), O_CREAT | O_EXCL, 0600, value);
+    if (err != 0) {
+        errno = err;
+        return SEM_FAILED;
+    }
+    sem_t* s = ::sem_open(name.c_str(), 0);
+    if (s == SEM_FAILED) {
+        const int open_err = errno;
+        (void)::sem_unlink(name.c_str());  // ours, just linked: never leave it unregistered
+        errno = open_err;
+    }
+    return s;
+}
+
+}  // namespace
 
 named_semaphore::named_semaphore(named_semaphore&& other) noexcept
     : name_(std::move(other.name_)),
@@ -48,7 +104,7 @@ void named_semaphore::reset() noexcept {
 named_semaphore named_semaphore::create_registered(tracker& t, std::string name, unsigned value,
                                                    bool withdraw, std::error_code& ec) {
     named_semaphore sem;
-    sem_t* s = ::sem_open(name.c_str(), O_CREAT | O_EXCL, 0600, value);
+    sem_t* s = open_new_semaphore(name, value);
     if (s == SEM_FAILED) {
         ec = errno_code(errno);
         std::error_code ignore;
