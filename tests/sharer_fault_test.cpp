@@ -301,11 +301,11 @@ BOOST_AUTO_TEST_CASE(client_killed_mid_transfer, *boost::unit_test::precondition
                     BOOST_TEST_MESSAGE("survivor fetch " << i << ": " << r.ec.message());
                 }
             }
-            // No share the dead client completed comes out again (see /work/notes-sharer-bugs.md, 3).
+            // No share the dead client completed comes out again.
             BOOST_TEST(redelivered == 0u);
             BOOST_TEST(inexact == 0u);
             BOOST_TEST(other_errors == 0u);
-            // Every share not delivered is still fetchable (see /work/notes-sharer-bugs.md, 4).
+            // Every share not delivered is still fetchable.
             BOOST_TEST(fetched_by_survivor.size() == share_count - delivered);
             BOOST_TEST(refused == delivered);
             // The server held exactly one copy of each descriptor still fetchable (none leaked,
@@ -485,7 +485,7 @@ BOOST_AUTO_TEST_CASE(server_killed_mid_transfer, *boost::unit_test::precondition
                 // Right after the reap the kernel may still hold the dead server's listener (its
                 // io_uring is torn down asynchronously): the connect succeeds and the connection is
                 // then dropped. Either way the error must say "no server / connection lost", not
-                // blame the key (see /work/notes-sharer-bugs.md, 2).
+                // blame the key.
                 const bool connection_error = r.ec == std::errc::connection_refused ||
                                               r.ec == std::errc::connection_reset ||
                                               r.ec == std::errc::no_such_file_or_directory;

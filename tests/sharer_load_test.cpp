@@ -945,7 +945,7 @@ BOOST_AUTO_TEST_CASE(flood_against_the_connection_limit,
     BOOST_TEST(fresh_ok_after >= 1u);  // and new connections are accepted again after the flood
     BOOST_TEST(fresh_failed_wrong_error == 0u,
                "a new connection refused by the connection limit must fail with errc::limit_exceeded "
-               "(fetch.hpp); see /work/notes-sharer-bugs.md");
+               "(fetch.hpp)");
 
     BOOST_TEST(t::open_fd_count() == fds_before);
     t::check_shm_unchanged(shm_before);

@@ -603,8 +603,12 @@ BOOST_AUTO_TEST_CASE(real_server_of_another_uid_takes_the_full_handshake) {
     // directory of another user).
     const authkey key = authkey::generate();
     const int before = open_fd_count();
-    auto [id_r, id_w] = t::make_pipe();
-    auto [go_r, go_w] = t::make_pipe();
+    auto id_pipe = t::make_pipe();
+    auto go_pipe = t::make_pipe();
+    unique_fd& id_r = id_pipe.first;
+    unique_fd& id_w = id_pipe.second;
+    unique_fd& go_r = go_pipe.first;
+    unique_fd& go_w = go_pipe.second;
     auto child = t::fork_child([&, key] {
         id_r.reset();
         go_w.reset();

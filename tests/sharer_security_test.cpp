@@ -134,7 +134,8 @@ BOOST_AUTO_TEST_CASE(client_of_another_uid_is_refused,
             if (!c.expect(::setgid(65534) == 0 && ::setuid(65534) == 0, "setuid nobody")) return 40;
             std::error_code ec;
             std::vector<unique_fd> fds = fetch(id, ec);
-            c.expect(ec == make_error_code(errc::authentication_failed), "peer uid refused");
+            c.expect(ec == make_error_code(errc::authentication_failed),
+                     ("peer uid refused: " + ec.message()).c_str());
             c.expect(fds.empty(), "nothing received");
             return c.exit_code();
         });

@@ -120,8 +120,14 @@ private:
             state_ = state::hello_sent;
         }
         if (std::error_code ec = co_await fast_handshake::send_exactly(socket_, request)) {
-            if (ec == std::errc::broken_pipe) ec = std::make_error_code(std::errc::connection_reset);
-            co_return deadline_->translate(wire::normalize(ec));
+            const bool closed = ec == std::errc::broken_pipe || ec == std::errc::connection_reset;
+            if (!closed || state_ != state::quick_sent || deadline_->expired() || cancelled_) {
+                if (ec == std::errc::broken_pipe) ec = std::make_error_code(std::errc::connection_reset);
+                co_return deadline_->translate(wire::normalize(ec));
+            }
+            // The server closed at once (a connection over its limit): what it wrote first, an
+            // ERROR saying why, is still readable, and the reads below report it (or the close).
+            ::shutdown(socket_.native_handle(), SHUT_WR);
         }
 
         // Filled by each recvmsg and emptied right after it (no suspension in between).

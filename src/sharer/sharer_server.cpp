@@ -854,6 +854,25 @@ private:
         }
     }
 
+    // After a refusal: no more writes, and whatever the peer still sends is read and dropped until
+    // it closes (bounded by the handshake deadline). Closing with unread bytes would reset the
+    // connection, and the peer might never see the ERROR.
+    static asio::awaitable<void> linger_until_eof(const std::shared_ptr<sharer_impl>& self,
+                                                  const std::shared_ptr<sharer_connection>& conn) {
+        ::shutdown(conn->fd, SHUT_WR);
+        fast_handshake::socket_deadline deadline(conn->socket, self->options_.handshake_timeout, conn);
+        std::array<std::byte, 512> sink{};
+        for (;;) {
+            const ssize_t n = ::recv(conn->fd, sink.data(), sink.size(), MSG_DONTWAIT);
+            if (n > 0) continue;
+            if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) co_return;
+            if (errno == EINTR) continue;
+            deadline.arm();
+            auto [ec] = co_await conn->socket.async_wait(asio::socket_base::wait_read, use_tuple);
+            if (ec == asio::error::operation_aborted || deadline.expired()) co_return;
+        }
+    }
+
     static void count_handshake_error(const std::shared_ptr<sharer_impl>& self, std::error_code ec) {
         if (ec == errc::timed_out)
             self->count(&sharer_stats::handshake_timeouts);
@@ -874,6 +893,7 @@ private:
                 self->options_.allowed_uids.end()) {
             self->count(&sharer_stats::refused_peer);
             send_refusal(conn->fd, native::error_code_value::authentication_failed, "peer uid not allowed");
+            co_await linger_until_eof(self, conn);
             co_return;
         }
         conn->peer_pid = cred.pid;
