@@ -8,6 +8,7 @@
 #include <asio/buffer.hpp>
 #include <asio/io_context.hpp>
 #include <asio/posix/stream_descriptor.hpp>
+#include <asio/steady_timer.hpp>
 
 #include <fcntl.h>
 #include <poll.h>
@@ -18,6 +19,7 @@
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <thread>
 
 namespace steward::detail::tracking {
 namespace {
@@ -29,6 +31,13 @@ constexpr std::size_t read_chunk = 256 * 1024;
 // /proc/sys/fs/pipe-max-size (1 MiB by default) and the call fails on anything but a pipe.
 constexpr int wanted_pipe_size = 1024 * 1024;
 constexpr std::size_t flush_threshold = 64 * 1024;
+// After a read that returned less than gather_below bytes, the daemon lets writers fill the pipe
+// for gather_pause before it reads again. Waking for every few messages costs the writers more
+// than the messages themselves (on 2 cores each wake-up preempts or migrates a writer), and
+// nothing in the daemon is urgent: it acts on the registrations only at end of input. A full
+// read (the pipe had more) is followed at once by the next.
+constexpr std::size_t gather_below = 16 * 1024;
+constexpr auto gather_pause = std::chrono::microseconds(200);
 // How long a new name may wait for its identity lookup while reads keep filling the buffer.
 constexpr auto identity_delay = std::chrono::milliseconds(50);
 // From this many new shared memory/semaphore names on, one listing of /dev/shm replaces the lstats.
@@ -318,7 +327,10 @@ namespace {
 class pipe_reader {
 public:
     pipe_reader(asio::io_context& ctx, unique_fd fd, daemon_core& core)
-        : descriptor_(ctx, fd.release()), core_(core), buffer_(std::make_unique<char[]>(read_chunk)) {}
+        : descriptor_(ctx, fd.release()),
+          gather_timer_(ctx),
+          core_(core),
+          buffer_(std::make_unique<char[]>(read_chunk)) {}
 
     void start() {
         descriptor_.async_read_some(asio::buffer(buffer_.get(), read_chunk),
@@ -329,7 +341,10 @@ private:
     void on_read(const std::error_code& ec, std::size_t n) {
         if (n != 0) core_.ingest({buffer_.get(), n});
         core_.end_of_batch(n < read_chunk);
-        if (!ec) {
+        if (!ec && n < gather_below) {
+            gather_timer_.expires_after(gather_pause);
+            gather_timer_.async_wait([this](const std::error_code&) { start(); });
+        } else if (!ec) {
             start();
         } else if (ec == asio::error::interrupted || ec == asio::error::try_again) {
             start();
@@ -343,6 +358,7 @@ private:
     }
 
     asio::posix::stream_descriptor descriptor_;
+    asio::steady_timer gather_timer_;
     daemon_core& core_;
     std::unique_ptr<char[]> buffer_;
 };
@@ -370,6 +386,7 @@ void blocking_loop(int fd, daemon_core& core) {
         }
         core.ingest({buffer.get(), static_cast<std::size_t>(n)});
         core.end_of_batch(static_cast<std::size_t>(n) < read_chunk);
+        if (static_cast<std::size_t>(n) < gather_below) std::this_thread::sleep_for(gather_pause);
     }
 }
 
