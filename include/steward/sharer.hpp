@@ -35,7 +35,10 @@ struct sharer_options {
     /// Most shares pending at once (not yet delivered and confirmed); share() past it fails
     /// with errc::too_many_shares.
     std::size_t max_pending_shares = 65536;
-    /// Most connections open at once; a connection beyond it is closed at once (and counted).
+    /// Most connections open at once. A new connection beyond it first evicts the connection that
+    /// has been in its handshake longest, if that is over a tenth of handshake_timeout
+    /// (stats().handshakes_evicted); else it is refused with an ERROR the fetch clients report as
+    /// errc::limit_exceeded, and closed (stats().limit_violations).
     std::size_t max_connections = 1024;
     /// Native requests a client may have unanswered on one connection (announced in HELLO_ACK).
     std::uint32_t max_in_flight = 256;
@@ -69,6 +72,9 @@ struct sharer_stats {
     std::uint64_t handshake_timeouts = 0;    ///< handshake deadline passed
     std::uint64_t idle_timeouts = 0;         ///< idle connections closed
     std::uint64_t limit_violations = 0;      ///< frame too large, too many connections/in flight
+    /// Connections still in their handshake after a tenth of handshake_timeout, shut down to make
+    /// room for a new one at max_connections (the oldest first; authenticated ones never).
+    std::uint64_t handshakes_evicted = 0;
     std::uint64_t protocol_errors = 0;       ///< malformed or out-of-place frames
     std::uint64_t requests = 0;              ///< fetch requests received (both protocols)
     std::uint64_t refused_requests = 0;      ///< answered "not available" (unknown/used/revoked/expired/pid)

@@ -96,6 +96,9 @@ struct sharer_connection {
     std::uint64_t generation = 0;
     pid_t peer_pid = 0;
     clock::time_point last_activity = clock::now();
+    clock::time_point accepted_at = clock::now();
+    bool handshake_done = false;  // past the handshake (or quick connect): never evicted
+    bool evicted = false;         // shut down to make room for a new connection
     std::deque<taken_share> unconfirmed;  // delivered, not yet confirmed; ordered by request id
     bool idle_closed = false;
     bool idle_armed = false;  // the idle timer runs (it re-arms itself until the connection ends)
@@ -661,7 +664,8 @@ private:
                     std::lock_guard lock(self->mutex_);
                     if (gen != self->generation_ || self->stopped_) co_return;
                     ++self->stats_.connections_accepted;
-                    if (self->connections_.size() >= self->options_.max_connections) {
+                    if (self->connections_.size() >= self->options_.max_connections &&
+                        !self->evict_stalled_handshake_locked()) {
                         ++self->stats_.limit_violations;
                         // Say why before closing: a steward client reports limit_exceeded, not a
                         // key or uid problem (a CPython client fails on it as on a close).
@@ -681,6 +685,26 @@ private:
                 asio::co_spawn(*self->strand_, run_connection(self, conn), asio::detached);
             }
         }
+    }
+
+    // At max_connections: the connection that has been in its handshake longest is shut down to
+    // make room, if it has been there for a tenth of handshake_timeout (an honest handshake takes
+    // one to four round trips). Connections that never authenticate then cannot keep new ones
+    // out until their deadline; authenticated connections are never evicted. Runs on the strand
+    // (as every connection's coroutine), with mutex_ held; the victim's coroutine sees EOF and
+    // removes it, so the set may hold a few more than the limit meanwhile.
+    bool evict_stalled_handshake_locked() {
+        const clock::time_point stalled_before = clock::now() - options_.handshake_timeout / 10;
+        sharer_connection* victim = nullptr;
+        for (const auto& c : connections_) {
+            if (c->handshake_done || c->evicted || c->accepted_at > stalled_before) continue;
+            if (!victim || c->accepted_at < victim->accepted_at) victim = c.get();
+        }
+        if (!victim) return false;
+        victim->evicted = true;
+        ::shutdown(victim->fd, SHUT_RDWR);
+        ++stats_.handshakes_evicted;
+        return true;
     }
 
     std::optional<share_entry> take(share_key key, pid_t peer, std::uint64_t gen) {
@@ -915,6 +939,7 @@ private:
                 co_return;
             }
             deadline.disarm();
+            conn->handshake_done = true;
             co_await serve_quick(self, conn, reader, first);
             co_return;
         }
@@ -929,6 +954,7 @@ private:
         if (!ec) ec = co_await fast_handshake::read_frame(conn->socket, response);
         if (!ec && quick::is_request(response)) {
             deadline.disarm();
+            conn->handshake_done = true;
             co_await serve_quick(self, conn, reader, response);
             co_return;
         }
@@ -939,6 +965,7 @@ private:
             co_return;
         }
         deadline.disarm();
+        conn->handshake_done = true;
         conn->last_activity = clock::now();
         arm_idle(self, conn);
 
@@ -1216,8 +1243,7 @@ private:
     // Sends the packet. ETOOMANYREFS (the kernel refused the descriptors, nothing went out): every
     // reply in it becomes server_error and its share goes back; the rest of the packet is sent.
     // Returns false when the connection is unusable.
-    static asio::awaitable<bool> flush(const std::shared_ptr<sharer_impl>& self,
-                                       const std::shared_ptr<sharer_connection>& conn, reply_writer& w) {
+    static asio::awaitable<bool> flush(const std::shared_ptr<sharer_connection>& conn, reply_writer& w) {
         if (w.empty()) co_return true;
         int err = co_await send_fully(conn->socket, w.bytes(), w.fds());
         if (err == ETOOMANYREFS && w.has_fds()) {
@@ -1308,19 +1334,19 @@ private:
                 if (total <= native::max_fds_per_part) {
                     // Version 1: the part alone in its sendmsg; version 2: with the others.
                     if (!w.coalesce() ? !w.empty() : !w.fits(total)) {
-                        if (!co_await flush(self, conn, w)) co_return false;
+                        if (!co_await flush(conn, w)) co_return false;
                     }
                     w.add_single(id, conn->unconfirmed[at].entry.fds);
-                    if (!w.coalesce() && !co_await flush(self, conn, w)) co_return false;
+                    if (!w.coalesce() && !co_await flush(conn, w)) co_return false;
                     continue;
                 }
                 // More than one part: each part alone, back to back.
-                if (!co_await flush(self, conn, w)) co_return false;
-                if (!co_await send_multipart(self, conn, w, id)) co_return false;
+                if (!co_await flush(conn, w)) co_return false;
+                if (!co_await send_multipart(conn, w, id)) co_return false;
             }
             fetches.clear();
         }
-        const bool ok = co_await flush(self, conn, w);
+        const bool ok = co_await flush(conn, w);
         // Shares the kernel refused to pass go back now that no index into `unconfirmed` is held.
         // (On failure the connection's cleanup puts back everything unconfirmed anyway.)
         if (ok) {
@@ -1343,8 +1369,7 @@ private:
 
     // The reply to request @p id (in conn->unconfirmed), more than 253 descriptors: one sendmsg
     // per part.
-    static asio::awaitable<bool> send_multipart(const std::shared_ptr<sharer_impl>& self,
-                                                const std::shared_ptr<sharer_connection>& conn,
+    static asio::awaitable<bool> send_multipart(const std::shared_ptr<sharer_connection>& conn,
                                                 reply_writer& w, std::uint64_t id) {
         const taken_share& t = *find_unconfirmed(*conn, id);
         const auto total = static_cast<std::uint32_t>(t.entry.fds.size());
