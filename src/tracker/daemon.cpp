@@ -34,9 +34,9 @@ constexpr std::size_t flush_threshold = 64 * 1024;
 // After a read that returned less than gather_below bytes, the daemon lets writers fill the pipe
 // for gather_pause before it reads again. Waking for every few messages costs the writers more
 // than the messages themselves (on 2 cores each wake-up preempts or migrates a writer), and
-// nothing in the daemon is urgent: it acts on the registrations only at end of input. A full
-// read (the pipe had more) is followed at once by the next.
-constexpr std::size_t gather_below = 16 * 1024;
+// nothing in the daemon is urgent: it acts on the registrations only at end of input. A larger
+// read (batched writers: a group commit writes 4 KiB at a time) is followed at once by the next.
+constexpr std::size_t gather_below = 4 * 1024;
 constexpr auto gather_pause = std::chrono::microseconds(200);
 // How long a new name may wait for its identity lookup while reads keep filling the buffer.
 constexpr auto identity_delay = std::chrono::milliseconds(50);
