@@ -4,8 +4,9 @@
 ///
 /// Same protocol as steward::shared_memory: create() registers first, then creates the semaphore
 /// (as sem_open(O_CREAT|O_EXCL) would, but written unnamed and then linked under its name, so a
-/// process killed while creating it leaves no temporary file behind); unlink() calls sem_unlink first, then unregisters; attach() does not
-/// register unless a tracker is passed (gh-82300). `abc` and `/abc` are the same semaphore.
+/// process killed while creating it leaves no temporary file behind); unlink() calls sem_unlink
+/// first, then unregisters; attach() does not register unless a tracker is passed (gh-82300).
+/// `abc` and `/abc` are the same semaphore.
 
 #include <steward/error.hpp>
 #include <steward/tracker.hpp>
