@@ -854,8 +854,8 @@ void print_flood(const char* name, std::size_t max_connections, const flood_outc
     for (const auto& [msg, count] : s.errors) errors += " [" + std::to_string(count) + "x " + msg + "]";
     std::printf(
         "sharer flood (%s, max_connections %zu, handshake deadline %.1f s): %zu connections flooded, "
-        "%zu connected, %zu saw EOF (%zu held until the deadline: %.2f-%.2f s; %zu evicted, after "
-        "%.2f s or more; %zu closed at once, within %.3f s), flood over in %.2f s; server fds %d -> "
+        "%zu connected, %zu saw EOF (%zu held until the deadline: %.2f-%.2f s; by EOF time %zu evicted, "
+        "after %.2f s or more, and %zu closed at once, within %.3f s), flood over in %.2f s; server fds %d -> "
         "%d during -> %d after; handshake_timeouts %llu, handshakes_evicted %llu, limit_violations "
         "%llu; honest fetches during the flood: %zu "
         "(%zu pooled, max %.1f ms; %zu new connections, max %.1f ms), failed %zu%s\n",
@@ -928,19 +928,20 @@ BOOST_AUTO_TEST_CASE(flood_against_the_connection_limit,
 
     BOOST_TEST(out.connected == flood_connections);
     BOOST_TEST(out.eof == flood_connections);
-    BOOST_TEST(out.held + out.evicted <= limit + out.stats.handshakes_evicted);
     BOOST_TEST(out.held >= 1u);
-    BOOST_TEST(out.evicted >= 1u);  // at least the second wave made room for itself
-    BOOST_TEST(out.evicted <= out.stats.handshakes_evicted);
-    BOOST_TEST(out.closed_at_once >= flood_connections - limit - out.stats.handshakes_evicted);
     BOOST_TEST(out.stats.handshake_timeouts == out.held);
+    BOOST_TEST(out.stats.handshakes_evicted >= 1u);  // at least the second wave made room for itself
     BOOST_TEST(out.server_fds_end == out.server_fds_baseline);
     BOOST_TEST(out.stats.connections_open == 0u);
 
-    // Refusals: the flood connections closed at once plus the honest new connections refused.
+    // Every flood connection not held until the deadline was refused or evicted, and the only
+    // other refusals are the honest new connections refused. (Which of the two closed a given
+    // flood connection cannot be told from the flooder's side: a slow flooder sees a refusal's EOF
+    // late. The split by EOF time is printed above, not checked.)
     std::size_t honest_refused = 0;
     for (const auto& h : out.honest) honest_refused += h.error_category != 0;
-    BOOST_TEST(out.stats.limit_violations == out.closed_at_once + honest_refused);
+    BOOST_TEST(out.stats.limit_violations + out.stats.handshakes_evicted ==
+               flood_connections - out.held + honest_refused);
 
     BOOST_TEST(s.during >= 10u, "honest fetches during the flood: " << s.during);
     BOOST_TEST(s.wrong == 0u);
