@@ -1,6 +1,7 @@
 // steward::named_semaphore: register before create, unlink before unregister (see the header).
 #include <steward/named_semaphore.hpp>
 
+#include "tracker/cleanup.hpp"
 #include "tracker/register_then_create.hpp"
 #include "tracker/unlink_then_unregister.hpp"
 #include <steward/shared_memory.hpp>
@@ -10,16 +11,12 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <climits>
 #include <string>
 #include <utility>
 
 namespace steward {
 namespace {
-
-// The file behind a POSIX named semaphore (glibc keeps them in /dev/shm as sem.<name>).
-std::string semaphore_path(const std::string& name) {
-    return "/dev/shm/sem." + name.substr(1);
-}
 
 // Creates the semaphore @p name (canonical, "/x") holding @p value, like sem_open(O_CREAT|O_EXCL)
 // but without a temporary name: glibc writes the new semaphore to a randomly named
@@ -40,12 +37,14 @@ int link_new_semaphore(const std::string& name, unsigned value) {
         if (n <= 0) return n < 0 ? errno : EIO;
         done += static_cast<std::size_t>(n);
     }
-    const std::string path = semaphore_path(name);
+    char path[PATH_MAX];  // the file behind the semaphore, as the daemon's cleanup maps it
+    if (!detail::tracking::object_path(resource_type::semaphore, name, path, sizeof path))
+        return ENAMETOOLONG;
     // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; the /proc link works for anyone.
-    if (::linkat(fd.get(), "", AT_FDCWD, path.c_str(), AT_EMPTY_PATH) == 0) return 0;
+    if (::linkat(fd.get(), "", AT_FDCWD, path, AT_EMPTY_PATH) == 0) return 0;
     if (errno != ENOENT && errno != EPERM) return errno;
     const std::string self = "/proc/self/fd/" + std::to_string(fd.get());
-    if (::linkat(AT_FDCWD, self.c_str(), AT_FDCWD, path.c_str(), AT_SYMLINK_FOLLOW) == 0) return 0;
+    if (::linkat(AT_FDCWD, self.c_str(), AT_FDCWD, path, AT_SYMLINK_FOLLOW) == 0) return 0;
     if (errno == ENOENT && ::access("/proc/self/fd", F_OK) != 0) return EOPNOTSUPP;
     return errno;
 }
