@@ -377,6 +377,59 @@ STEWARD_CORO_TEST(connection_limit_and_unknown_first_frame) {
     BOOST_TEST(open_fd_count() <= before + 1);
 }
 
+STEWARD_CORO_TEST(at_the_limit_the_oldest_stalled_handshake_is_evicted_never_an_authenticated_one) {
+    const int before = baseline_fd_count(ctx);
+    {
+        sharer_options opts;
+        opts.max_connections = 3;
+        opts.handshake_timeout = std::chrono::seconds(10);  // evictable after 1 s in the handshake
+        sharer s(ctx.get_executor(), opts);
+        unique_fd memfd = t::make_memfd("served through the survivor");
+        const share_id id = s.share(memfd.get());
+        // Two silent connections, accepted in this order, then old enough to be evicted.
+        auto oldest = connect_raw(ctx, id.address());
+        co_await wait_until(ctx, [&] { return s.stats().connections_open == 1; });
+        auto second = connect_raw(ctx, id.address());
+        co_await wait_until(ctx, [&] { return s.stats().connections_open == 2; });
+        asio::steady_timer age(ctx, std::chrono::milliseconds(1200));
+        co_await age.async_wait(use_tuple);
+        // The third slot: authenticated right away, so never a candidate.
+        auto authenticated = connect_raw(ctx, id.address());
+        std::error_code ec = co_await detail::authenticate_as_client(authenticated, authkey::family());
+        BOOST_REQUIRE(!ec);
+        BOOST_TEST(s.stats().connections_open == 3u);
+        // Each new connection at the limit evicts the oldest stalled one, in accept order.
+        auto third = connect_raw(ctx, id.address());
+        const bool oldest_closed = co_await closed_by_peer(oldest);
+        BOOST_TEST(oldest_closed);
+        co_await wait_until(ctx, [&] { return s.stats().handshakes_evicted == 1; });
+        BOOST_TEST(s.stats().handshakes_evicted == 1u);
+        auto fourth = connect_raw(ctx, id.address());
+        const bool second_closed = co_await closed_by_peer(second);
+        BOOST_TEST(second_closed);
+        co_await wait_until(ctx, [&] { return s.stats().handshakes_evicted == 2; });
+        // Now the limit holds the authenticated connection and two young ones: refused.
+        auto refused = connect_raw(ctx, id.address());
+        const bool refused_closed = co_await closed_by_peer(refused);
+        BOOST_TEST(refused_closed);
+        BOOST_TEST(s.stats().limit_violations == 1u);
+        BOOST_TEST(s.stats().handshakes_evicted == 2u);
+        // The authenticated connection was kept: it still fetches.
+        std::vector<std::byte> out;
+        detail::native::append_frame(out, detail::native::hello{});
+        detail::native::append_frame(out, detail::native::fetch{1, id.key()});
+        ec = co_await detail::send_all(authenticated, out);
+        BOOST_REQUIRE(!ec);
+        std::array<char, 47> in{};  // HELLO_ACK (19 bytes) and the REPLY (28)
+        auto [rec, n] = co_await asio::async_read(authenticated, asio::buffer(in), use_tuple);
+        BOOST_TEST(!rec);
+        BOOST_TEST(n == in.size());
+        BOOST_TEST(s.stats().connections_open == 3u);
+        co_await s.async_stop(std::chrono::seconds(1), asio::use_awaitable);
+    }
+    BOOST_TEST(open_fd_count() <= before + 1);
+}
+
 STEWARD_CORO_TEST(unconfirmed_delivery_goes_back_when_the_peer_leaves) {
     const int before = baseline_fd_count(ctx);
     {

@@ -40,6 +40,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <list>
+#include <memory>
 #include <future>
 #include <mutex>
 #include <stdexcept>
@@ -57,6 +59,8 @@ using strand_type = asio::strand<asio::any_io_executor>;
 using acceptor_type = asio::local::stream_protocol::acceptor;
 constexpr auto use_tuple = asio::as_tuple(asio::use_awaitable);
 constexpr std::size_t max_sun_path = sizeof(sockaddr_un::sun_path) - 1;
+// Connections accepted per readiness wake of the listener (see accept_loop).
+constexpr std::size_t accept_batch = 256;
 
 struct share_entry {
     std::vector<unique_fd> fds;
@@ -97,8 +101,10 @@ struct sharer_connection {
     pid_t peer_pid = 0;
     clock::time_point last_activity = clock::now();
     clock::time_point accepted_at = clock::now();
-    bool handshake_done = false;  // past the handshake (or quick connect): never evicted
-    bool evicted = false;         // shut down to make room for a new connection
+    // While in the handshake (not yet authenticated, no quick connect): its place in
+    // sharer_impl::handshaking_, the eviction order. Past the handshake it is never evicted.
+    bool in_handshake = false;
+    std::list<std::shared_ptr<sharer_connection>>::iterator handshake_pos;
     std::deque<taken_share> unconfirmed;  // delivered, not yet confirmed; ordered by request id
     bool idle_closed = false;
     bool idle_armed = false;  // the idle timer runs (it re-arms itself until the connection ends)
@@ -128,6 +134,7 @@ public:
             (void)background_ctx_.release();
             (void)acceptor_.release();
             (void)sweep_timer_.release();
+            forget_handshaking_locked();
             new std::unordered_set<std::shared_ptr<sharer_connection>>(std::move(connections_));
             new std::optional<strand_type>(std::move(strand_));
             return;
@@ -136,6 +143,7 @@ public:
         background_thread_->join();
         acceptor_.reset();
         sweep_timer_.reset();
+        forget_handshaking_locked();
         connections_.clear();
         strand_.reset();
     }
@@ -413,6 +421,7 @@ public:
             std::lock_guard lock(mutex_);
             acceptor = std::move(acceptor_);
             conns.swap(connections_);
+            forget_handshaking_locked();
             timer = std::move(sweep_timer_);
         }
         acceptor.reset();
@@ -577,6 +586,7 @@ private:
             c->unconfirmed.clear();  // the child's copies of descriptors in transfer
         }
         // The connection objects belong to coroutine frames that never run here; keep them alive.
+        forget_handshaking_locked();
         new std::unordered_set<std::shared_ptr<sharer_connection>>(std::move(connections_));
         connections_.clear();
         cache_.clear();
@@ -646,10 +656,12 @@ private:
             auto [ec] = co_await acceptor->async_wait(asio::socket_base::wait_read, use_tuple);
             if (ec) co_return;
             // The listener is blocking (no O_NONBLOCK on sockets io_uring serves): accept only
-            // what readiness says is there (the wait just did; poll for any further ones).
-            for (bool ready = true;; ready = false) {
+            // what readiness says is there (the wait just did; poll for any further ones). At
+            // most accept_batch per wake: under a flood the backlog refills as fast as it drains,
+            // and the established connections' completions queued meanwhile get their turn.
+            for (std::size_t n = 0; n < accept_batch; ++n) {
                 pollfd p{acceptor->native_handle(), POLLIN, 0};
-                if (!ready && (::poll(&p, 1, 0) != 1 || !(p.revents & POLLIN))) break;
+                if (n > 0 && (::poll(&p, 1, 0) != 1 || !(p.revents & POLLIN))) break;
                 unique_fd fd(::accept4(acceptor->native_handle(), nullptr, nullptr, SOCK_CLOEXEC));
                 if (!fd) {
                     if (errno == EINTR || errno == ECONNABORTED || errno == EAGAIN) continue;
@@ -681,6 +693,8 @@ private:
                     if (aec) continue;
                     (void)fd.release();
                     self->connections_.insert(conn);
+                    conn->handshake_pos = self->handshaking_.insert(self->handshaking_.end(), conn);
+                    conn->in_handshake = true;
                 }
                 asio::co_spawn(*self->strand_, run_connection(self, conn), asio::detached);
             }
@@ -690,21 +704,37 @@ private:
     // At max_connections: the connection that has been in its handshake longest is shut down to
     // make room, if it has been there for a tenth of handshake_timeout (an honest handshake takes
     // one to four round trips). Connections that never authenticate then cannot keep new ones
-    // out until their deadline; authenticated connections are never evicted. Runs on the strand
-    // (as every connection's coroutine), with mutex_ held; the victim's coroutine sees EOF and
-    // removes it, so the set may hold a few more than the limit meanwhile.
+    // out until their deadline; authenticated connections are never evicted. handshaking_ is in
+    // accept order, so the candidate is its front: O(1) per accept. Runs on the strand (as every
+    // connection's coroutine), with mutex_ held; the victim's coroutine sees EOF and removes it
+    // from connections_, so that set may hold a few more than the limit meanwhile.
     bool evict_stalled_handshake_locked() {
-        const clock::time_point stalled_before = clock::now() - options_.handshake_timeout / 10;
-        sharer_connection* victim = nullptr;
-        for (const auto& c : connections_) {
-            if (c->handshake_done || c->evicted || c->accepted_at > stalled_before) continue;
-            if (!victim || c->accepted_at < victim->accepted_at) victim = c.get();
-        }
-        if (!victim) return false;
-        victim->evicted = true;
+        if (handshaking_.empty()) return false;
+        const std::shared_ptr<sharer_connection> victim = handshaking_.front();
+        if (victim->accepted_at > clock::now() - options_.handshake_timeout / 10) return false;
+        end_handshake_locked(*victim);
         ::shutdown(victim->fd, SHUT_RDWR);
         ++stats_.handshakes_evicted;
         return true;
+    }
+
+    // The connection leaves the eviction order: authenticated, evicted, or gone.
+    void end_handshake_locked(sharer_connection& conn) {
+        if (!conn.in_handshake) return;
+        conn.in_handshake = false;
+        handshaking_.erase(conn.handshake_pos);
+    }
+
+    void end_handshake(sharer_connection& conn) {
+        std::lock_guard lock(mutex_);
+        end_handshake_locked(conn);
+    }
+
+    // With connections_ handed away or cleared (stop, fork, destruction): none is in the
+    // eviction order any more.
+    void forget_handshaking_locked() {
+        for (const auto& c : handshaking_) c->in_handshake = false;
+        handshaking_.clear();
     }
 
     std::optional<share_entry> take(share_key key, pid_t peer, std::uint64_t gen) {
@@ -857,6 +887,7 @@ private:
         {
             std::lock_guard lock(self->mutex_);
             if (conn->generation != self->generation_) co_return;  // forked child: leave it alone
+            self->end_handshake_locked(*conn);
             self->connections_.erase(conn);
         }
         conn->socket.close(ignored);
@@ -939,7 +970,7 @@ private:
                 co_return;
             }
             deadline.disarm();
-            conn->handshake_done = true;
+            self->end_handshake(*conn);
             co_await serve_quick(self, conn, reader, first);
             co_return;
         }
@@ -954,7 +985,7 @@ private:
         if (!ec) ec = co_await fast_handshake::read_frame(conn->socket, response);
         if (!ec && quick::is_request(response)) {
             deadline.disarm();
-            conn->handshake_done = true;
+            self->end_handshake(*conn);
             co_await serve_quick(self, conn, reader, response);
             co_return;
         }
@@ -965,7 +996,7 @@ private:
             co_return;
         }
         deadline.disarm();
-        conn->handshake_done = true;
+        self->end_handshake(*conn);
         conn->last_activity = clock::now();
         arm_idle(self, conn);
 
@@ -1650,6 +1681,8 @@ private:
     std::unordered_map<share_key, share_entry> cache_;
     std::unordered_map<share_key, bool> in_transfer_;  // value: revoked while in transfer
     std::unordered_set<std::shared_ptr<sharer_connection>> connections_;
+    // The connections still in their handshake, in accept order (the eviction order).
+    std::list<std::shared_ptr<sharer_connection>> handshaking_;
     std::vector<sharer_stop_handler> empty_waiters_;
     sharer_stats stats_;
 };
