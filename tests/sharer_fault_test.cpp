@@ -621,7 +621,8 @@ struct rlimit_report {
 // share goes back to the cache and is fetched whole by the same process over the same connection
 // once it has room again, and neither side leaks a descriptor.
 BOOST_AUTO_TEST_CASE(receiver_reaching_rlimit_mid_pipeline,
-                     *boost::unit_test::precondition(t::io_uring_available)) {
+                     *boost::unit_test::precondition(t::io_uring_available) *
+                         boost::unit_test::precondition(t::not_under_valgrind)) {
     constexpr std::size_t singles = 200, groups = 10, group_size = 20, room = 25;
     const auto shm_before = t::shm_entries();
     const int fds_before = t::open_fd_count();

@@ -175,8 +175,8 @@ STEWARD_CORO_TEST(handshake_timeout_reply_timeout_and_cancellation) {
 
         // 1. A server that accepts and never speaks: the handshake deadline.
         fetch_options quick;
-        quick.handshake_timeout = std::chrono::milliseconds(100);
-        quick.reply_timeout = std::chrono::milliseconds(100);
+        quick.handshake_timeout = t::slowed(std::chrono::milliseconds(100));
+        quick.reply_timeout = t::slowed(std::chrono::milliseconds(100));
         std::error_code e1;
         bool done1 = false;
         async_fetch(
@@ -188,7 +188,7 @@ STEWARD_CORO_TEST(handshake_timeout_reply_timeout_and_cancellation) {
             quick);
         auto [aec, silent] = co_await t::accept_cloexec(acceptor);
         BOOST_REQUIRE(!aec);
-        for (int i = 0; i < 200 && !done1; ++i) {
+        for (int i = 0; i < 200 * t::slowdown() && !done1; ++i) {
             asio::steady_timer timer(ctx, std::chrono::milliseconds(5));
             co_await timer.async_wait(use_tuple);
         }
@@ -227,7 +227,7 @@ STEWARD_CORO_TEST(handshake_timeout_reply_timeout_and_cancellation) {
         co_await pause2.async_wait(use_tuple);
         BOOST_TEST(cancelled);
         BOOST_TEST(!done2);
-        for (int i = 0; i < 200 && !done2; ++i) {
+        for (int i = 0; i < 200 * t::slowdown() && !done2; ++i) {
             asio::steady_timer timer(ctx, std::chrono::milliseconds(5));
             co_await timer.async_wait(use_tuple);
         }

@@ -217,7 +217,7 @@ STEWARD_CORO_TEST(ttl_expiry_revoke_and_cap) {
         unique_fd memfd = t::make_memfd("x");
 
         share_options short_ttl;
-        short_ttl.ttl = std::chrono::milliseconds(30);
+        short_ttl.ttl = t::slowed(std::chrono::milliseconds(30));
         const share_id expiring = s.share(memfd.get(), short_ttl);
         const share_id revoked = s.share(memfd.get());
         const share_id kept = s.share(memfd.get());
@@ -233,7 +233,7 @@ STEWARD_CORO_TEST(ttl_expiry_revoke_and_cap) {
         BOOST_TEST(!s.revoke(revoked));
         BOOST_TEST(s.pending() == 2u);
 
-        asio::steady_timer timer(ctx, std::chrono::milliseconds(80));
+        asio::steady_timer timer(ctx, t::slowed(std::chrono::milliseconds(80)));
         co_await timer.async_wait(use_tuple);
         // The sweep closed the expired share's copy.
         BOOST_TEST(s.pending() == 1u);

@@ -106,12 +106,17 @@ std::vector<reply> split_reply(std::uint64_t request_id, std::uint32_t total_fds
     std::vector<reply> parts;
     parts.reserve(count);
     for (std::uint32_t i = 0; i < count; ++i)
-        parts.push_back({request_id, reply_status::ok, part_fds_for(total_fds, i), total_fds, i, count});
+        parts.push_back(reply{.request_id = request_id,
+                              .status = reply_status::ok,
+                              .part_fds = part_fds_for(total_fds, i),
+                              .total_fds = total_fds,
+                              .part_index = i,
+                              .part_count = count});
     return parts;
 }
 
 reply failure_reply(std::uint64_t request_id, reply_status status) noexcept {
-    return {request_id, status, 0, 0, 0, 1};
+    return reply{.request_id = request_id, .status = status, .part_fds = 0, .total_fds = 0, .part_index = 0, .part_count = 1};
 }
 
 namespace {

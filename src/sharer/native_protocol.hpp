@@ -28,6 +28,7 @@
 #include <span>
 #include <string>
 #include <system_error>
+#include <type_traits>
 #include <variant>
 #include <vector>
 
@@ -107,12 +108,17 @@ struct fetch {
 struct reply {
     std::uint64_t request_id = 0;
     reply_status status = reply_status::ok;
+    /// Not on the wire: fills what would be padding, so that every byte of a reply is defined
+    /// (GCC compares status..total_fds as one 8-byte word; memcheck flags a padding byte in it).
+    std::uint8_t reserved = 0;
     std::uint16_t part_fds = 0;    ///< descriptors attached to this part's sendmsg (0..253)
     std::uint32_t total_fds = 0;   ///< descriptors of the whole reply
     std::uint32_t part_index = 0;  ///< 0-based
     std::uint32_t part_count = 1;
     friend bool operator==(const reply&, const reply&) = default;
 };
+static_assert(sizeof(reply) == 24 && std::has_unique_object_representations_v<reply>,
+              "reply has no padding bytes");
 
 struct confirm {
     std::uint64_t up_to = 0;         ///< every delivered request id <= up_to (0: none)

@@ -14,8 +14,16 @@
 #include <dirent.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <exception>
 #include <string>
+
+#if __has_include(<valgrind/valgrind.h>)
+#include <valgrind/valgrind.h>
+#define STEWARD_TEST_RUNNING_ON_VALGRIND() (RUNNING_ON_VALGRIND != 0)
+#else
+#define STEWARD_TEST_RUNNING_ON_VALGRIND() false
+#endif
 
 namespace steward::test {
 
@@ -26,6 +34,28 @@ inline boost::test_tools::assertion_result io_uring_available(boost::unit_test::
     steward::check_io_uring(ec, &why);
     boost::test_tools::assertion_result result(!ec);
     if (ec) result.message() << "io_uring unavailable, test skipped: " << why;
+    return result;
+}
+
+/// How much slower than natively this run is expected to be: STEWARD_TEST_SLOWDOWN (a positive
+/// integer; 1 when unset). scripts/run valgrind sets it, since memcheck runs a program 20-50 times
+/// slower. Tests whose short deadlines are part of what they check scale them with slowed().
+inline int slowdown() {
+    const char* v = std::getenv("STEWARD_TEST_SLOWDOWN");
+    const int n = v ? std::atoi(v) : 1;
+    return n > 0 ? n : 1;
+}
+
+template <typename Rep, typename Period>
+std::chrono::duration<Rep, Period> slowed(std::chrono::duration<Rep, Period> d) {
+    return d * slowdown();
+}
+
+/// Boost.Test precondition for a test that valgrind cannot run faithfully (it emulates
+/// RLIMIT_NOFILE instead of passing it to the kernel): reported skipped under valgrind.
+inline boost::test_tools::assertion_result not_under_valgrind(boost::unit_test::test_unit_id) {
+    boost::test_tools::assertion_result result(!STEWARD_TEST_RUNNING_ON_VALGRIND());
+    if (!result) result.message() << "valgrind emulates RLIMIT_NOFILE; test skipped";
     return result;
 }
 
