@@ -1,4 +1,5 @@
 #define BOOST_TEST_MODULE tracker_client_test
+#include "support/fd_test_support.hpp"
 #include "support/seccomp_filter.hpp"
 #include "support/test_support.hpp"
 #include "support/tracker_client_support.hpp"
@@ -17,6 +18,8 @@
 #include <asio/use_awaitable.hpp>
 
 #include <poll.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <csignal>
@@ -802,6 +805,65 @@ asio::awaitable<bool> completes_without_suspending(asio::io_context& ctx, Awaita
 }
 
 }  // namespace
+
+namespace {
+
+// Descriptors of this process naming the pipe with inode @p ino (found without /proc).
+int fds_naming_pipe(ino_t ino) {
+    int n = 0;
+    for (int fd = 0; fd < 4096; ++fd) {
+        struct stat st {};
+        if (::fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode) && st.st_ino == ino) ++n;
+    }
+    return n;
+}
+
+}  // namespace
+
+// Direct writes go through a private O_NONBLOCK description of the pipe, reopened through /proc:
+// the shared description, which children inherit, stays blocking, and the private one closes
+// with it. Without /proc (hidden by a tmpfs in a private mount namespace) direct writes use
+// pwritev2(RWF_NOWAIT) on the shared description, with the same bytes in the pipe.
+BOOST_AUTO_TEST_CASE(direct_writes_use_a_private_nonblocking_description_or_rwf_nowait_without_proc) {
+    for (const bool hide_proc : {false, true}) {
+        auto child = st::fork_child([hide_proc] {
+            if (hide_proc) {
+                if (::unshare(CLONE_NEWNS) != 0) return 10;
+                if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) return 11;
+                if (::mount("steward-test", "/proc", "tmpfs", 0, nullptr) != 0) return 12;
+            }
+            int p[2];
+            if (::pipe2(p, O_CLOEXEC) != 0) return 13;
+            steward::unique_fd read_end(p[0]);
+            struct stat pipe_stat {};
+            ::fstat(p[0], &pipe_stat);
+            const int w = ::fcntl(p[1], F_DUPFD, 0);
+            ::close(p[1]);
+            ::setenv(tracker::environment_variable, std::to_string(w).c_str(), 1);
+            std::string got;
+            {
+                asio::io_context io;
+                tracker t = tracker::from_environment(io.get_executor());
+                t.register_resource("/stw_private_desc", resource_type::shared_memory);
+                // The read end, the shared write end, and the private one where /proc allows it.
+                if (fds_naming_pipe(pipe_stat.st_ino) != (hide_proc ? 2 : 3)) return 14;
+                if ((::fcntl(t.fd(), F_GETFL) & O_NONBLOCK) != 0) return 15;
+                t.unregister_resource("/stw_private_desc", resource_type::shared_memory);
+                char buf[256];
+                const ssize_t n = ::read(read_end.get(), buf, sizeof buf);
+                if (n > 0) got.assign(buf, static_cast<std::size_t>(n));
+            }
+            if (got != "REGISTER:/stw_private_desc:shared_memory\nUNREGISTER:/stw_private_desc:shared_memory\n")
+                return 16;
+            // The tracker is gone: only the read end is left, both write ends closed (EOF).
+            if (fds_naming_pipe(pipe_stat.st_ino) != 1) return 17;
+            char c;
+            if (::read(read_end.get(), &c, 1) != 0) return 18;
+            return 0;
+        });
+        BOOST_TEST(child.wait() == 0, (hide_proc ? "without /proc" : "with /proc"));
+    }
+}
 
 // An idle tracker writes a call's message at once and completes it in place; a full pipe sends
 // the call (and every later one) through the queue, which waits for room without completing

@@ -10,11 +10,12 @@
 namespace steward::detail::tracking {
 namespace {
 
-ssize_t write_once(int fd, const char* data, std::size_t size, int& err) noexcept {
+// fd_nonblocking: fd is an O_NONBLOCK description (plain write); otherwise RWF_NOWAIT.
+ssize_t write_once(int fd, const char* data, std::size_t size, bool fd_nonblocking, int& err) noexcept {
     iovec iov{const_cast<char*>(data), size};
     ssize_t n;
     do {
-        n = ::pwritev2(fd, &iov, 1, -1, RWF_NOWAIT);
+        n = fd_nonblocking ? ::write(fd, data, size) : ::pwritev2(fd, &iov, 1, -1, RWF_NOWAIT);
     } while (n < 0 && errno == EINTR);
     err = n < 0 ? errno : 0;
     return n;
@@ -40,11 +41,9 @@ pipe_write_result classify(ssize_t n, std::size_t size, int& err) noexcept {
     }
 }
 
-}  // namespace
-
-pipe_write_result pipe_write_nowait(int fd, const char* data, std::size_t size, bool skip_guard,
-                                    int& err) noexcept {
-    if (skip_guard) return classify(write_once(fd, data, size, err), size, err);
+pipe_write_result guarded_write(int fd, const char* data, std::size_t size, bool skip_guard, bool fd_nonblocking,
+                                int& err) noexcept {
+    if (skip_guard) return classify(write_once(fd, data, size, fd_nonblocking, err), size, err);
 
     sigset_t pipe_set;
     ::sigemptyset(&pipe_set);
@@ -62,7 +61,7 @@ pipe_write_result pipe_write_nowait(int fd, const char* data, std::size_t size, 
         ::sigpending(&pending);
         was_pending = ::sigismember(&pending, SIGPIPE) == 1;
     }
-    const ssize_t n = write_once(fd, data, size, err);
+    const ssize_t n = write_once(fd, data, size, fd_nonblocking, err);
     if (n < 0 && err == EPIPE && !was_pending) {
         // The write's SIGPIPE is thread-directed, so it is dequeued before a process-wide one.
         const timespec zero{};
@@ -71,6 +70,18 @@ pipe_write_result pipe_write_nowait(int fd, const char* data, std::size_t size, 
     }
     if (!was_blocked) ::pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
     return classify(n, size, err);
+}
+
+}  // namespace
+
+pipe_write_result pipe_write_nowait(int fd, const char* data, std::size_t size, bool skip_guard,
+                                    int& err) noexcept {
+    return guarded_write(fd, data, size, skip_guard, false, err);
+}
+
+pipe_write_result pipe_write_nonblocking(int fd, const char* data, std::size_t size, bool skip_guard,
+                                         int& err) noexcept {
+    return guarded_write(fd, data, size, skip_guard, true, err);
 }
 
 bool sigpipe_ignored() noexcept {

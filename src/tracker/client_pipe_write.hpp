@@ -26,6 +26,11 @@ enum class pipe_write_result {
 pipe_write_result pipe_write_nowait(int fd, const char* data, std::size_t size, bool skip_guard,
                                     int& err) noexcept;
 
+/// The same for @p fd opened with O_NONBLOCK (a private description of the pipe): one write(2),
+/// which costs less than pwritev2 and is all or nothing for at most PIPE_BUF bytes too.
+pipe_write_result pipe_write_nonblocking(int fd, const char* data, std::size_t size, bool skip_guard,
+                                         int& err) noexcept;
+
 /// True when SIGPIPE's disposition is SIG_IGN right now (one sigaction() query).
 bool sigpipe_ignored() noexcept;
 

@@ -184,8 +184,10 @@ public:
         encoded msg;
         if ((ec = encode(reg, name, type, msg))) return tracker::direct_outcome::done;
         int err = 0;
-        const auto res = tracking::pipe_write_nowait(write_fd_.get(), msg.bytes.data(), msg.size,
-                                                     skip_sigpipe_guard_, err);
+        const auto res = direct_fd_ ? tracking::pipe_write_nonblocking(direct_fd_.get(), msg.bytes.data(),
+                                                                       msg.size, skip_sigpipe_guard_, err)
+                                    : tracking::pipe_write_nowait(write_fd_.get(), msg.bytes.data(), msg.size,
+                                                                  skip_sigpipe_guard_, err);
         auto outcome = tracker::direct_outcome::queue;
         switch (res) {
             case tracking::pipe_write_result::written:
@@ -303,7 +305,7 @@ public:
 
     void adopt_fd(unique_fd fd) {
         std::lock_guard lk(m_);
-        write_fd_ = std::move(fd);
+        set_write_end_locked(std::move(fd));
         state_ = state::running;
         owns_daemon_ = false;
         skip_sigpipe_guard_ = options_.sigpipe_ignored && tracking::sigpipe_ignored();
@@ -334,6 +336,19 @@ private:
         return state_ == state::running && !role_ && !head_ && !inflight_ && !flush_posted_ &&
                !waiting_room_ && completions_pending == 0 && yielding_ == 0 && sync_waiting_ == 0 &&
                !direct_unsupported_ && write_fd_.get() >= 0;
+    }
+
+    // The pipe's write end, and the private non-blocking description of it that direct writes use:
+    // a plain write(2) there costs less than pwritev2(RWF_NOWAIT) on the shared blocking one, and
+    // is all or nothing as well (at most PIPE_BUF bytes). The private one is another writer of the
+    // pipe, so both go together. Without /proc: direct writes use RWF_NOWAIT on the shared one.
+    void set_write_end_locked(unique_fd fd) {
+        direct_fd_.reset();
+        write_fd_ = std::move(fd);
+        if (write_fd_) {
+            std::error_code ec;
+            direct_fd_ = io::detail::open_private_write_end(write_fd_.get(), ec);
+        }
     }
 
     void mark_dead_locked() {
@@ -685,7 +700,7 @@ private:
         waiter_.reset();
         waiting_room_ = false;
         skip_sigpipe_guard_ = options_.sigpipe_ignored && tracking::sigpipe_ignored();
-        write_fd_ = std::move(write_end);
+        set_write_end_locked(std::move(write_end));
         daemon_ = std::move(child);
         owns_daemon_ = true;
         state_ = state::running;
@@ -779,7 +794,7 @@ private:
         }
         check_fork_locked();
         waiter_.reset();
-        write_fd_.reset();
+        set_write_end_locked({});
         state_ = state::idle;
         forget_all_locked();
         io::child_process child;
@@ -859,6 +874,7 @@ private:
 
     state state_ = state::idle;
     unique_fd write_fd_;
+    unique_fd direct_fd_;  // see set_write_end_locked()
     std::unique_ptr<asio::posix::stream_descriptor> waiter_;
     io::child_process daemon_;
     io::child_process stopping_;
