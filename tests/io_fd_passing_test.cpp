@@ -535,7 +535,8 @@ STEWARD_CORO_TEST(partial_send_delivers_all_data_and_fds_exactly_once) {
 // A child whose RLIMIT_NOFILE leaves room for exactly two more descriptors receives eight:
 // control_truncated, the two that fit are handed over, and none is leaked.
 BOOST_AUTO_TEST_CASE(ctrunc_at_rlimit_nofile_hands_over_what_arrived,
-                     *boost::unit_test::precondition(steward::test::io_uring_available)) {
+                     *boost::unit_test::precondition(steward::test::io_uring_available) *
+                         boost::unit_test::precondition(steward::test::not_under_valgrind)) {
     const int before = open_fd_count();
     auto [mine, theirs] = steward::test::socket_pair();
     std::vector<unique_fd> memfds = numbered_memfds(8, "ctrunc ");

@@ -516,8 +516,14 @@ BOOST_AUTO_TEST_CASE(survives_sigint_sigterm_sighup_and_sigpipe_to_it_and_its_gr
     for (const int sig : {SIGINT, SIGTERM, SIGHUP, SIGPIPE}) {
         BOOST_TEST((ignored >> (sig - 1) & 1) == 1u, "signal " << sig << " not ignored");
     }
-    BOOST_TEST((blocked >> (SIGINT - 1) & 1) == 0u);
-    BOOST_TEST((blocked >> (SIGTERM - 1) & 1) == 0u);
+    if (steward::test::runs_under_valgrind(d.pid())) {
+        // The kernel's mask is valgrind's (it blocks everything and delivers signals itself);
+        // what the daemon does with SIGINT/SIGTERM is checked by the kills below.
+        BOOST_TEST_MESSAGE("daemon under valgrind: its blocked mask is not checked");
+    } else {
+        BOOST_TEST((blocked >> (SIGINT - 1) & 1) == 0u);
+        BOOST_TEST((blocked >> (SIGTERM - 1) & 1) == 0u);
+    }
 
     for (const int sig : {SIGINT, SIGTERM, SIGHUP, SIGPIPE}) {
         BOOST_REQUIRE(::kill(d.pid(), sig) == 0);
@@ -543,8 +549,10 @@ BOOST_AUTO_TEST_CASE(open_descriptors_are_stdio_the_pipe_and_the_ring_only) {
     const fs::path dir = "/proc/" + std::to_string(d.pid()) + "/fd";
     std::set<int> seen;
     int ring_fds = 0;
+    const bool valgrind = steward::test::runs_under_valgrind(d.pid());
     for (const auto& entry : fs::directory_iterator(dir)) {
         const int fd = std::stoi(entry.path().filename().string());
+        if (valgrind && fd >= steward::test::valgrind_fd_floor) continue;  // valgrind's own
         const std::string target = fs::read_symlink(entry.path()).string();
         seen.insert(fd);
         if (fd <= 2) continue;

@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <exception>
+#include <filesystem>
 #include <string>
 
 #if __has_include(<valgrind/valgrind.h>)
@@ -58,6 +59,17 @@ inline boost::test_tools::assertion_result not_under_valgrind(boost::unit_test::
     if (!result) result.message() << "valgrind emulates RLIMIT_NOFILE; test skipped";
     return result;
 }
+
+/// True when process @p pid runs under valgrind (its executable is a valgrind tool): scripts/run
+/// valgrind starts daemons that way. Such a process's kernel-side signal mask is valgrind's, and
+/// valgrind keeps descriptors of its own at the top of its table (valgrind_fd_floor and up: its
+/// log, /tmp/valgrind_proc_* files, a pipe).
+inline bool runs_under_valgrind(int pid) {
+    std::error_code ec;
+    const auto exe = std::filesystem::read_symlink("/proc/" + std::to_string(pid) + "/exe", ec);
+    return !ec && exe.string().find("/valgrind/") != std::string::npos;
+}
+inline constexpr int valgrind_fd_floor = 1024;
 
 /// Number of open descriptors of this process (entries of /proc/self/fd, minus the one the
 /// listing itself uses).
