@@ -454,7 +454,12 @@ BOOST_AUTO_TEST_CASE(native_known_bytes) {
                "03"
                "0000000000000007"
                "0123456789abcdeffedcba9876543210");
-    BOOST_TEST(to_hex(native::encode(native::reply{.request_id = 9, .status = native::reply_status::ok, .part_fds = 253, .total_fds = 1000, .part_index = 0, .part_count = 4})) ==
+    BOOST_TEST(to_hex(native::encode(native::reply{.request_id = 9,
+                                                   .status = native::reply_status::ok,
+                                                   .part_fds = 253,
+                                                   .total_fds = 1000,
+                                                   .part_index = 0,
+                                                   .part_count = 4})) ==
                "04"
                "0000000000000009"
                "00"

@@ -855,7 +855,8 @@ BOOST_AUTO_TEST_CASE(direct_writes_use_a_private_nonblocking_description_or_rwf_
                 const ssize_t n = ::read(read_end.get(), buf, sizeof buf);
                 if (n > 0) got.assign(buf, static_cast<std::size_t>(n));
             }
-            if (got != "REGISTER:/stw_private_desc:shared_memory\nUNREGISTER:/stw_private_desc:shared_memory\n")
+            if (got !=
+                "REGISTER:/stw_private_desc:shared_memory\nUNREGISTER:/stw_private_desc:shared_memory\n")
                 return 16;
             // The tracker is gone: only the read end is left, both write ends closed (EOF).
             if (fds_naming_pipe(pipe_stat.st_ino) != 1) return 17;

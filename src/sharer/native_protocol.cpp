@@ -116,7 +116,12 @@ std::vector<reply> split_reply(std::uint64_t request_id, std::uint32_t total_fds
 }
 
 reply failure_reply(std::uint64_t request_id, reply_status status) noexcept {
-    return reply{.request_id = request_id, .status = status, .part_fds = 0, .total_fds = 0, .part_index = 0, .part_count = 1};
+    return reply{.request_id = request_id,
+                 .status = status,
+                 .part_fds = 0,
+                 .total_fds = 0,
+                 .part_index = 0,
+                 .part_count = 1};
 }
 
 namespace {

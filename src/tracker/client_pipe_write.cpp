@@ -41,8 +41,8 @@ pipe_write_result classify(ssize_t n, std::size_t size, int& err) noexcept {
     }
 }
 
-pipe_write_result guarded_write(int fd, const char* data, std::size_t size, bool skip_guard, bool fd_nonblocking,
-                                int& err) noexcept {
+pipe_write_result guarded_write(int fd, const char* data, std::size_t size, bool skip_guard,
+                                bool fd_nonblocking, int& err) noexcept {
     if (skip_guard) return classify(write_once(fd, data, size, fd_nonblocking, err), size, err);
 
     sigset_t pipe_set;
