@@ -1,7 +1,8 @@
 #pragma once
 // Helpers shared by the test suites: a coroutine test case runner, io_uring availability as a
-// Boost.Test precondition (a blocked io_uring reports the test skipped, never passed), and fd
-// accounting through /proc/self/fd.
+// Boost.Test precondition (a blocked io_uring reports the test skipped, never passed), fd
+// accounting through /proc/self/fd, and what runs under valgrind needs (scaled deadlines, a
+// precondition for what valgrind emulates, recognising a process that runs under it).
 
 #include <steward/io_uring_check.hpp>
 
