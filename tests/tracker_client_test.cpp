@@ -346,35 +346,27 @@ STEWARD_CORO_TEST(daemon_has_only_stdio_pipe_and_ring_fds_and_ignores_int_term) 
 
     struct stat ours {};
     ::fstat(t.fd(), &ours);
-    const fs::path fd_dir = "/proc/" + std::to_string(pid) + "/fd";
-    // One snapshot of the daemon's fds: the numbers, and every fd that is neither our pipe at 3
-    // nor an anon inode (io_uring, eventfd). A UBSan build's vptr check opens and closes a pipe
-    // pair for a moment (its memory-accessibility probe), so an unexpected fd only counts when
-    // it is still there in every snapshot for a second; a leaked fd never goes away.
-    const bool valgrind = st::runs_under_valgrind(pid);
+    // One snapshot of the daemon's fds, and every fd that is neither our pipe at 3 nor an anon
+    // inode (io_uring, eventfd). A UBSan build's vptr check opens and closes a pipe pair for a
+    // moment (its memory-accessibility probe), so an unexpected fd only counts when it is still
+    // there in every snapshot for a second; a leaked fd never goes away.
     const auto snapshot = [&] {
-        std::set<int> numbers;
+        auto targets = st::process_fd_targets(pid);
         std::vector<std::string> unexpected;
-        for (const auto& e : fs::directory_iterator(fd_dir)) {
-            const int n = std::stoi(e.path().filename().string());
-            if (valgrind && n >= st::valgrind_fd_floor) continue;  // valgrind's own
-            numbers.insert(n);
-            std::error_code ec;
-            const auto target = fs::read_symlink(e.path(), ec).string();
-            if (ec) continue;  // closed between listing and reading: transient by definition
+        for (const auto& [n, target] : targets) {
             const bool ok = n < 3 || (n == 3 ? target == "pipe:[" + std::to_string(ours.st_ino) + "]"
                                              : target.rfind("anon_inode:", 0) == 0);
             if (!ok) unexpected.push_back(std::to_string(n) + " -> " + target);
         }
-        return std::pair{numbers, unexpected};
+        return std::pair{std::move(targets), std::move(unexpected)};
     };
-    auto [numbers, unexpected] = snapshot();
+    auto [daemon_fds, unexpected] = snapshot();
     for (int i = 0; i < 50 && !unexpected.empty(); ++i) {
         std::this_thread::sleep_for(20ms);
-        std::tie(numbers, unexpected) = snapshot();
+        std::tie(daemon_fds, unexpected) = snapshot();
     }
     for (const auto& u : unexpected) BOOST_ERROR("unexpected daemon fd " << u);
-    BOOST_CHECK(numbers.count(3));
+    BOOST_CHECK(daemon_fds.count(3));
     co_await t.async_stop(10s, asio::use_awaitable);
 }
 
@@ -805,10 +797,6 @@ asio::awaitable<bool> completes_without_suspending(asio::io_context& ctx, Awaita
     while (!ran) co_await asio::post(ctx, asio::use_awaitable);  // the flag must outlive the handler
     co_return inline_completion;
 }
-
-}  // namespace
-
-namespace {
 
 // Descriptors of this process naming the pipe with inode @p ino (found without /proc).
 int fds_naming_pipe(ino_t ino) {

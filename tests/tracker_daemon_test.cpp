@@ -546,14 +546,9 @@ BOOST_AUTO_TEST_CASE(open_descriptors_are_stdio_the_pipe_and_the_ring_only) {
     struct stat ours;
     BOOST_REQUIRE(::fstat(d.input(), &ours) == 0);
     const std::string pipe_link = "pipe:[" + std::to_string(ours.st_ino) + "]";
-    const fs::path dir = "/proc/" + std::to_string(d.pid()) + "/fd";
     std::set<int> seen;
     int ring_fds = 0;
-    const bool valgrind = steward::test::runs_under_valgrind(d.pid());
-    for (const auto& entry : fs::directory_iterator(dir)) {
-        const int fd = std::stoi(entry.path().filename().string());
-        if (valgrind && fd >= steward::test::valgrind_fd_floor) continue;  // valgrind's own
-        const std::string target = fs::read_symlink(entry.path()).string();
+    for (const auto& [fd, target] : steward::test::process_fd_targets(d.pid())) {
         seen.insert(fd);
         if (fd <= 2) continue;
         if (fd == child_fd) {

@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <exception>
 #include <filesystem>
+#include <map>
 #include <string>
 
 #if __has_include(<valgrind/valgrind.h>)
@@ -61,16 +62,35 @@ inline boost::test_tools::assertion_result not_under_valgrind(boost::unit_test::
     return result;
 }
 
-/// True when process @p pid runs under valgrind (its executable is a valgrind tool): scripts/run
-/// valgrind starts daemons that way. Such a process's kernel-side signal mask is valgrind's, and
-/// valgrind keeps descriptors of its own at the top of its table (valgrind_fd_floor and up: its
-/// log, /tmp/valgrind_proc_* files, a pipe).
+/// True when another process @p pid runs under valgrind (its executable is a valgrind tool):
+/// scripts/run valgrind starts daemons that way. Such a process's kernel-side signal mask is
+/// valgrind's. (For this process use not_under_valgrind: valgrind shows a program under it its
+/// own executable at /proc/self/exe.)
 inline bool runs_under_valgrind(int pid) {
     std::error_code ec;
     const auto exe = std::filesystem::read_symlink("/proc/" + std::to_string(pid) + "/exe", ec);
     return !ec && exe.string().find("/valgrind/") != std::string::npos;
 }
-inline constexpr int valgrind_fd_floor = 1024;
+
+/// The open descriptors of process @p pid and what each names (the targets in /proc/<pid>/fd).
+/// Left out: a descriptor closed while the listing is read, and, for a process under valgrind,
+/// valgrind's own descriptors, which it keeps at the top of the table (1024 and up: its log,
+/// /tmp/valgrind_proc_* files, a pipe).
+inline std::map<int, std::string> process_fd_targets(int pid) {
+    namespace fs = std::filesystem;
+    const bool valgrind = runs_under_valgrind(pid);
+    std::map<int, std::string> targets;
+    std::error_code ec;
+    for (fs::directory_iterator it("/proc/" + std::to_string(pid) + "/fd", ec), end; !ec && it != end;
+         it.increment(ec)) {
+        const int fd = std::stoi(it->path().filename().string());
+        if (valgrind && fd >= 1024) continue;
+        std::error_code link_ec;
+        const auto target = fs::read_symlink(it->path(), link_ec);
+        if (!link_ec) targets.emplace(fd, target.string());
+    }
+    return targets;
+}
 
 /// Number of open descriptors of this process (entries of /proc/self/fd, minus the one the
 /// listing itself uses).
