@@ -2,11 +2,13 @@
 #include <steward/io_uring_check.hpp>
 
 #include <steward/error.hpp>
+#include <steward/io/process_generation.hpp>
 
 #include <liburing.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdint>
 #include <fstream>
 #include <string>
 
@@ -100,13 +102,14 @@ void check_io_uring() {
 namespace io {
 
 std::error_code io_uring_status() noexcept {
-    // Keyed by pid so a forked child (possibly under a new seccomp filter) probes again. No mutex: a
-    // fork() while another thread held it would leave the child's copy locked forever. Threads that
-    // race here each probe and store the same answer; the code is packed into one word (value * 2 +
-    // "is steward's category") so a reader never pairs one thread's value with another's category.
-    static std::atomic<pid_t> probed_in{0};
+    // Keyed by process generation so a forked child (possibly under a new seccomp filter) probes
+    // again. No mutex: a fork() while another thread held it would leave the child's copy locked
+    // forever. Threads that race here each probe and store the same answer; the code is packed into
+    // one word (value * 2 + "is steward's category") so a reader never pairs one thread's value
+    // with another's category.
+    static std::atomic<std::uint64_t> probed_in{0};
     static std::atomic<int> packed{0};
-    const pid_t self = ::getpid();
+    const std::uint64_t self = process_generation();
     if (probed_in.load(std::memory_order_acquire) != self) {
         std::error_code ec;
         check_io_uring(ec);

@@ -10,15 +10,22 @@
 #include "sharer/framing.hpp"
 #include "sharer/handshake.hpp"
 #include "sharer/handshake_driver.hpp"
+#include "sharer/random.hpp"
 
 #include <asio/as_tuple.hpp>
 #include <asio/experimental/awaitable_operators.hpp>
 #include <asio/local/stream_protocol.hpp>
 #include <asio/use_awaitable.hpp>
 
+#include <fcntl.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <array>
 #include <filesystem>
+#include <set>
 #include <sstream>
 
 using steward::test::bytes_of;
@@ -473,4 +480,52 @@ STEWARD_CPYTHON_CORO_TEST(cpython_client_against_our_server) {
         std::filesystem::remove(path);
     }
     BOOST_TEST(steward::test::open_fd_count() == fds_before);
+}
+
+// ---- random bytes for nonces and share keys ----------------------------------------------------
+
+BOOST_AUTO_TEST_CASE(buffered_random_bytes_are_never_handed_out_twice_not_even_across_fork) {
+    using nonce = std::array<std::byte, 32>;
+    auto draw = [] {
+        nonce n{};
+        std::error_code ec;
+        steward::detail::fill_random_buffered(n, ec);
+        BOOST_TEST(!ec);
+        return n;
+    };
+    // More draws than one buffer holds: the refills too.
+    std::set<nonce> seen;
+    for (int i = 0; i < 40; ++i) {
+        const nonce n = draw();
+        BOOST_TEST(std::any_of(n.begin(), n.end(), [](std::byte b) { return b != std::byte{0}; }));
+        BOOST_TEST(seen.insert(n).second);
+    }
+    // Larger requests than the buffer serves go to the kernel directly.
+    std::vector<std::byte> big(1000);
+    steward::detail::fill_random_buffered(big);
+    BOOST_TEST(std::count(big.begin(), big.end(), std::byte{0}) < 100);
+
+    // A forked child starts with a copy of this thread's buffer: it must not hand out the bytes
+    // the parent hands out next.
+    (void)draw();  // the buffer now holds unused bytes
+    int p[2];
+    BOOST_REQUIRE(::pipe2(p, O_CLOEXEC) == 0);
+    steward::unique_fd r(p[0]), w(p[1]);
+    const pid_t pid = ::fork();
+    BOOST_REQUIRE(pid >= 0);
+    if (pid == 0) {
+        nonce n{};
+        std::error_code ec;
+        steward::detail::fill_random_buffered(n, ec);
+        _exit(!ec && ::write(w.get(), n.data(), n.size()) == static_cast<ssize_t>(n.size()) ? 0 : 1);
+    }
+    w.reset();
+    const nonce parents = draw();
+    nonce childs{};
+    BOOST_TEST(::read(r.get(), childs.data(), childs.size()) == static_cast<ssize_t>(childs.size()));
+    int status = 0;
+    BOOST_REQUIRE(::waitpid(pid, &status, 0) == pid);
+    BOOST_TEST((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+    BOOST_TEST((parents != childs));
+    BOOST_TEST(!seen.contains(childs));
 }

@@ -15,7 +15,10 @@
 #include "sharer/sharer_wire.hpp"
 
 #include <asio/as_tuple.hpp>
+#include <asio/bind_cancellation_slot.hpp>
+#include <asio/cancellation_signal.hpp>
 #include <asio/local/stream_protocol.hpp>
+#include <asio/steady_timer.hpp>
 #include <asio/use_awaitable.hpp>
 
 #include <sys/random.h>
@@ -24,6 +27,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -656,5 +661,102 @@ BOOST_AUTO_TEST_CASE(real_server_of_another_uid_takes_the_full_handshake) {
     go_w.reset();
     id_r.reset();
     BOOST_TEST(child.wait() == 0);
+    BOOST_TEST(open_fd_count() == before);
+}
+
+namespace {
+
+// Shrinks @p l's backlog to one pending connection and fills it: non-blocking connects until the
+// listener refuses one with EAGAIN. The connections that got in are returned.
+std::vector<unique_fd> fill_backlog(const fake_listener& l) {
+    BOOST_REQUIRE(::listen(l.fd.get(), 0) == 0);
+    std::vector<unique_fd> fillers;
+    for (;;) {
+        unique_fd f(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+        BOOST_REQUIRE(f);
+        sockaddr_un addr{};
+        addr.sun_family = AF_UNIX;
+        std::memcpy(addr.sun_path, l.path.data(), l.path.size());
+        if (::connect(f.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) {
+            BOOST_REQUIRE(errno == EAGAIN);
+            break;
+        }
+        fillers.push_back(std::move(f));
+        BOOST_REQUIRE(fillers.size() < 64u);
+    }
+    BOOST_REQUIRE(!fillers.empty());
+    return fillers;
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(client_whose_connect_finds_the_backlog_full_waits_for_room_then_fetches) {
+    const authkey key = authkey::generate();
+    fake_listener l;
+    std::vector<unique_fd> fillers = fill_backlog(l);
+    const int held = static_cast<int>(fillers.size());
+    const int before = open_fd_count();
+
+    std::atomic<bool> done{false};
+    std::error_code ec;
+    std::vector<unique_fd> fds;
+    std::thread client([&] {
+        fds = fetch(share_id(l.path, share_key::generate()), ec, dedicated(key));
+        done = true;
+    });
+    // The client's own connect found no room: it waits (an asynchronous connect), it does not fail.
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    BOOST_TEST(!done.load());
+    // Room: the queued connections are taken, then the client's arrives and is served.
+    for (std::size_t i = 0; i < fillers.size(); ++i) BOOST_TEST(static_cast<bool>(l.accept()));
+    const bool verified = scripted_quick_server(l, key, key, 0);
+    client.join();
+    BOOST_TEST(verified);
+    BOOST_TEST(!ec, ec.message());
+    BOOST_REQUIRE(fds.size() == 1u);
+    fds.clear();
+    fillers.clear();
+    BOOST_TEST(open_fd_count() == before - held);  // nothing left behind but the closed fillers
+}
+
+BOOST_AUTO_TEST_CASE(client_gives_up_on_a_backlog_that_stays_full_at_its_deadline_or_when_cancelled) {
+    using namespace std::chrono_literals;
+    const authkey key = authkey::generate();
+    fake_listener l;
+    const std::vector<unique_fd> fillers = fill_backlog(l);
+    const int before = open_fd_count();
+    const share_id id(l.path, share_key::generate());
+
+    // Dedicated connection, blocking call: the handshake timeout bounds the wait for room.
+    fetch_options o = dedicated(key);
+    o.handshake_timeout = 200ms;
+    std::error_code ec;
+    auto fds = fetch(id, ec, o);
+    BOOST_TEST((ec == errc::timed_out), ec.message());
+    BOOST_TEST(fds.empty());
+
+    // The pooled connection: the same bound.
+    fetch_options pooled;
+    pooled.key = key;
+    pooled.handshake_timeout = 200ms;
+    fds = fetch(id, ec, pooled);
+    BOOST_TEST((ec == errc::timed_out), ec.message());
+    BOOST_TEST(fds.empty());
+
+    // A dedicated asynchronous fetch cancelled while it waits for room.
+    t::run_coroutine([&](asio::io_context& ctx) -> asio::awaitable<void> {
+        const asio::any_io_executor ex = ctx.get_executor();
+        asio::cancellation_signal signal;
+        asio::steady_timer timer(ex, 100ms);
+        timer.async_wait([&](std::error_code) { signal.emit(asio::cancellation_type::terminal); });
+        fetch_options long_wait = dedicated(key);
+        long_wait.handshake_timeout = 30s;
+        const auto t0 = std::chrono::steady_clock::now();
+        auto [cec, cfds] =
+            co_await async_fetch(ex, id, asio::bind_cancellation_slot(signal.slot(), use_tuple), long_wait);
+        BOOST_TEST((cec == asio::error::operation_aborted), cec.message());
+        BOOST_TEST(cfds.empty());
+        BOOST_TEST((std::chrono::steady_clock::now() - t0 < t::slowed(std::chrono::seconds(5))));
+    });
     BOOST_TEST(open_fd_count() == before);
 }

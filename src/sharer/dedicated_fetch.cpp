@@ -8,6 +8,7 @@
 #include "sharer/native_protocol.hpp"
 #include "sharer/native_stream.hpp"
 #include "sharer/quick_connect.hpp"
+#include "sharer/random.hpp"
 #include "sharer/sharer_handshake.hpp"
 #include "sharer/sharer_wire.hpp"
 
@@ -16,9 +17,9 @@
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
 #include <asio/dispatch.hpp>
+#include <asio/steady_timer.hpp>
 #include <asio/use_awaitable.hpp>
 
-#include <sys/random.h>
 #include <sys/socket.h>
 
 namespace steward::detail {
@@ -33,6 +34,7 @@ public:
     dedicated_fetch(const asio::any_io_executor& ex, const share_id& id, const authkey& key,
                     const fetch_options& options, fetch_handler handler)
         : socket_(ex),
+          connect_pause_(ex),
           address_(id.address()),
           share_key_(id.key()),
           key_(key),
@@ -48,6 +50,7 @@ public:
                     me->cancelled_ = true;
                     std::error_code ignored;
                     me->socket_.cancel(ignored);
+                    me->connect_pause_.cancel();
                 }
             });
         }
@@ -86,8 +89,9 @@ private:
     asio::awaitable<std::error_code> exchange(std::vector<unique_fd>& out) {
         if (std::error_code ec = io::io_uring_status()) co_return ec;  // cached per process
         deadline_.emplace(socket_, options_.handshake_timeout + options_.reply_timeout, shared_from_this());
-        if (std::error_code ec = co_await client::connect(socket_, address_))
-            co_return deadline_->translate(ec);
+        if (std::error_code ec = co_await client::connect(socket_, address_, options_.handshake_timeout,
+                                                          connect_pause_, [this] { return cancelled_; }))
+            co_return ec;
         uid_t server_uid = 0;
         if (std::error_code ec = client::peer_uid(socket_.native_handle(), server_uid)) co_return ec;
 
@@ -95,8 +99,9 @@ private:
         std::optional<quick::ack_reader> ack;
         quick::nonce nonce{};
         if (quick::peer_allows_quick(server_uid)) {
-            if (::getrandom(nonce.data(), nonce.size(), 0) != static_cast<ssize_t>(nonce.size()))
-                co_return errno_code(errno);
+            std::error_code ec;
+            fill_random_buffered(nonce, ec);
+            if (ec) co_return ec;
             quick::request q;
             q.client_nonce = nonce;
             q.first_fetch = native::fetch{request_id, share_key_};
@@ -260,6 +265,7 @@ private:
     }
 
     local_socket socket_;
+    asio::steady_timer connect_pause_;  // a full backlog's retry pause (cancelled with the fetch)
     std::string address_;
     share_key share_key_;
     authkey key_;

@@ -7,6 +7,7 @@
 
 #include <steward/error.hpp>
 #include <steward/io/detail/scm_rights.hpp>
+#include <steward/io/process_generation.hpp>
 
 #include "sharer/dedicated_fetch.hpp"
 #include "sharer/fetch_connect.hpp"
@@ -14,6 +15,7 @@
 #include "sharer/native_protocol.hpp"
 #include "sharer/native_stream.hpp"
 #include "sharer/quick_connect.hpp"
+#include "sharer/random.hpp"
 #include "sharer/sharer_handshake.hpp"
 #include "sharer/sharer_wire.hpp"
 
@@ -29,7 +31,6 @@
 #include <asio/strand.hpp>
 #include <asio/use_awaitable.hpp>
 
-#include <sys/random.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -317,7 +318,9 @@ private:
                                        clock::duration handshake_timeout) {
         std::error_code ec = io::io_uring_status();  // cached per process
         if (ec) co_return self->fail(ec);
-        ec = co_await client::connect(self->socket_, self->address_);
+        asio::steady_timer connect_pause(self->socket_.get_executor());
+        ec = co_await client::connect(self->socket_, self->address_, handshake_timeout, connect_pause,
+                                      [&self] { return self->state_ == state::dead; });
         if (ec) co_return self->fail(ec);
         if (self->state_ == state::dead) co_return;
         uid_t server_uid = 0;
@@ -327,8 +330,8 @@ private:
             // Quick connect: QUICK (with the first request) goes out at once; the session starts
             // when QUICK_ACK verifies (see reader()).
             quick::nonce nonce{};
-            if (::getrandom(nonce.data(), nonce.size(), 0) != static_cast<ssize_t>(nonce.size()))
-                co_return self->fail(errno_code(errno));
+            fill_random_buffered(nonce, ec);
+            if (ec) co_return self->fail(ec);
             quick::request q;
             q.client_nonce = nonce;
             while (!self->waiting_.empty() && !self->waiting_.front().handler) self->waiting_.pop_front();
@@ -758,14 +761,14 @@ namespace {
 // with the parent: it is abandoned, never used or destroyed there.
 asio::io_context& blocking_context() {
     struct holder {
-        pid_t pid = 0;
+        std::uint64_t process = 0;
         std::unique_ptr<asio::io_context> io;
     };
     thread_local holder h;
-    if (h.io && h.pid != ::getpid()) (void)h.io.release();
+    if (h.io && h.process != io::process_generation()) (void)h.io.release();
     if (!h.io) {
         h.io = std::make_unique<asio::io_context>(1);
-        h.pid = ::getpid();
+        h.process = io::process_generation();
         // The ring is created with the first I/O object: now, so that the thread's descriptor
         // count does not change at some later call.
         asio::local::stream_protocol::socket warm(*h.io);

@@ -176,7 +176,7 @@ bool verify_response(const authkey& key, std::span<const std::byte> message,
 
 handshake::handshake(role r, const authkey& key) : role_(r), key_(key) {
     std::array<std::byte, nonce_size> nonce;
-    fill_random(nonce);
+    fill_random_buffered(nonce);
     challenge_ = make_challenge(nonce);
 }
 

@@ -93,7 +93,7 @@ share_id parse_text(std::string_view text, std::error_code& ec, const char** why
 
 share_key share_key::generate() {
     std::array<std::byte, 16> bytes;
-    detail::fill_random(bytes);
+    detail::fill_random_buffered(bytes);
     share_key k;
     std::memcpy(&k.high, bytes.data(), 8);
     std::memcpy(&k.low, bytes.data() + 8, 8);

@@ -1,4 +1,5 @@
 #include <steward/io/backend_probe.hpp>
+#include <steward/io/process_generation.hpp>
 #include <steward/sharer.hpp>
 
 #include <steward/error.hpp>
@@ -563,7 +564,7 @@ private:
     }
 
     void check_fork_locked() {
-        if (::getpid() == owner_pid_) return;
+        if (io::process_generation() == owner_process_) return;
         forget_locked();
     }
 
@@ -573,7 +574,7 @@ private:
     // overwritten with /dev/null (the child's references to the parent's sockets are dropped, the
     // numbers stay occupied so no later close hits a reused number), and those objects are leaked.
     void forget_locked() {
-        owner_pid_ = ::getpid();
+        owner_process_ = io::process_generation();
         ++generation_;
         unique_fd devnull(::open("/dev/null", O_RDONLY | O_CLOEXEC));
         auto neutralise = [&](int fd) {
@@ -1667,7 +1668,7 @@ private:
     std::thread::id background_thread_id_;
     bool background_wanted_ = false;
 
-    pid_t owner_pid_ = ::getpid();
+    std::uint64_t owner_process_ = io::process_generation();  // a fork() changes it: see check_fork_locked
     std::uint64_t generation_ = 0;
     bool stopped_ = false;
     std::string dir_;

@@ -28,6 +28,7 @@
 #include <steward/io/async_write_message.hpp>
 #include <steward/io/backend_probe.hpp>
 #include <steward/io/child_process.hpp>
+#include <steward/io/process_generation.hpp>
 #include <steward/io_uring_check.hpp>
 #include <steward/unique_fd.hpp>
 
@@ -90,17 +91,6 @@ using stop_handler_type = asio::any_completion_handler<void(std::error_code, std
 constexpr std::size_t batch_capacity = io::max_atomic_write;
 constexpr int daemon_fd = 3;
 
-// Bumped in every child of fork(): a cheap way for each call to notice it runs in a new process
-// without a getpid() system call per message.
-std::atomic<unsigned> fork_generation{0};
-void on_fork_child() noexcept {
-    fork_generation.fetch_add(1, std::memory_order_relaxed);
-}
-void install_fork_hook() {
-    static std::once_flag once;
-    std::call_once(once, [] { ::pthread_atfork(nullptr, nullptr, on_fork_child); });
-}
-
 // Handlers the completion loops running on this thread have yet to resume. A caller resumed by
 // such a loop while others wait their turn joins a batch instead of writing directly: the others
 // are about to call too (group commit); the last one (a lone caller, e.g. every call of a serial
@@ -133,8 +123,8 @@ class tracker_impl : public std::enable_shared_from_this<tracker_impl> {
 public:
     tracker_impl(asio::any_io_executor ex, tracker_options options)
         : ex_(std::move(ex)), options_(std::move(options)), registered_(std::in_place) {
-        install_fork_hook();
-        generation_ = fork_generation.load(std::memory_order_relaxed);
+        // Compared on every call: a forked child notices without a getpid() system call per message.
+        generation_ = io::process_generation();
         owner_pid_ = ::getpid();
     }
 
@@ -743,7 +733,7 @@ private:
     }
 
     void check_fork_locked() {
-        const unsigned gen = fork_generation.load(std::memory_order_relaxed);
+        const std::uint64_t gen = io::process_generation();
         if (gen == generation_) return;
         generation_ = gen;
         const pid_t pid = ::getpid();
@@ -882,7 +872,7 @@ private:
     bool warned_ = false;
     std::string dead_status_;
     std::string last_error_;
-    unsigned generation_ = 0;
+    std::uint64_t generation_ = 0;
     pid_t owner_pid_ = -1;
 
     std::optional<tracking::registry> registered_;  // optional: registry has no clear()

@@ -1,0 +1,19 @@
+#pragma once
+// A cheap "am I still the same process?" check for per-process caches (an io_uring probe, a
+// thread's io_context, buffered random bytes, a tracker's or sharer's owner): a number that
+// changes in every child of fork(), read without a getpid() system call.
+
+#include <cstdint>
+
+namespace steward::io {
+
+/// The current process generation. It is the same for every thread of one process and changes in
+/// the child of every fork() (a pthread_atfork child handler, installed by the first call). A
+/// cache stores the value next to what it caches and treats a different value as "a forked child:
+/// start again". Never 0, so 0 can mean "nothing stored yet".
+///
+/// Not seen: a child made by a raw clone() system call or by vfork()/posix_spawn(), which must only
+/// exec or _exit anyway.
+[[nodiscard]] std::uint64_t process_generation() noexcept;
+
+}  // namespace steward::io
