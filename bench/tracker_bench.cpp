@@ -10,9 +10,13 @@
 //   floor    one blocking write() per message into the pipe of a steward-tracker daemon
 //   same_syscalls  the five system calls the client made per message before direct writes
 //            (waitid, sigmask, sigpending, pwritev2, sigmask), blocking, no library
+//   asio_only  one coroutine co_awaiting a coroutine that returns at once per message: the asio
+//            part of the steward variant alone (no tracker, no I/O)
 // scenario register_concurrent  many registrations in flight at once
 //   steward  1000 coroutines on one tracker, each awaiting its own calls (group commit)
 //   floor    blocking write()s of 4096-byte batches of whole messages into the daemon's pipe
+//   asio_only  the same 1000 coroutines awaiting operations completed in place by one posted flush
+//            per round: the asio part of the steward variant alone (no tracker, no I/O)
 // scenario daemon_ingest        bytes written straight into the daemon's pipe (REGISTER/UNREGISTER
 //                               pairs, names cycling through a window of 4096), timed from the
 //                               first byte to the daemon's exit after end of input
@@ -35,7 +39,9 @@
 #include <steward/tracker.hpp>
 #endif
 
+#include <asio/any_completion_handler.hpp>
 #include <asio/as_tuple.hpp>
+#include <asio/async_result.hpp>
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
 #include <asio/io_context.hpp>
@@ -47,6 +53,7 @@
 #include <sys/uio.h>
 
 #include <csignal>
+#include <functional>
 #include <optional>
 #include <string_view>
 
@@ -180,6 +187,71 @@ int register_same_syscalls(const bench::args& a) {
     r.extra("daemon_exit_status", status);
     r.print();
     return status == 0 ? 0 : 1;
+}
+
+// The coroutine machinery of the steward variants alone, with the same shape and no tracker: no
+// name, encoding, bookkeeping or I/O. serial: each call co_awaits a coroutine that returns at once
+// (the direct path's shape). concurrent: each call co_awaits an operation whose handler is queued
+// and completed in place by one posted flush per round, as a group commit completes its callers.
+// What steward adds to the floor's system calls can be no less than this.
+int register_asio_only(const bench::args& a, std::size_t coroutines) {
+    asio::io_context ctx(1);
+    using handler = asio::any_completion_handler<void(std::error_code)>;
+    std::vector<handler> queued;
+    std::vector<handler> completing;
+    bool flush_posted = false;
+    std::function<void()> flush = [&] {
+        flush_posted = false;
+        completing.swap(queued);
+        for (auto& h : completing) std::move(h)(std::error_code{});
+        completing.clear();
+    };
+    auto queued_op = [&](auto token) {
+        return asio::async_initiate<decltype(token), void(std::error_code)>(
+            [&](auto h) {
+                queued.emplace_back(std::move(h));
+                if (!flush_posted) {
+                    flush_posted = true;
+                    asio::post(ctx, [&] { flush(); });
+                }
+            },
+            token);
+    };
+    auto immediate = []() -> asio::awaitable<void> { co_return; };
+    double seconds = 0;
+    std::size_t done = 0;
+    std::exception_ptr error;
+    const std::size_t per = a.n / coroutines;
+    const auto t0 = bench::clock::now();
+    for (std::size_t c = 0; c < coroutines; ++c) {
+        asio::co_spawn(
+            ctx,
+            [&]() -> asio::awaitable<void> {
+                for (std::size_t i = 0; i + 1 < per; i += 2) {
+                    if (coroutines == 1) {
+                        co_await immediate();
+                        co_await immediate();
+                    } else {
+                        co_await queued_op(asio::use_awaitable);
+                        co_await queued_op(asio::use_awaitable);
+                    }
+                }
+                if (++done == coroutines) seconds = bench::seconds_since(t0);
+            },
+            [&](const std::exception_ptr& e) {
+                if (e && !error) error = e;
+            });
+    }
+    ctx.run();
+    if (error) std::rethrow_exception(error);
+    const std::size_t total = (per / 2) * 2 * coroutines;
+    bench::result r(a, "msg/s", true);
+    r.value(static_cast<double>(total) / seconds);
+    r.count(total);
+    r.seconds(seconds);
+    r.extra("coroutines", static_cast<double>(coroutines));
+    r.print();
+    return 0;
 }
 
 int register_floor(const bench::args& a, bool batched) {
@@ -396,6 +468,7 @@ int main(int argc, char** argv) {
             const bool concurrent = s == "register_concurrent";
             if (v == "floor") return register_floor(a, concurrent);
             if (v == "same_syscalls" && !concurrent) return register_same_syscalls(a);
+            if (v == "asio_only") return register_asio_only(a, concurrent ? a.get_size("coroutines", 1000) : 1);
             if (v == "steward" || v == "steward_guarded") {
 #if defined(STEWARD_BENCH_HAVE_TRACKER_CLIENT)
                 return register_steward(a, concurrent ? a.get_size("coroutines", 1000) : 1, v == "steward");
