@@ -2,6 +2,8 @@
 
 #include <steward/error.hpp>
 
+#include <array>
+#include <cstdint>
 #include <cstring>
 
 namespace steward::detail::tracking {
@@ -448,10 +450,30 @@ decode_error decode_line(std::string_view line, decoded_message& out, decode_scr
     return decode_colon(line, out, scratch);
 }
 
+namespace {
+
+// What one byte of a name asks of the encoder: json_byte (anything but printable ASCII, or ':'),
+// nul_byte (a NUL, refused; it is a control byte, so json_byte too). One table lookup per byte
+// instead of three comparisons, and one pass answers both questions.
+constexpr std::uint8_t json_byte = 1, nul_byte = 2;
+constexpr std::array<std::uint8_t, 256> name_byte_class = [] {
+    std::array<std::uint8_t, 256> t{};
+    for (unsigned c = 0; c < 256; ++c)
+        if (c < 0x20 || c > 0x7e || c == ':') t[c] = json_byte;
+    t[0] |= nul_byte;
+    return t;
+}();
+
+unsigned scan_name(std::string_view name) noexcept {
+    unsigned acc = 0;
+    for (const char c : name) acc |= name_byte_class[static_cast<unsigned char>(c)];
+    return acc;
+}
+
+}  // namespace
+
 bool needs_json(std::string_view name) noexcept {
-    for (const char c : name)
-        if (c < 0x20 || c > 0x7e || c == ':') return true;
-    return false;
+    return (scan_name(name) & json_byte) != 0;
 }
 
 std::size_t base64url_encode(std::string_view in, char* out) noexcept {
@@ -505,21 +527,24 @@ bool base64_decode(std::string_view in, char* out, std::size_t& out_size) noexce
     return true;
 }
 
-std::error_code encode_message(command cmd, resource_type type, std::string_view name,
-                               encoded_message& out) noexcept {
-    out.size = 0;
+namespace {
+
+// encode_message() into @p buf (max_message_size bytes); @p size is 0 on error.
+std::error_code encode_to(command cmd, resource_type type, std::string_view name, char* buf,
+                          std::size_t& size) noexcept {
+    size = 0;
     if (cmd == command::probe) {
         constexpr std::string_view probe = "PROBE:0:noop\n";
-        std::memcpy(out.bytes.data(), probe.data(), probe.size());
-        out.size = probe.size();
+        std::memcpy(buf, probe.data(), probe.size());
+        size = probe.size();
         return {};
     }
-    if (type == resource_type::noop || name.empty() || std::memchr(name.data(), '\0', name.size()))
+    const unsigned scan = scan_name(name);
+    if (type == resource_type::noop || name.empty() || (scan & nul_byte) != 0)
         return std::make_error_code(std::errc::invalid_argument);
     const auto cmd_name = to_string(cmd);
     const auto type_name = to_string(type);
-    char* const buf = out.bytes.data();
-    if (!needs_json(name)) {
+    if ((scan & json_byte) == 0) {
         const std::size_t total = cmd_name.size() + 1 + name.size() + 1 + type_name.size() + 1;
         if (total > max_message_size) return errc::message_too_long;
         char* p = buf;
@@ -532,7 +557,7 @@ std::error_code encode_message(command cmd, resource_type type, std::string_view
         std::memcpy(p, type_name.data(), type_name.size());
         p += type_name.size();
         *p++ = '\n';
-        out.size = total;
+        size = total;
         return {};
     }
     constexpr std::string_view a = "{\"cmd\":\"", b = "\",\"rtype\":\"", c = "\",\"base64_name\":\"",
@@ -548,8 +573,15 @@ std::error_code encode_message(command cmd, resource_type type, std::string_view
     }
     p += base64url_encode(name, p);
     std::memcpy(p, d.data(), d.size());
-    out.size = total;
+    size = total;
     return {};
+}
+
+}  // namespace
+
+std::error_code encode_message(command cmd, resource_type type, std::string_view name,
+                               encoded_message& out) noexcept {
+    return encode_to(cmd, type, name, out.bytes.data(), out.size);
 }
 
 std::error_code append_message(command cmd, resource_type type, std::string_view name, std::string& out) {
@@ -569,14 +601,8 @@ std::error_code client_canonical_name(resource_type type, std::string_view name,
 
 std::error_code encode_into(bool register_it, resource_type type, std::string_view name, char* out,
                                std::size_t& size) noexcept {
-    encoded_message message;
-    const auto cmd =
-        register_it ? command::register_resource : command::unregister_resource;
-    size = 0;
-    if (auto ec = encode_message(cmd, type, name, message)) return ec;
-    std::memcpy(out, message.bytes.data(), message.size);
-    size = message.size;
-    return {};
+    return encode_to(register_it ? command::register_resource : command::unregister_resource, type, name, out,
+                     size);
 }
 
 }  // namespace steward::detail::tracking
