@@ -1879,3 +1879,25 @@ BOOST_AUTO_TEST_CASE(quick_ack_reader) {
     BOOST_TEST(to_hex(a1) == to_hex(a2));
     BOOST_TEST(quick::is_request(std::span<const std::byte>(a1).subspan(4)));
 }
+
+BOOST_AUTO_TEST_CASE(quick_mac_key_moves_its_key_schedule_and_leaves_nothing_usable_behind) {
+    const steward::authkey key = counting_key();
+    native::quick_mac_key original(key);
+    const auto signed_part = from_hex("0853545744000200020000000000");
+    const native::quick_mac_bytes expected = native::quick_mac(original, signed_part);
+
+    native::quick_mac_key moved(std::move(original));
+    BOOST_TEST(moved.is_for(key));
+    BOOST_TEST((native::quick_mac(moved, signed_part) == expected));
+    // The moved-from key is wiped: it is for no key and computes nothing.
+    BOOST_TEST(!original.is_for(key));  // NOLINT(bugprone-use-after-move): checked on purpose
+    native::quick_mac_bytes out{};
+    BOOST_TEST(!original.compute(signed_part, {}, {}, out));  // NOLINT(bugprone-use-after-move)
+
+    native::quick_mac_key other(steward::authkey::generate());
+    BOOST_TEST(!(native::quick_mac(other, signed_part) == expected));
+    other = std::move(moved);
+    BOOST_TEST(other.is_for(key));
+    BOOST_TEST((native::quick_mac(other, signed_part) == expected));
+    BOOST_TEST(!moved.is_for(key));  // NOLINT(bugprone-use-after-move)
+}

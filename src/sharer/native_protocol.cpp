@@ -4,10 +4,12 @@
 
 #include "sharer/framing.hpp"
 
-#include <openssl/core_names.h>
+// HMAC-SHA256 of quick connect is built on SHA256_Init/Update/Final, deprecated since OpenSSL 3.0
+// but kept throughout 3.x: they hash from a copied state with no allocation, no provider lookup and
+// a fraction of the code the EVP_MAC path runs per MAC (see quick_mac_key).
+#define OPENSSL_SUPPRESS_DEPRECATED
 #include <openssl/crypto.h>
-#include <openssl/evp.h>
-#include <openssl/params.h>
+#include <openssl/sha.h>
 
 #include <algorithm>
 #include <cstring>
@@ -319,16 +321,6 @@ message decode(std::span<const std::byte> payload, std::error_code& ec, const ch
 
 namespace {
 
-EVP_MAC* hmac_algorithm() noexcept {
-    // Fetched once per process: the lookup costs more than a MAC over 100 bytes.
-    static EVP_MAC* const mac = EVP_MAC_fetch(nullptr, "HMAC", nullptr);
-    return mac;
-}
-
-const unsigned char* uc(const std::byte* p) noexcept {
-    return reinterpret_cast<const unsigned char*>(p);
-}
-
 std::span<const std::byte> as_span(std::string_view s) noexcept {
     return std::as_bytes(std::span<const char>(s.data(), s.size()));
 }
@@ -356,58 +348,71 @@ bool verify_mac(const quick_mac_bytes& expected, std::span<const std::byte> payl
 
 }  // namespace
 
+static_assert(sizeof(SHA256_CTX) == 112, "quick_mac_key::sha256_state_size");
+
 quick_mac_key::quick_mac_key(const authkey& key) {
-    EVP_MAC* const alg = hmac_algorithm();
-    EVP_MAC_CTX* ctx = alg ? EVP_MAC_CTX_new(alg) : nullptr;
-    if (!ctx) throw_crypto();
-    char digest[] = "SHA256";
-    const OSSL_PARAM params[] = {OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0),
-                                 OSSL_PARAM_construct_end()};
-    if (EVP_MAC_init(ctx, uc(key.bytes.data()), key.bytes.size(), params) != 1) {
-        EVP_MAC_CTX_free(ctx);
-        throw_crypto();
-    }
-    ctx_ = ctx;
+    // HMAC (RFC 2104) with a 32-byte key: the key padded to one 64-byte block, xor ipad / opad.
+    std::array<unsigned char, 64> pad{};
+    auto* const inner = reinterpret_cast<SHA256_CTX*>(inner_.data());
+    auto* const outer = reinterpret_cast<SHA256_CTX*>(outer_.data());
+    std::memcpy(pad.data(), key.bytes.data(), key.bytes.size());
+    for (auto& c : pad) c ^= 0x36;
+    bool ok = SHA256_Init(inner) == 1 && SHA256_Update(inner, pad.data(), pad.size()) == 1;
+    for (auto& c : pad) c ^= 0x36 ^ 0x5c;
+    ok = ok && SHA256_Init(outer) == 1 && SHA256_Update(outer, pad.data(), pad.size()) == 1;
+    OPENSSL_cleanse(pad.data(), pad.size());
+    if (!ok) throw_crypto();
+    ready_ = true;
     key_ = key.bytes;
 }
 
-quick_mac_key::quick_mac_key(quick_mac_key&& other) noexcept : ctx_(other.ctx_), key_(other.key_) {
-    other.ctx_ = nullptr;
-    OPENSSL_cleanse(other.key_.data(), other.key_.size());
+quick_mac_key::quick_mac_key(quick_mac_key&& other) noexcept
+    : inner_(other.inner_), outer_(other.outer_), ready_(other.ready_), key_(other.key_) {
+    other.wipe();
 }
 
 quick_mac_key& quick_mac_key::operator=(quick_mac_key&& other) noexcept {
     if (this != &other) {
-        EVP_MAC_CTX_free(static_cast<EVP_MAC_CTX*>(ctx_));
-        ctx_ = other.ctx_;
+        inner_ = other.inner_;
+        outer_ = other.outer_;
+        ready_ = other.ready_;
         key_ = other.key_;
-        other.ctx_ = nullptr;
-        OPENSSL_cleanse(other.key_.data(), other.key_.size());
+        other.wipe();
     }
     return *this;
 }
 
 quick_mac_key::~quick_mac_key() {
-    EVP_MAC_CTX_free(static_cast<EVP_MAC_CTX*>(ctx_));
+    wipe();
+}
+
+void quick_mac_key::wipe() noexcept {
+    OPENSSL_cleanse(inner_.data(), inner_.size());
+    OPENSSL_cleanse(outer_.data(), outer_.size());
     OPENSSL_cleanse(key_.data(), key_.size());
+    ready_ = false;
 }
 
 bool quick_mac_key::compute(std::span<const std::byte> a, std::span<const std::byte> b,
                             std::span<const std::byte> c, quick_mac_bytes& out) const noexcept {
-    auto* const ctx = static_cast<EVP_MAC_CTX*>(ctx_);
-    if (!ctx) return false;
-    std::size_t len = 0;
-    // A null key re-initialises HMAC from the key schedule computed in the constructor.
-    return EVP_MAC_init(ctx, nullptr, 0, nullptr) == 1 &&
-           (a.empty() || EVP_MAC_update(ctx, uc(a.data()), a.size()) == 1) &&
-           (b.empty() || EVP_MAC_update(ctx, uc(b.data()), b.size()) == 1) &&
-           (c.empty() || EVP_MAC_update(ctx, uc(c.data()), c.size()) == 1) &&
-           EVP_MAC_final(ctx, reinterpret_cast<unsigned char*>(out.data()), &len, out.size()) == 1 &&
-           len == quick_mac_size;
+    if (!ready_) return false;
+    SHA256_CTX ctx;
+    std::memcpy(&ctx, inner_.data(), sizeof ctx);
+    std::array<unsigned char, SHA256_DIGEST_LENGTH> inner_hash;
+    bool ok = (a.empty() || SHA256_Update(&ctx, a.data(), a.size()) == 1) &&
+              (b.empty() || SHA256_Update(&ctx, b.data(), b.size()) == 1) &&
+              (c.empty() || SHA256_Update(&ctx, c.data(), c.size()) == 1) &&
+              SHA256_Final(inner_hash.data(), &ctx) == 1;
+    std::memcpy(&ctx, outer_.data(), sizeof ctx);
+    ok = ok && SHA256_Update(&ctx, inner_hash.data(), inner_hash.size()) == 1 &&
+         SHA256_Final(reinterpret_cast<unsigned char*>(out.data()), &ctx) == 1;
+    OPENSSL_cleanse(&ctx, sizeof ctx);
+    OPENSSL_cleanse(inner_hash.data(), inner_hash.size());
+    return ok;
 }
 
 bool quick_mac_key::is_for(const authkey& key) const noexcept {
-    return ctx_ && CRYPTO_memcmp(key_.data(), key.bytes.data(), key_.size()) == 0;
+    return ready_ && CRYPTO_memcmp(key_.data(), key.bytes.data(), key_.size()) == 0;
 }
 
 quick_mac_bytes quick_mac(const quick_mac_key& key, std::span<const std::byte> signed_part) {

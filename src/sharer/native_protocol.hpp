@@ -11,8 +11,8 @@
 // - QUICK / QUICK_ACK are not part of `message`: they carry an HMAC-SHA256 and need the authkey,
 //   so they have their own encode_quick / decode_quick / encode_quick_ack / decode_quick_ack.
 //   decode() refuses them (they are only valid as the first frame of each direction).
-//   quick_mac_key prepares the HMAC context once per key (one per thread or connection: it is not
-//   thread-safe); the overloads taking an authkey use a per-thread cache of it.
+//   quick_mac_key prepares the HMAC key schedule once per key; the overloads taking an authkey use
+//   a per-thread cache of it.
 // - frame_packer: the server's multi-frame encoder. Frames (QUICK_ACK, REPLY parts with their
 //   descriptors, anything else) go into one byte buffer plus one descriptor list, cut into as few
 //   sendmsg chunks as the 253-descriptor limit allows (version 2) or one REPLY-with-fds per chunk
@@ -195,11 +195,12 @@ struct quick {
     friend bool operator==(const quick&, const quick&) = default;
 };
 
-/// HMAC-SHA256 keyed with one authkey, its key schedule computed once: each MAC afterwards costs
-/// two SHA-256 finalisations and no allocation. Not thread-safe (one per thread or connection).
+/// HMAC-SHA256 keyed with one authkey, its key schedule computed once: each MAC afterwards copies
+/// two SHA-256 states and finishes them, with no allocation. compute() leaves the object unchanged
+/// (several threads may call it at once); moving or destroying it wipes the key material.
 class quick_mac_key {
 public:
-    /// @throws std::system_error (errc::authentication_failed) if libcrypto refuses HMAC-SHA256.
+    /// @throws std::system_error (errc::authentication_failed) if libcrypto refuses SHA-256.
     explicit quick_mac_key(const authkey& key);
     quick_mac_key(quick_mac_key&& other) noexcept;
     quick_mac_key& operator=(quick_mac_key&& other) noexcept;
@@ -214,7 +215,13 @@ public:
     [[nodiscard]] bool is_for(const authkey& key) const noexcept;
 
 private:
-    void* ctx_ = nullptr;              // EVP_MAC_CTX, keyed
+    // SHA-256 states after the key's inner and outer pad blocks (an OpenSSL SHA256_CTX each, kept
+    // opaque here): a MAC copies them and hashes the message, never touching the key again.
+    static constexpr std::size_t sha256_state_size = 112;
+    alignas(8) std::array<unsigned char, sha256_state_size> inner_{};
+    alignas(8) std::array<unsigned char, sha256_state_size> outer_{};
+    bool ready_ = false;
+    void wipe() noexcept;
     std::array<std::byte, 32> key_{};  // for is_for(); wiped by the destructor
 };
 
