@@ -9,10 +9,10 @@
 #include <asio/use_awaitable.hpp>
 
 #include <fcntl.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdint>
+#include <string>
 #include <thread>
 
 BOOST_AUTO_TEST_CASE(unique_fd_closes_on_destruction_and_reset) {
@@ -55,30 +55,10 @@ STEWARD_CORO_TEST(coroutine_helper_runs_a_co_await_body) {
 
 namespace {
 
-// Runs @p in_child in a forked child and returns what it wrote to a pipe (at most 8 bytes).
-template <typename F>
-std::uint64_t value_from_child(F in_child) {
-    int p[2];
-    BOOST_REQUIRE(::pipe2(p, O_CLOEXEC) == 0);
-    steward::unique_fd r(p[0]), w(p[1]);
-    const pid_t pid = ::fork();
-    BOOST_REQUIRE(pid >= 0);
-    if (pid == 0) {
-        // Nothing may escape into the child's copy of the test runner.
-        try {
-            const std::uint64_t v = in_child();
-            _exit(::write(w.get(), &v, sizeof v) == static_cast<ssize_t>(sizeof v) ? 0 : 1);
-        } catch (...) {
-            _exit(2);
-        }
-    }
-    w.reset();
-    std::uint64_t v = 0;
-    BOOST_TEST(::read(r.get(), &v, sizeof v) == static_cast<ssize_t>(sizeof v));
-    int status = 0;
-    BOOST_REQUIRE(::waitpid(pid, &status, 0) == pid);
-    BOOST_TEST((WIFEXITED(status) && WEXITSTATUS(status) == 0));
-    return v;
+// The process generation as seen in a forked child.
+std::uint64_t generation_in_child() {
+    return std::stoull(
+        steward::test::output_of_child([] { return std::to_string(steward::io::process_generation()); }));
 }
 
 }  // namespace
@@ -92,15 +72,15 @@ BOOST_AUTO_TEST_CASE(process_generation_is_stable_in_a_process_and_changes_in_ev
     std::thread([&] { in_thread = steward::io::process_generation(); }).join();
     BOOST_TEST(in_thread == here);
 
-    const std::uint64_t child = value_from_child([] { return steward::io::process_generation(); });
+    const std::uint64_t child = generation_in_child();
     BOOST_TEST(child != here);
     BOOST_TEST(child != 0u);
     // A grandchild differs from its parent, and the parent itself is unchanged by the forks.
-    const std::uint64_t grandchild_differs = value_from_child([] {
+    const std::string grandchild_differs = steward::test::output_of_child([] {
         const std::uint64_t mine = steward::io::process_generation();
-        const std::uint64_t its = value_from_child([] { return steward::io::process_generation(); });
-        return std::uint64_t{its != mine && its != 0};
+        const std::uint64_t its = generation_in_child();
+        return std::string(its != mine && its != 0 ? "yes" : "no");
     });
-    BOOST_TEST(grandchild_differs == 1u);
+    BOOST_TEST(grandchild_differs == "yes");
     BOOST_TEST(steward::io::process_generation() == here);
 }

@@ -1,8 +1,9 @@
 #pragma once
 // Helpers shared by the test suites: a coroutine test case runner, io_uring availability as a
 // Boost.Test precondition (a blocked io_uring reports the test skipped, never passed), fd
-// accounting through /proc/self/fd, and what runs under valgrind needs (scaled deadlines, a
-// precondition for what valgrind emulates, recognising a process that runs under it).
+// accounting through /proc/self/fd, running a function in a forked child, and what runs under
+// valgrind needs (scaled deadlines, a precondition for what valgrind emulates, recognising a
+// process that runs under it).
 
 #include <steward/io_uring_check.hpp>
 
@@ -13,7 +14,11 @@
 #include <boost/test/unit_test.hpp>
 
 #include <dirent.h>
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdlib>
 #include <exception>
@@ -102,6 +107,50 @@ inline int open_fd_count() {
         if (entry->d_name[0] != '.') ++n;
     ::closedir(dir);
     return n - 1;
+}
+
+/// Runs @p in_child (returning a std::string) in a forked child and returns that string, after
+/// checking that the child exited with status 0. Nothing escapes into the child's copy of the test
+/// runner: an exception there (a failed BOOST_REQUIRE too) makes the child exit with status 2.
+template <typename F>
+std::string output_of_child(F in_child) {
+    int p[2];
+    BOOST_REQUIRE(::pipe2(p, O_CLOEXEC) == 0);
+    const pid_t pid = ::fork();
+    if (pid < 0) {
+        ::close(p[0]);
+        ::close(p[1]);
+        BOOST_FAIL("fork failed");
+    }
+    if (pid == 0) {
+        ::close(p[0]);
+        int status = 2;
+        try {
+            const std::string out = in_child();
+            std::size_t sent = 0;
+            while (sent < out.size()) {
+                const ssize_t n = ::write(p[1], out.data() + sent, out.size() - sent);
+                if (n <= 0) break;
+                sent += static_cast<std::size_t>(n);
+            }
+            status = sent == out.size() ? 0 : 1;
+        } catch (...) {
+        }
+        ::_exit(status);
+    }
+    ::close(p[1]);
+    std::string out;
+    char buf[256];
+    for (ssize_t n; (n = ::read(p[0], buf, sizeof buf)) != 0;) {
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) break;
+        out.append(buf, static_cast<std::size_t>(n));
+    }
+    ::close(p[0]);
+    int status = 0;
+    BOOST_REQUIRE(::waitpid(pid, &status, 0) == pid);
+    BOOST_TEST((WIFEXITED(status) && WEXITSTATUS(status) == 0), "the child's status: " << status);
+    return out;
 }
 
 /// Runs @p body to completion on a fresh io_context; rethrows what it threw. Fails the test if it
