@@ -353,15 +353,22 @@ static_assert(sizeof(SHA256_CTX) == 112, "quick_mac_key::sha256_state_size");
 quick_mac_key::quick_mac_key(const authkey& key) {
     // HMAC (RFC 2104) with a 32-byte key: the key padded to one 64-byte block, xor ipad / opad.
     std::array<unsigned char, 64> pad{};
-    auto* const inner = reinterpret_cast<SHA256_CTX*>(inner_.data());
-    auto* const outer = reinterpret_cast<SHA256_CTX*>(outer_.data());
+    SHA256_CTX inner;
+    SHA256_CTX outer;
     std::memcpy(pad.data(), key.bytes.data(), key.bytes.size());
     for (auto& c : pad) c ^= 0x36;
-    bool ok = SHA256_Init(inner) == 1 && SHA256_Update(inner, pad.data(), pad.size()) == 1;
+    bool ok = SHA256_Init(&inner) == 1 && SHA256_Update(&inner, pad.data(), pad.size()) == 1;
     for (auto& c : pad) c ^= 0x36 ^ 0x5c;
-    ok = ok && SHA256_Init(outer) == 1 && SHA256_Update(outer, pad.data(), pad.size()) == 1;
+    ok = ok && SHA256_Init(&outer) == 1 && SHA256_Update(&outer, pad.data(), pad.size()) == 1;
+    std::memcpy(inner_.data(), &inner, sizeof inner);
+    std::memcpy(outer_.data(), &outer, sizeof outer);
     OPENSSL_cleanse(pad.data(), pad.size());
-    if (!ok) throw_crypto();
+    OPENSSL_cleanse(&inner, sizeof inner);
+    OPENSSL_cleanse(&outer, sizeof outer);
+    if (!ok) {
+        wipe();
+        throw_crypto();
+    }
     ready_ = true;
     key_ = key.bytes;
 }

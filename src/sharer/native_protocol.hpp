@@ -218,8 +218,8 @@ private:
     // SHA-256 states after the key's inner and outer pad blocks (an OpenSSL SHA256_CTX each, kept
     // opaque here): a MAC copies them and hashes the message, never touching the key again.
     static constexpr std::size_t sha256_state_size = 112;
-    alignas(8) std::array<unsigned char, sha256_state_size> inner_{};
-    alignas(8) std::array<unsigned char, sha256_state_size> outer_{};
+    std::array<unsigned char, sha256_state_size> inner_{};
+    std::array<unsigned char, sha256_state_size> outer_{};
     bool ready_ = false;
     void wipe() noexcept;
     std::array<std::byte, 32> key_{};  // for is_for(); wiped by the destructor
