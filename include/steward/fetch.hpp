@@ -23,7 +23,8 @@ namespace steward {
 struct fetch_options {
     /// The family key; empty: authkey::family().
     std::optional<authkey> key;
-    /// Deadline of connecting plus the mutual HMAC handshake of a new connection.
+    /// Deadline of connecting plus the mutual HMAC handshake of a new connection. A listener whose
+    /// backlog is full is tried again (after 1 ms, doubling up to 64 ms) until this has passed.
     std::chrono::steady_clock::duration handshake_timeout = std::chrono::seconds(5);
     /// From sending the request to receiving the whole reply.
     std::chrono::steady_clock::duration reply_timeout = std::chrono::seconds(30);
