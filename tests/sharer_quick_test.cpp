@@ -704,7 +704,7 @@ BOOST_AUTO_TEST_CASE(client_whose_connect_finds_the_backlog_full_waits_for_room_
         fds = fetch(share_id(l.path, share_key::generate()), ec, dedicated(key));
         done = true;
     });
-    // The client's own connect found no room: it waits (an asynchronous connect), it does not fail.
+    // The client's own connect found no room: it tries again after short pauses, it does not fail.
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
     BOOST_TEST(!done.load());
     // Room: the queued connections are taken, then the client's arrives and is served.
