@@ -348,9 +348,8 @@ bool verify_mac(const quick_mac_bytes& expected, std::span<const std::byte> payl
 
 }  // namespace
 
-static_assert(sizeof(SHA256_CTX) == 112, "quick_mac_key::sha256_state_size");
-
 quick_mac_key::quick_mac_key(const authkey& key) {
+    static_assert(sizeof(SHA256_CTX) == sha256_state_size);
     // HMAC (RFC 2104) with a 32-byte key: the key padded to one 64-byte block, xor ipad / opad.
     std::array<unsigned char, 64> pad{};
     SHA256_CTX inner;

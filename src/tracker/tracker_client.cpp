@@ -46,7 +46,6 @@
 
 #include <fcntl.h>
 #include <poll.h>
-#include <pthread.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -125,7 +124,6 @@ public:
         : ex_(std::move(ex)), options_(std::move(options)), registered_(std::in_place) {
         // Compared on every call: a forked child notices without a getpid() system call per message.
         generation_ = io::process_generation();
-        owner_pid_ = ::getpid();
     }
 
     ~tracker_impl() {
@@ -736,9 +734,6 @@ private:
         const std::uint64_t gen = io::process_generation();
         if (gen == generation_) return;
         generation_ = gen;
-        const pid_t pid = ::getpid();
-        if (pid == owner_pid_) return;
-        owner_pid_ = pid;
         // A forked child: the daemon is the parent's child (never wait on it or signal it); the
         // parent's registrations are the parent's business; queued messages are the parent's too
         // (it writes them); no thread of the parent exists here to finish a write or a wait.
@@ -872,8 +867,7 @@ private:
     bool warned_ = false;
     std::string dead_status_;
     std::string last_error_;
-    std::uint64_t generation_ = 0;
-    pid_t owner_pid_ = -1;
+    std::uint64_t generation_ = 0;  // io::process_generation() of the process that owns this state
 
     std::optional<tracking::registry> registered_;  // optional: registry has no clear()
 };
