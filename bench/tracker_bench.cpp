@@ -468,7 +468,8 @@ int main(int argc, char** argv) {
             const bool concurrent = s == "register_concurrent";
             if (v == "floor") return register_floor(a, concurrent);
             if (v == "same_syscalls" && !concurrent) return register_same_syscalls(a);
-            if (v == "asio_only") return register_asio_only(a, concurrent ? a.get_size("coroutines", 1000) : 1);
+            if (v == "asio_only")
+                return register_asio_only(a, concurrent ? a.get_size("coroutines", 1000) : 1);
             if (v == "steward" || v == "steward_guarded") {
 #if defined(STEWARD_BENCH_HAVE_TRACKER_CLIENT)
                 return register_steward(a, concurrent ? a.get_size("coroutines", 1000) : 1, v == "steward");

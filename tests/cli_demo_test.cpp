@@ -55,7 +55,8 @@ BOOST_AUTO_TEST_CASE(demo_runs_every_chapter_and_leaves_nothing_behind,
                             std::back_inserter(added));
         // Only the demo's own objects (all named after its stem): tests running in parallel create
         // and remove theirs meanwhile.
-        std::erase_if(added, [](const std::string& name) { return name.find("steward_demo_") == std::string::npos; });
+        std::erase_if(
+            added, [](const std::string& name) { return name.find("steward_demo_") == std::string::npos; });
         BOOST_TEST(added.empty(), "new /dev/shm entries after the demo: " << (added.empty() ? "" : added[0]));
     }
     BOOST_TEST(steward::test::open_fd_count() == fds_before);

@@ -36,7 +36,8 @@ namespace {
 
 struct random_buffer {
     static constexpr std::size_t capacity = 256;
-    std::array<std::byte, capacity> bytes;  // NOLINT(cppcoreguidelines-pro-type-member-init): filled before use
+    // Filled from getrandom before any byte is handed out.
+    std::array<std::byte, capacity> bytes;  // NOLINT(cppcoreguidelines-pro-type-member-init)
     std::size_t left = 0;                   // the unused bytes are the last `left` of `bytes`
     std::uint64_t process = 0;
 
@@ -52,10 +53,10 @@ void fill_random_buffered(std::span<std::byte> out, std::error_code& ec) noexcep
     ec.clear();
     if (out.size() > random_buffer::capacity / 4) return fill_random(out, ec);
     thread_local random_buffer buf;
-    if (buf.process != io::process_generation()) {
+    if (const std::uint64_t process = io::process_generation(); buf.process != process) {
         ::explicit_bzero(buf.bytes.data(), buf.bytes.size());
         buf.left = 0;
-        buf.process = io::process_generation();
+        buf.process = process;
     }
     if (buf.left < out.size()) {
         fill_random(buf.bytes, ec);
