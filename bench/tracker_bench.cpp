@@ -53,7 +53,6 @@
 #include <sys/uio.h>
 
 #include <csignal>
-#include <functional>
 #include <optional>
 #include <string_view>
 
@@ -200,7 +199,7 @@ int register_asio_only(const bench::args& a, std::size_t coroutines) {
     std::vector<handler> queued;
     std::vector<handler> completing;
     bool flush_posted = false;
-    std::function<void()> flush = [&] {
+    auto flush = [&] {
         flush_posted = false;
         completing.swap(queued);
         for (auto& h : completing) std::move(h)(std::error_code{});
