@@ -3,27 +3,29 @@
 #include <pthread.h>
 #include <unistd.h>
 
-#include <atomic>
+namespace steward::io::detail {
 
-namespace steward::io {
+std::atomic<std::uint64_t> current_process_generation{0};
+
 namespace {
 
-std::atomic<std::uint64_t> generation{1};
-
 void on_fork_child() noexcept {
-    generation.fetch_add(1, std::memory_order_relaxed);
+    // Runs in the child only, before fork() returns there; no other thread exists yet.
+    current_process_generation.fetch_add(1, std::memory_order_relaxed);
 }
 
 }  // namespace
 
-std::uint64_t process_generation() noexcept {
-    // Installed once, before any caller can have stored a generation: a fork before the first
-    // call changes nothing anyone compares against.
+std::uint64_t process_generation_slow() noexcept {
+    // Installed once. Until the first generation is published nobody can have stored one, so a
+    // fork in between (the child counts up from 0 to 1) changes nothing anyone compares against.
     static const bool installed = ::pthread_atfork(nullptr, nullptr, on_fork_child) == 0;
     // Without the handler (pthread_atfork ran out of memory) the pid still tells processes apart,
-    // in a range the counter never reaches.
+    // in a range the counter never reaches; the slow path is then taken on every call.
     if (!installed) return (std::uint64_t{1} << 32) + static_cast<std::uint64_t>(::getpid());
-    return generation.load(std::memory_order_relaxed);
+    std::uint64_t none = 0;
+    (void)current_process_generation.compare_exchange_strong(none, 1, std::memory_order_relaxed);
+    return current_process_generation.load(std::memory_order_relaxed);
 }
 
-}  // namespace steward::io
+}  // namespace steward::io::detail

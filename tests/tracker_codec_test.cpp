@@ -5,6 +5,7 @@
 #include "tracker/codec.hpp"
 #include "tracker/daemon.hpp"
 #include "tracker/registry.hpp"
+#include "tracker/registry_change_log.hpp"
 
 #include <steward/error.hpp>
 #include <steward/unique_fd.hpp>
@@ -16,6 +17,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdio>
 #include <filesystem>
@@ -295,6 +297,69 @@ BOOST_AUTO_TEST_CASE(encoder_picks_colon_for_plain_names_and_json_otherwise) {
     }
 }
 
+// The client's inline encoder must agree with the general one byte for byte, and decline (never
+// mis-encode) everything else. Every byte value at every position of names of 1 to 17 bytes
+// exercises each lane of the eight-byte steps and the padded tail.
+BOOST_AUTO_TEST_CASE(inline_plain_encoder_agrees_with_the_general_encoder_or_declines) {
+    const auto general = [](bool reg, resource_type type,
+                            std::string_view name) -> std::optional<std::string> {
+        std::array<char, max_message_size + 2> canonical_buf;
+        std::string_view canonical;
+        if (client_canonical_name(type, name, canonical_buf.data(), canonical)) return std::nullopt;
+        std::array<char, max_message_size> out;
+        std::size_t size = 0;
+        if (encode_into(reg, type, canonical, out.data(), size)) return std::nullopt;
+        return std::string(out.data(), size);
+    };
+    std::size_t accepted = 0, declined = 0;
+    const auto check = [&](bool reg, resource_type type, const std::string& name) {
+        std::array<char, max_message_size> out;
+        const std::size_t size = plain_message_size(reg, type, name);
+        const bool inline_ok = size != 0;
+        const std::string_view canonical = inline_ok ? write_plain_message(reg, type, name, out.data()) : "";
+        const bool expect_inline =
+            (type == resource_type::shared_memory || type == resource_type::semaphore) && !name.empty() &&
+            !needs_json(name) && general(reg, type, name).has_value();
+        BOOST_REQUIRE_MESSAGE(
+            inline_ok == expect_inline,
+            "name of " << name.size() << " bytes, type " << to_string(type) << ", byte values " << [&] {
+                std::string v;
+                for (unsigned char c : name) v += std::to_string(c) + ' ';
+                return v;
+            }());
+        if (!inline_ok) {
+            ++declined;
+            return;
+        }
+        ++accepted;
+        const auto expected = general(reg, type, name);
+        BOOST_REQUIRE(std::string(out.data(), size) == *expected);
+        // The canonical name points at the name inside the line (after "REGISTER:"/"UNREGISTER:").
+        BOOST_REQUIRE(canonical.data() >= out.data() &&
+                      canonical.data() + canonical.size() <= out.data() + size);
+        BOOST_REQUIRE(canonical == (name.front() == '/' ? name : "/" + name));
+    };
+    for (std::size_t len = 1; len <= 17; ++len)
+        for (std::size_t pos = 0; pos < len; ++pos)
+            for (unsigned v = 0; v < 256; ++v) {
+                std::string name(len, 'q');
+                name[pos] = static_cast<char>(v);
+                check(v % 2 == 0, v % 3 == 0 ? resource_type::semaphore : resource_type::shared_memory, name);
+            }
+    // Other types, the empty name and the length limit are declined.
+    for (const auto type : {resource_type::file, resource_type::directory, resource_type::noop})
+        check(true, type, "/plain");
+    check(true, resource_type::shared_memory, "");
+    for (std::size_t len = 480; len <= 500; ++len) {
+        std::string name(len, 'a');
+        check(false, resource_type::shared_memory, name);  // '/' prepended
+        name.front() = '/';
+        check(false, resource_type::shared_memory, name);
+    }
+    BOOST_TEST(accepted > 0u);
+    BOOST_TEST(declined > 0u);
+}
+
 BOOST_AUTO_TEST_CASE(encoder_refuses_over_512_bytes_and_bad_arguments) {
     // Colon: REGISTER: + name + :shared_memory\n = 9 + n + 15.
     const std::string ok_name = "/" + std::string(512 - 24 - 1, 'a');
@@ -481,6 +546,43 @@ BOOST_AUTO_TEST_CASE(registry_survives_growth_churn_and_compaction) {
     BOOST_REQUIRE(r.identity(h).has_value());
     BOOST_TEST(r.identity(h)->ino == 99u);
     BOOST_TEST(r.memory_bytes() < std::size_t{n / 2} * 200);
+}
+
+// The client records its registrations and applies them in bulk: at every moment, applying the
+// record must give the set that applying each change at once gives.
+BOOST_AUTO_TEST_CASE(registry_change_log_gives_the_same_set_as_immediate_changes) {
+    registry immediate, logged;
+    registry_change_log log;
+    std::mt19937 rng(2026);
+    const auto name_of = [](unsigned i) { return "/n" + std::to_string(i) + std::string(i % 40, 'x'); };
+    for (int step = 0; step < 200000; ++step) {
+        const auto i = static_cast<unsigned>(rng() % 3000);
+        const bool insert = rng() % 3 != 0;
+        const auto type = i % 2 ? resource_type::semaphore : resource_type::shared_memory;
+        if (insert) {
+            (void)immediate.insert(type, name_of(i));
+        } else if (immediate.erase(type, name_of(i))) {
+            (void)immediate.compact();
+        }
+        log.record(logged, insert, type, name_of(i));
+        if (step % 20011 == 0) {  // now and then the set is read (apply first), as the client does
+            log.apply(logged);
+            BOOST_REQUIRE(log.empty());
+            BOOST_REQUIRE(logged.size() == immediate.size());
+        }
+    }
+    log.apply(logged);
+    BOOST_TEST(logged.size() == immediate.size());
+    for (unsigned i = 0; i < 3000; ++i) {
+        const auto type = i % 2 ? resource_type::semaphore : resource_type::shared_memory;
+        BOOST_REQUIRE((logged.find(type, name_of(i)) == registry::no_handle) ==
+                      (immediate.find(type, name_of(i)) == registry::no_handle));
+    }
+    // Forgetting the record leaves the set as it was when last applied.
+    log.record(logged, true, resource_type::file, "/forgotten");
+    log.clear();
+    log.apply(logged);
+    BOOST_TEST(logged.find(resource_type::file, "/forgotten") == registry::no_handle);
 }
 
 BOOST_AUTO_TEST_CASE(registry_costs_at_most_64_bytes_per_name_plus_the_name) {

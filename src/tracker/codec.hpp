@@ -108,6 +108,75 @@ struct encoded_message {
 [[nodiscard]] std::error_code encode_into(bool register_it, resource_type type, std::string_view name,
                                           char* out, std::size_t& size) noexcept;
 
+/// True when @p name is printable ASCII (0x20..0x7e) without ':', i.e. needs_json() is false and
+/// the name is not empty. Eight bytes per step, no table: inline for the client's per-call path.
+[[nodiscard]] inline bool plain_ascii_name(std::string_view name) noexcept {
+    constexpr std::uint64_t ones = 0x0101010101010101ULL, high = 0x8080808080808080ULL;
+    // High bit of each byte that is < 0x20, == ':' or >= 0x7f. A borrow or carry can only mark a
+    // byte above one that is marked already, so "any byte marked" is exact.
+    const auto marked = [](std::uint64_t w) noexcept {
+        const std::uint64_t control = (w - ones * 0x20) & ~w;
+        const std::uint64_t x = w ^ (ones * ':');
+        const std::uint64_t colon = (x - ones) & ~x;
+        const std::uint64_t upper = (w + ones) | w;  // 0x7f + 1 and every byte >= 0x80
+        return (control | colon | upper) & high;
+    };
+    const auto load = [](const char* p) noexcept {
+        std::uint64_t w;
+        std::memcpy(&w, p, 8);
+        return w;
+    };
+    const char* const p = name.data();
+    const std::size_t n = name.size();
+    if (n < 8) {
+        std::uint64_t w = ones * 'A';  // the missing bytes read as a plain letter
+        for (std::size_t i = 0; i < n; ++i)
+            reinterpret_cast<unsigned char*>(&w)[i] = static_cast<unsigned char>(p[i]);
+        return n != 0 && marked(w) == 0;
+    }
+    std::uint64_t acc = marked(load(p + n - 8));  // the last 8 bytes, overlapping the loop's
+    for (std::size_t i = 0; i + 8 <= n; i += 8) acc |= marked(load(p + i));
+    return acc == 0;
+}
+
+/// The common case of client_canonical_name() + encode_into(), inline for the client's per-call
+/// path: a shared_memory or semaphore name that plain_ascii_name() accepts, in colon format, '/'
+/// prepended when missing. Returns the line's size, or 0 for every other name or type (those take
+/// the two general functions: same bytes, or the error).
+[[nodiscard]] inline std::size_t plain_message_size(bool register_it, resource_type type,
+                                                    std::string_view name) noexcept {
+    if (type != resource_type::shared_memory && type != resource_type::semaphore) return 0;
+    if (!plain_ascii_name(name)) return 0;
+    const std::size_t size = (register_it ? 9 : 11) + (name.front() != '/') + name.size() +
+                             (type == resource_type::shared_memory ? 15 : 11);
+    return size <= max_message_size ? size : 0;
+}
+
+/// Writes the line plain_message_size() measured (it must have returned non-zero) to @p out and
+/// returns the canonical name, which lies inside @p out.
+inline std::string_view write_plain_message(bool register_it, resource_type type, std::string_view name,
+                                            char* out) noexcept {
+    // Constant sizes on every branch: each copy of a fixed part is a store or two.
+    char* p = out;
+    if (register_it) {
+        std::memcpy(p, "REGISTER:", 9);
+        p += 9;
+    } else {
+        std::memcpy(p, "UNREGISTER:", 11);
+        p += 11;
+    }
+    char* const canonical = p;
+    if (name.front() != '/') *p++ = '/';
+    std::memcpy(p, name.data(), name.size());
+    p += name.size();
+    const std::string_view result(canonical, static_cast<std::size_t>(p - canonical));
+    if (type == resource_type::shared_memory)
+        std::memcpy(p, ":shared_memory\n", 15);
+    else
+        std::memcpy(p, ":semaphore\n", 11);
+    return result;
+}
+
 /// As encode_message(), appending to @p out (unchanged on error). For writers that coalesce
 /// several messages into one write.
 [[nodiscard]] std::error_code append_message(command cmd, resource_type type, std::string_view name,

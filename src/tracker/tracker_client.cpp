@@ -23,6 +23,7 @@
 #include "tracker/client_pipe_write.hpp"
 #include "tracker/codec.hpp"
 #include "tracker/registry.hpp"
+#include "tracker/registry_change_log.hpp"
 
 #include <steward/io/async_spawn.hpp>
 #include <steward/io/async_write_message.hpp>
@@ -138,17 +139,27 @@ public:
 
     void async_message(bool reg, std::string_view name, resource_type type, handler_type handler,
                        bool direct) {
+        // A plain name is encoded straight into the batch, others through encode() first.
+        const std::size_t plain_size = tracking::plain_message_size(reg, type, name);
         encoded msg;
-        if (auto ec = encode(reg, name, type, msg)) {
-            post_completion(std::move(handler), ec);
-            return;
+        if (plain_size == 0) {
+            if (auto ec = encode(reg, name, type, msg)) {
+                post_completion(std::move(handler), ec);
+                return;
+            }
         }
         std::unique_lock lk(m_);
         check_fork_locked();
-        remember_locked(reg, type, msg.canonical);
-        batch& b = room_locked(msg.size);
-        std::memcpy(b.bytes.data() + b.size, msg.bytes.data(), msg.size);
-        b.size += msg.size;
+        batch& b = room_locked(plain_size != 0 ? plain_size : msg.size);
+        char* const line = b.bytes.data() + b.size;
+        if (plain_size != 0) {
+            remember_locked(reg, type, tracking::write_plain_message(reg, type, name, line));
+            b.size += plain_size;
+        } else {
+            std::memcpy(line, msg.bytes.data(), msg.size);
+            remember_locked(reg, type, msg.canonical);
+            b.size += msg.size;
+        }
         b.handlers.push_back({std::move(handler), direct});
         schedule_flush_locked();
     }
@@ -277,7 +288,7 @@ public:
             return false;
         std::lock_guard lk(m_);
         check_fork_locked();
-        return registered_->find(type, msg.canonical) != tracking::registry::no_handle;
+        return registered_locked().find(type, msg.canonical) != tracking::registry::no_handle;
     }
 
     int daemon_pid() {
@@ -356,6 +367,13 @@ private:
     };
 
     static std::error_code encode(bool reg, std::string_view name, resource_type type, encoded& out) {
+        // Most names take the inline encoder: after every write's system call, the code and tables
+        // of the general one would have to be fetched again.
+        if (const std::size_t plain_size = tracking::plain_message_size(reg, type, name)) {
+            out.canonical = tracking::write_plain_message(reg, type, name, out.bytes.data());
+            out.size = plain_size;
+            return {};
+        }
         // A name this long cannot fit a 512-byte line in either format.
         if (name.size() >= tracking::max_message_size) return errc::message_too_long;
         if (auto ec = tracking::client_canonical_name(type, name, out.canonical_buf.data(), out.canonical))
@@ -406,16 +424,22 @@ private:
     }
 
     // The daemon's own compact set (names in arenas, one table word per name): no allocation per
-    // message, a short-name hash, and churn (register then unregister) compacted away in bulk.
+    // message, a short-name hash, and churn (register then unregister) compacted away in bulk. A
+    // change is recorded first and applied with a thousand others (registry_change_log): the set is
+    // only read when a daemon is relaunched and by is_registered(), which apply the record first.
     void remember_locked(bool reg, resource_type type, std::string_view name) {
-        if (reg) {
-            (void)registered_->insert(type, name);
-        } else if (registered_->erase(type, name)) {
-            (void)registered_->compact();  // only when dead entries outnumber live ones (and 4096)
-        }
+        changes_.record(*registered_, reg, type, name);
     }
 
-    void forget_all_locked() { registered_.emplace(); }
+    tracking::registry& registered_locked() {
+        changes_.apply(*registered_);
+        return *registered_;
+    }
+
+    void forget_all_locked() {
+        changes_.clear();
+        registered_.emplace();
+    }
 
     void schedule_flush_locked() {
         if (role_ || flush_posted_ || waiting_room_) return;
@@ -679,7 +703,8 @@ private:
             (void)std::fprintf(stderr,
                                "steward: the tracker daemon is gone (%s); started a new one (pid %d) and "
                                "re-registered %zu names of this process\n",
-                               dead_status_.c_str(), static_cast<int>(child.pid()), registered_->size());
+                               dead_status_.c_str(), static_cast<int>(child.pid()),
+                               registered_locked().size());
         }
         if (owns_daemon_ && daemon_.valid()) {
             std::error_code ignore;
@@ -707,10 +732,10 @@ private:
         batch* first = nullptr;
         batch* last = nullptr;
         std::array<char, tracking::max_message_size> line;
-        registered_->for_each([&](tracking::registry::handle h) {
+        const tracking::registry& set = registered_locked();
+        set.for_each([&](tracking::registry::handle h) {
             std::size_t n = 0;
-            if (tracking::encode_into(true, registered_->type(h), registered_->name(h), line.data(), n))
-                return;
+            if (tracking::encode_into(true, set.type(h), set.name(h), line.data(), n)) return;
             if (!last || last->size + n > batch_capacity) {
                 batch* b = new_batch_locked();
                 if (last)
@@ -870,6 +895,7 @@ private:
     std::uint64_t generation_ = 0;  // io::process_generation() of the process that owns this state
 
     std::optional<tracking::registry> registered_;  // optional: registry has no clear()
+    tracking::registry_change_log changes_;         // not yet applied to registered_
 };
 
 }  // namespace detail

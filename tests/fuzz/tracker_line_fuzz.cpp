@@ -12,11 +12,12 @@
 //   a straightforward reference split, and never holds back more than 512 bytes;
 // - base64: decode(encode(x)) == x, and decode is stable under one re-encoding;
 // - the client's codec (codec.hpp) refuses a name exactly when the daemon would,
-//   and what it accepts reaches the daemon as exactly its canonical name.
+//   and what it accepts reaches the daemon as exactly its canonical name;
+// - the client's inline encoder (plain_message_size/write_plain_message) takes a name only when
+//   the general path would write a colon line, and then writes the same bytes and canonical name.
 
 #include "fuzz_support.hpp"
 
-#include "tracker/codec.hpp"
 #include "tracker/codec.hpp"
 
 #include <steward/error.hpp>
@@ -189,6 +190,11 @@ void check_client_path(std::string_view name) {
         std::string out(name.size() + 2, '\0');
         std::string_view canonical;
         const std::error_code ec = steward::detail::tracking::client_canonical_name(type, name, out.data(), canonical);
+        const std::size_t plain_size = plain_message_size(true, type, name);
+        std::array<char, max_message_size> plain_line;
+        const std::string_view plain_canonical =
+            plain_size != 0 ? write_plain_message(true, type, name, plain_line.data()) : std::string_view();
+        FUZZ_CHECK(plain_size == 0 || (!ec && plain_canonical == canonical));
         encoded_message raw;
         const bool raw_encoded = !encode_message(command::register_resource, type, name, raw);
         decoded_message m;
@@ -205,9 +211,15 @@ void check_client_path(std::string_view name) {
         std::size_t size = 0;
         const std::error_code eec = steward::detail::tracking::encode_into(true, type, canonical, wire.data(), size);
         if (eec) {
-            FUZZ_CHECK(eec == steward::errc::message_too_long && size == 0);
+            FUZZ_CHECK(eec == steward::errc::message_too_long && size == 0 && plain_size == 0);
             continue;
         }
+        // The inline encoder takes exactly the names that make a colon line of a shm or semaphore.
+        const bool colon_line =
+            wire.front() != '{' && (type == resource_type::shared_memory || type == resource_type::semaphore);
+        FUZZ_CHECK((plain_size != 0) == colon_line);
+        FUZZ_CHECK(plain_size == 0 ||
+                   std::string_view(plain_line.data(), plain_size) == std::string_view(wire.data(), size));
         FUZZ_CHECK(decode_line(std::string_view(wire.data(), size), m, scratch) == decode_error::none);
         FUZZ_CHECK(m.cmd == command::register_resource && m.type == type && m.name == canonical);
         if (raw_encoded) {
