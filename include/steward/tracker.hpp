@@ -68,7 +68,11 @@ struct tracker_options {
 
 namespace detail {
 class tracker_impl;
-}
+// Handlers the tracker's completion loops running on this thread have yet to resume (see
+// src/tracker/tracker_client.cpp). Read by async_register() to skip its direct-write attempt, and
+// the coroutine frame that attempt needs, while a group commit is completing its callers.
+extern constinit thread_local std::size_t tracker_completions_pending;
+}  // namespace detail
 
 /// Client of `steward-tracker` (see the file comment for the promise and the family rules).
 ///
@@ -256,20 +260,23 @@ private:
     template <typename CompletionToken>
     auto async_message(bool register_it, std::string_view name, resource_type type, CompletionToken&& token) {
         using token_type = std::decay_t<CompletionToken>;
+        auto initiation = [this, register_it, type](auto handler, const std::string& n) {
+            const bool direct = runs_on_own_executor(handler);
+            initiate_message(register_it, n, type, direct, std::move(handler));
+        };
         if constexpr (awaitable_token<token_type>::value) {
             // A coroutine of our own instead of async_initiate: a message written directly then
-            // completes without the coroutine ever suspending.
-            return awaitable_message<typename awaitable_token<token_type>::executor,
-                                     awaitable_token<token_type>::tuple>(register_it, std::string(name),
-                                                                         type);
-        } else {
-            return asio::async_initiate<CompletionToken, void(std::error_code)>(
-                [this, register_it, type](auto handler, const std::string& n) {
-                    const bool direct = runs_on_own_executor(handler);
-                    initiate_message(register_it, n, type, direct, std::move(handler));
-                },
-                token, std::string(name));  // a copy: a deferred operation may start after @p name is gone
+            // completes without the coroutine ever suspending. Called from a caller a group commit
+            // is resuming (others still to come), the message will join the next batch anyway: the
+            // plain operation, one coroutine frame fewer. (Either path is correct at any time.)
+            if (detail::tracker_completions_pending == 0)
+                return awaitable_message<typename awaitable_token<token_type>::executor,
+                                         awaitable_token<token_type>::tuple>(register_it, std::string(name),
+                                                                             type);
         }
+        // A copy of @p name: a deferred operation may start after the caller's string is gone.
+        return asio::async_initiate<CompletionToken, void(std::error_code)>(std::move(initiation), token,
+                                                                            std::string(name));
     }
 
     // Lazy like every awaitable: @p name is a copy because it may be awaited after the caller's

@@ -75,6 +75,13 @@
 
 namespace steward {
 namespace detail {
+
+// Handlers the completion loops running on this thread have yet to resume. A caller resumed by
+// such a loop while others wait their turn joins a batch instead of writing directly: the others
+// are about to call too (group commit); the last one (a lone caller, e.g. every call of a serial
+// loop) may write directly. Per thread because a loop resumes its callers on its own thread.
+constinit thread_local std::size_t tracker_completions_pending = 0;
+
 namespace {
 
 using handler_type = asio::any_completion_handler<void(std::error_code)>;
@@ -90,12 +97,6 @@ using stop_handler_type = asio::any_completion_handler<void(std::error_code, std
 
 constexpr std::size_t batch_capacity = io::max_atomic_write;
 constexpr int daemon_fd = 3;
-
-// Handlers the completion loops running on this thread have yet to resume. A caller resumed by
-// such a loop while others wait their turn joins a batch instead of writing directly: the others
-// are about to call too (group commit); the last one (a lone caller, e.g. every call of a serial
-// loop) may write directly. Per thread because a loop resumes its callers on its own thread.
-thread_local std::size_t completions_pending = 0;
 
 struct sync_waiter {
     sync_waiter* next = nullptr;
@@ -172,7 +173,7 @@ public:
                                        std::error_code& ec) {
         ec.clear();
         // Resumed by a completion loop with others still to resume: the queue, without the lock.
-        if (completions_pending != 0) return tracker::direct_outcome::queue;
+        if (tracker_completions_pending != 0) return tracker::direct_outcome::queue;
         std::unique_lock lk(m_);
         check_fork_locked();
         // Checked before encoding: under load (the common "not allowed") the queue encodes anyway.
@@ -333,7 +334,7 @@ private:
     // being filled (group commit), and writes keep their order.
     bool direct_allowed_locked() const noexcept {
         return state_ == state::running && !role_ && !head_ && !inflight_ && !flush_posted_ &&
-               !waiting_room_ && completions_pending == 0 && yielding_ == 0 && sync_waiting_ == 0 &&
+               !waiting_room_ && tracker_completions_pending == 0 && yielding_ == 0 && sync_waiting_ == 0 &&
                !direct_unsupported_ && write_fd_.get() >= 0;
     }
 
@@ -514,11 +515,14 @@ private:
                 continue;
             }
             batch* b = inflight_;
+            // The descriptors stay open while the role is held (close_for_stop() waits for it).
             const int fd = write_fd_.get();
+            const int private_fd = direct_fd_.get();
+            const bool skip_guard = skip_sigpipe_guard_;
             std::error_code ec;
             if (b->size != 0) {
                 lk.unlock();
-                io::detail::write_whole(fd, b->bytes.data(), b->size, ec);
+                ec = write_batch(fd, private_fd, skip_guard, b->bytes.data(), b->size);
                 lk.lock();
             }
             if (ec == asio::error::would_block) {
@@ -556,6 +560,34 @@ private:
         release_role_locked();
     }
 
+    // One batch (at most PIPE_BUF bytes: all or nothing). Through the private non-blocking
+    // description when there is one: a plain write(2), with no signal-mask calls around it when the
+    // process ignores SIGPIPE. Otherwise io::detail::write_whole() (RWF_NOWAIT, SIGPIPE guarded).
+    static std::error_code write_batch(int fd, int private_fd, bool skip_guard, const char* data,
+                                       std::size_t size) {
+        std::error_code ec;
+        if (private_fd < 0) {
+            io::detail::write_whole(fd, data, size, ec);
+            return ec;
+        }
+        int err = 0;
+        switch (tracking::pipe_write_nonblocking(private_fd, data, size, skip_guard, err)) {
+            case tracking::pipe_write_result::written:
+                break;
+            case tracking::pipe_write_result::would_block:
+                ec = asio::error::would_block;
+                break;
+            case tracking::pipe_write_result::no_reader:
+                ec = std::make_error_code(std::errc::broken_pipe);
+                break;
+            case tracking::pipe_write_result::unsupported:  // RWF_NOWAIT only; a plain write never says so
+            case tracking::pipe_write_result::error:
+                ec = errno_code(err);
+                break;
+        }
+        return ec;
+    }
+
     void take_locked(batch* b, std::error_code ec, std::vector<waiting>& done) {
         done.swap(b->handlers);
         for (sync_waiter* w = b->waiters; w; w = w->next) {
@@ -574,8 +606,8 @@ private:
         // others are still to be resumed by this loop: those are about to call too (group commit).
         // The last one (a lone caller: every call of a serial loop) may write directly.
         struct restore {
-            std::size_t outer = completions_pending;     // a handler may block and drain: loops nest
-            ~restore() { completions_pending = outer; }  // also when a handler throws
+            std::size_t outer = tracker_completions_pending;     // a handler may block and drain: loops nest
+            ~restore() { tracker_completions_pending = outer; }  // also when a handler throws
         } pending;
         std::size_t left = done.size();
         lk.unlock();
@@ -586,7 +618,7 @@ private:
         const ctx_executor* here = post_only ? nullptr : ex_.target<ctx_executor>();
         if (here && !here->running_in_this_thread()) here = nullptr;
         for (auto& w : done) {
-            completions_pending = pending.outer + --left;
+            tracker_completions_pending = pending.outer + --left;
             if (here && w.direct)
                 std::move(w.handler)(ec);
             else if (post_only)
