@@ -7,11 +7,13 @@
 #include <csignal>
 #include <ctime>
 
+// [[gnu::hot]]: on the tracker client's per-message path, placed next to it (see tracker_client.cpp).
 namespace steward::detail::tracking {
 namespace {
 
 // fd_nonblocking: fd is an O_NONBLOCK description (plain write); otherwise RWF_NOWAIT.
-ssize_t write_once(int fd, const char* data, std::size_t size, bool fd_nonblocking, int& err) noexcept {
+[[gnu::hot]] ssize_t write_once(int fd, const char* data, std::size_t size, bool fd_nonblocking,
+                                int& err) noexcept {
     iovec iov{const_cast<char*>(data), size};
     ssize_t n;
     do {
@@ -21,7 +23,7 @@ ssize_t write_once(int fd, const char* data, std::size_t size, bool fd_nonblocki
     return n;
 }
 
-pipe_write_result classify(ssize_t n, std::size_t size, int& err) noexcept {
+[[gnu::hot]] pipe_write_result classify(ssize_t n, std::size_t size, int& err) noexcept {
     if (n >= 0) {
         if (static_cast<std::size_t>(n) == size) return pipe_write_result::written;
         // A pipe write of at most PIPE_BUF bytes is all or nothing: the descriptor is not the pipe
@@ -41,8 +43,8 @@ pipe_write_result classify(ssize_t n, std::size_t size, int& err) noexcept {
     }
 }
 
-pipe_write_result guarded_write(int fd, const char* data, std::size_t size, bool skip_guard,
-                                bool fd_nonblocking, int& err) noexcept {
+[[gnu::hot]] pipe_write_result guarded_write(int fd, const char* data, std::size_t size, bool skip_guard,
+                                             bool fd_nonblocking, int& err) noexcept {
     if (skip_guard) return classify(write_once(fd, data, size, fd_nonblocking, err), size, err);
 
     sigset_t pipe_set;
@@ -74,13 +76,13 @@ pipe_write_result guarded_write(int fd, const char* data, std::size_t size, bool
 
 }  // namespace
 
-pipe_write_result pipe_write_nowait(int fd, const char* data, std::size_t size, bool skip_guard,
-                                    int& err) noexcept {
+[[gnu::hot]] pipe_write_result pipe_write_nowait(int fd, const char* data, std::size_t size, bool skip_guard,
+                                                 int& err) noexcept {
     return guarded_write(fd, data, size, skip_guard, false, err);
 }
 
-pipe_write_result pipe_write_nonblocking(int fd, const char* data, std::size_t size, bool skip_guard,
-                                         int& err) noexcept {
+[[gnu::hot]] pipe_write_result pipe_write_nonblocking(int fd, const char* data, std::size_t size,
+                                                      bool skip_guard, int& err) noexcept {
     return guarded_write(fd, data, size, skip_guard, true, err);
 }
 

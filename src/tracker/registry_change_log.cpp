@@ -5,7 +5,7 @@ namespace steward::detail::tracking {
 void registry_change_log::apply_one(registry& set, bool insert, resource_type type, std::string_view name) {
     if (insert) {
         (void)set.insert(type, name);
-    } else if (set.erase(type, name)) {
+    } else if (set.size() != 0 && set.erase(type, name)) {  // nothing to look up in an empty set
         (void)set.compact();  // only when dead entries outnumber live ones (and 4096)
     }
 }

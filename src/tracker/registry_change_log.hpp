@@ -6,7 +6,9 @@
 // changes of a thousand messages are applied back to back, with the pages warm.
 //
 // Insert then erase of one name is an erase; erase then insert an insert: applying the records in
-// order gives the same set as applying each change at once.
+// order gives the same set as applying each change at once. For the same reason a change of the
+// name the last record names replaces that record: a register/unregister pair costs one record, and
+// applying it (an erase from a set without the name) costs next to nothing.
 
 #include "tracker/registry.hpp"
 
@@ -27,6 +29,11 @@ public:
     /// no room. Throws what registry::insert() throws while applying; the records not yet applied
     /// stay recorded, and this change is not recorded.
     void record(registry& set, bool insert, resource_type type, std::string_view name) {
+        const char tag = static_cast<char>((static_cast<unsigned>(type) << 1) | (insert ? 1u : 0u));
+        if (last_ != no_record && same_key(bytes_.data() + last_, tag, name)) {
+            bytes_[last_] = tag;
+            return;
+        }
         const std::size_t size = header_size + name.size();
         if (used_ + size > capacity) apply(set);
         if (size > capacity) {  // longer than any message line: apply it at once
@@ -34,10 +41,11 @@ public:
             return;
         }
         char* p = bytes_.data() + used_;
-        p[0] = static_cast<char>((static_cast<unsigned>(type) << 1) | (insert ? 1u : 0u));
+        p[0] = tag;
         p[1] = static_cast<char>(name.size() & 0xff);
         p[2] = static_cast<char>(name.size() >> 8);
         std::memcpy(p + header_size, name.data(), name.size());
+        last_ = used_;
         used_ += size;
     }
 
@@ -49,17 +57,28 @@ public:
     void clear() noexcept {
         used_ = 0;
         applied_ = 0;
+        last_ = no_record;
     }
 
     [[nodiscard]] bool empty() const noexcept { return used_ == applied_; }
 
 private:
     static constexpr std::size_t header_size = 3;  // (type << 1) | insert, name size (2 bytes)
+    static constexpr std::size_t no_record = ~std::size_t{0};
+
+    // Whether the record at @p p names (the type in @p tag, @p name). Its own insert bit is ignored.
+    static bool same_key(const char* p, char tag, std::string_view name) noexcept {
+        const std::size_t size =
+            static_cast<unsigned char>(p[1]) | (std::size_t{static_cast<unsigned char>(p[2])} << 8);
+        return ((p[0] ^ tag) & ~1) == 0 && size == name.size() &&
+               std::memcmp(p + header_size, name.data(), size) == 0;
+    }
 
     static void apply_one(registry& set, bool insert, resource_type type, std::string_view name);
 
     std::size_t used_ = 0;
-    std::size_t applied_ = 0;  // records before this offset are in the registry
+    std::size_t applied_ = 0;       // records before this offset are in the registry
+    std::size_t last_ = no_record;  // offset of the last record, not applied yet
     std::array<char, capacity> bytes_;
 };
 
