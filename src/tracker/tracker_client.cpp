@@ -430,7 +430,7 @@ private:
 
     // The daemon's own compact set (names in arenas, one table word per name): no allocation per
     // message, a short-name hash, and churn (register then unregister) compacted away in bulk. A
-    // change is recorded first and applied with a thousand others (registry_change_log): the set is
+    // change is recorded first and applied in bulk with many others (registry_change_log): the set is
     // only read when a daemon is relaunched and by is_registered(), which apply the record first.
     void remember_locked(bool reg, resource_type type, std::string_view name) {
         changes_.record(*registered_, reg, type, name);
