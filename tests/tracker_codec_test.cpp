@@ -24,6 +24,7 @@
 #include <fstream>
 #include <optional>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -585,6 +586,14 @@ BOOST_AUTO_TEST_CASE(registry_change_log_gives_the_same_set_as_immediate_changes
     log.clear();
     log.apply(logged);
     BOOST_TEST(logged.find(resource_type::file, "/forgotten") == registry::no_handle);
+
+    // A name longer than a record can hold is applied at once, after the changes recorded before
+    // it; when the registry refuses it, those changes are not lost.
+    log.record(logged, true, resource_type::file, "/kept");
+    BOOST_CHECK_THROW(log.record(logged, true, resource_type::file, "/" + std::string(70000, 'x')),
+                      std::length_error);
+    BOOST_TEST(log.empty());
+    BOOST_TEST(logged.find(resource_type::file, "/kept") != registry::no_handle);
 }
 
 BOOST_AUTO_TEST_CASE(registry_costs_at_most_64_bytes_per_name_plus_the_name) {
