@@ -257,13 +257,22 @@ private:
         static constexpr bool tuple = true;
     };
 
+    // Queues the message (the initiation of every async_register/async_unregister that does not
+    // complete directly). @p name: the operation's own copy or a view of one.
+    struct message_initiation {
+        tracker* self;
+        bool register_it;
+        resource_type type;
+        template <typename Handler>
+        void operator()(Handler handler, std::string_view name) const {
+            const bool direct = self->runs_on_own_executor(handler);
+            self->initiate_message(register_it, name, type, direct, std::move(handler));
+        }
+    };
+
     template <typename CompletionToken>
     auto async_message(bool register_it, std::string_view name, resource_type type, CompletionToken&& token) {
         using token_type = std::decay_t<CompletionToken>;
-        auto initiation = [this, register_it, type](auto handler, const std::string& n) {
-            const bool direct = runs_on_own_executor(handler);
-            initiate_message(register_it, n, type, direct, std::move(handler));
-        };
         if constexpr (awaitable_token<token_type>::value) {
             // A coroutine of our own instead of async_initiate: a message written directly then
             // completes without the coroutine ever suspending. Called from a caller a group commit
@@ -275,8 +284,8 @@ private:
                                                                              type);
         }
         // A copy of @p name: a deferred operation may start after the caller's string is gone.
-        return asio::async_initiate<CompletionToken, void(std::error_code)>(std::move(initiation), token,
-                                                                            std::string(name));
+        return asio::async_initiate<CompletionToken, void(std::error_code)>(
+            message_initiation{this, register_it, type}, token, std::string(name));
     }
 
     // Lazy like every awaitable: @p name is a copy because it may be awaited after the caller's
@@ -293,18 +302,15 @@ private:
                 end_yield();
                 break;
             case direct_outcome::queue: {
-                auto initiation = [this, register_it, type](auto handler, std::string_view n) {
-                    const bool direct = runs_on_own_executor(handler);
-                    initiate_message(register_it, n, type, direct, std::move(handler));
-                };
+                const message_initiation initiation{this, register_it, type};
                 if constexpr (Tuple) {
                     auto token = asio::as_tuple(asio::use_awaitable_t<Executor>());
                     co_return co_await asio::async_initiate<decltype(token), void(std::error_code)>(
-                        std::move(initiation), token, std::string_view(name));
+                        initiation, token, std::string_view(name));
                 } else {
                     asio::use_awaitable_t<Executor> token;
                     co_await asio::async_initiate<decltype(token), void(std::error_code)>(
-                        std::move(initiation), token, std::string_view(name));
+                        initiation, token, std::string_view(name));
                     co_return;
                 }
             }

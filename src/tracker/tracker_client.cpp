@@ -148,7 +148,7 @@ public:
         const std::size_t plain_size = tracking::plain_message_size(reg, type, name);
         encoded msg;
         if (plain_size == 0) {
-            if (auto ec = encode(reg, name, type, msg)) {
+            if (auto ec = encode_general(reg, name, type, msg)) {
                 post_completion(std::move(handler), ec);
                 return;
             }
@@ -379,6 +379,11 @@ private:
             out.size = plain_size;
             return {};
         }
+        return encode_general(reg, name, type, out);
+    }
+
+    // For a name plain_message_size() declined.
+    static std::error_code encode_general(bool reg, std::string_view name, resource_type type, encoded& out) {
         // A name this long cannot fit a 512-byte line in either format.
         if (name.size() >= tracking::max_message_size) return errc::message_too_long;
         if (auto ec = tracking::client_canonical_name(type, name, out.canonical_buf.data(), out.canonical))
